@@ -1,0 +1,263 @@
+"""Prepare the Kermany chest X-ray dataset (Kaggle "chest-xray-pneumonia") for training.
+
+    # after unzipping Kaggle's archive.zip into ~/Downloads/chest-xray-pneumonia
+    python data_prep/prepare.py --source ~/Downloads/chest-xray-pneumonia --output data/chest_xray_prepared
+
+    # on this project's machines, from the resized copy of the whole dataset
+    python data_prep/prepare.py --source ../shared/data/chest_xray_224 --output data/chest_xray_prepared
+
+What it does, in order:
+1. finds the dataset root below --source (nested `chest_xray/chest_xray/`, `__MACOSX/` copies and
+   files that are not images are ignored) and refuses a layout without train/ and test/ class folders;
+2. checks every file against the official manifest (data_prep/kermany_manifest.tsv): counts per
+   split and class, missing, extra and altered files; a partial dataset is prepared with a warning;
+3. decodes every image as 8-bit grayscale (only PNEUMONIA originals are stored as RGB, so a colour
+   mode would be a class cue) and resizes it to --size x --size, on all cores; unreadable files are
+   reported and skipped;
+4. carves a validation split out of train + the official 16-image val split, grouped by patient and
+   by byte-identical file and stratified by class; the official test split is copied untouched;
+5. writes `train/ validation/ test/` class folders of PNGs, `prepared_index.csv` (source file,
+   sha256, patient, original size and mode of every image) and `prepare_report.json`, into a
+   temporary folder that is renamed into place only when complete.
+The source folder is only read.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import sys
+import warnings
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from multiprocessing import Pool
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from PIL import Image  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+from transformers import HfArgumentParser  # noqa: E402
+
+from pneumonia_vit.images import IMAGE_SUFFIXES, LABELS, InvalidImageError, load_xray, patient_id  # noqa: E402
+from pneumonia_vit.preprocess import resize_gray  # noqa: E402
+
+MANIFEST = Path(__file__).resolve().parent / "kermany_manifest.tsv"
+OFFICIAL_SPLITS = ("train", "val", "test")
+IGNORED_DIRS = ("__MACOSX",)
+
+
+@dataclass
+class PrepareArguments:
+    source: str = field(metadata={"help": "Folder holding the Kaggle download (chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}), at any depth."})
+    output: str = field(metadata={"help": "Folder to create with train/, validation/ and test/ class folders of PNGs."})
+    size: int = field(default=224, metadata={"help": "Side in pixels of the cached square images (at least the model's input size)."})
+    validation_fraction: float = field(default=0.1, metadata={"help": "Share of each class of the training pool held out for validation, by whole patients."})
+    seed: int = field(default=42, metadata={"help": "Seed of the patient-grouped validation split."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace --output if it exists (the old folder stays until the new one is complete)."})
+    num_workers: int = field(default=os.cpu_count() or 1, metadata={"help": "Processes that decode and resize images."})
+
+
+class LayoutError(ValueError):
+    """The source folder does not hold the dataset's train/ and test/ class folders."""
+
+
+def find_dataset_root(source: Path) -> Path:
+    """The folder whose train/ and test/ sub-folders hold NORMAL/ and PNEUMONIA/; the fullest one wins."""
+    if not source.is_dir():
+        raise LayoutError(f"{source}: no such folder")
+    candidates = []
+    for folder, subfolders, _ in os.walk(source):
+        subfolders[:] = sorted(name for name in subfolders if name not in IGNORED_DIRS and not name.startswith("."))
+        folder = Path(folder)
+        if all((folder / split / label).is_dir() for split in ("train", "test") for label in LABELS):
+            count = sum(1 for _ in _image_files(folder))
+            candidates.append((-count, len(folder.parts), str(folder)))
+    if not candidates:
+        found = sorted(str(path.relative_to(source)) for path in source.rglob("*") if path.is_dir())[:10]
+        raise LayoutError(
+            f"{source}: no dataset found. Expected <root>/train/NORMAL, <root>/train/PNEUMONIA, "
+            f"<root>/test/NORMAL and <root>/test/PNEUMONIA (and optionally val/); folders seen: {found or 'none'}"
+        )
+    return Path(sorted(candidates)[0][2])
+
+
+def _image_files(root: Path):
+    """(official split, label, path) of every image file below root, in a fixed order."""
+    for split in OFFICIAL_SPLITS:
+        for label in LABELS:
+            folder = root / split / label
+            if folder.is_dir():
+                for path in sorted(folder.iterdir()):
+                    if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
+                        yield split, label, path
+
+
+def read_manifest(path: Path = MANIFEST) -> dict[tuple[str, str, str], str]:
+    with path.open(newline="") as handle:
+        return {(row["split"], row["label"], row["file"]): row["sha256"] for row in csv.DictReader(handle, delimiter="\t")}
+
+
+def _convert(job: tuple[str, int]) -> dict:
+    """Worker: hash and decode one source file; returns its record or its error."""
+    path, size = job
+    data = Path(path).read_bytes()
+    record = {"sha256": hashlib.sha256(data).hexdigest()}
+    try:
+        image = resize_gray(load_xray(data, draft_size=size), size)
+    except InvalidImageError as error:
+        record["error"] = str(error).replace("upload:", Path(path).name + ":", 1)
+        return record
+    with Image.open(io.BytesIO(data)) as header:
+        record.update(original_width=header.width, original_height=header.height, original_mode=header.mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    record["png"] = buffer.getvalue()
+    return record
+
+
+def grouped_validation_split(records: list[dict], fraction: float, seed: int) -> set[int]:
+    """Indices of the training pool that go to validation: whole patients, whole duplicate groups."""
+    parent = list(range(len(records)))
+
+    def root(index):
+        while parent[index] != index:
+            parent[index] = parent[parent[index]]
+            index = parent[index]
+        return index
+
+    first_seen: dict[str, int] = {}
+    for index, record in enumerate(records):
+        for key in ("patient:" + record["patient_id"], "sha256:" + record["sha256"]):
+            if key in first_seen:
+                parent[root(index)] = root(first_seen[key])
+            else:
+                first_seen[key] = index
+    groups: dict[int, list[int]] = defaultdict(list)
+    for index in range(len(records)):
+        groups[root(index)].append(index)
+
+    rng = random.Random(seed)
+    validation: set[int] = set()
+    for label in LABELS:
+        label_groups = sorted(
+            (members for members in groups.values() if Counter(records[i]["label"] for i in members).most_common(1)[0][0] == label),
+            key=lambda members: min(records[i]["prepared_file"] for i in members),
+        )
+        rng.shuffle(label_groups)
+        target = round(fraction * sum(len(members) for members in label_groups))
+        taken = 0
+        for members in label_groups:
+            if taken >= target:
+                break
+            validation.update(members)
+            taken += len(members)
+    return validation
+
+
+def check_against_manifest(found: list[tuple[str, str, Path, str]], manifest: dict) -> dict:
+    """Counts per split and class, and the missing, extra and altered files."""
+    seen = {(split, label, path.name): sha for split, label, path, sha in found}
+    missing = sorted(set(manifest) - set(seen))
+    extra = sorted(set(seen) - set(manifest))
+    altered = sorted(key for key in set(seen) & set(manifest) if seen[key] != manifest[key])
+    counts = Counter((split, label) for split, label, _ in seen)
+    expected = Counter((split, label) for split, label, _ in manifest)
+    return {
+        "counts": {f"{split}/{label}": {"found": counts[(split, label)], "official": expected[(split, label)]}
+                   for split in OFFICIAL_SPLITS for label in LABELS},
+        "missing": ["/".join(key) for key in missing],
+        "extra": ["/".join(key) for key in extra],
+        "altered": ["/".join(key) for key in altered],
+    }
+
+
+def prepare(args: PrepareArguments) -> dict:
+    output = Path(args.output).resolve()
+    if output.exists() and not args.overwrite:
+        raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
+    root = find_dataset_root(Path(args.source).resolve())
+    print(f"dataset root: {root}")
+    files = list(_image_files(root))
+
+    # Decode, resize and hash every image on all cores; results arrive in file order.
+    jobs = [(str(path), args.size) for _, _, path in files]
+    with Pool(max(1, args.num_workers)) as pool:
+        results = list(tqdm(pool.imap(_convert, jobs, chunksize=8), total=len(jobs), desc="decode + resize", unit="img"))
+
+    check = check_against_manifest([(s, l, p, r["sha256"]) for (s, l, p), r in zip(files, results)], read_manifest())
+    for kind in ("missing", "extra", "altered"):
+        if check[kind]:
+            warnings.warn(f"{len(check[kind])} file(s) {kind} compared with the official manifest, e.g. {check[kind][0]}")
+    unreadable = [{"file": str(path.relative_to(root)), "error": result["error"]}
+                  for (_, _, path), result in zip(files, results) if "error" in result]
+    for item in unreadable:
+        warnings.warn(f"skipped unreadable file {item['file']}: {item['error']}")
+
+    records = []
+    for (split, label, path), result in zip(files, results):
+        if "error" in result:
+            continue
+        records.append({
+            "official_split": split, "label": label, "source_file": str(path.relative_to(root)),
+            "prepared_file": f"{label}/{path.stem}.png", "patient_id": patient_id(path.name),
+            **{key: value for key, value in result.items()},
+        })
+    pool_indices = [i for i, record in enumerate(records) if record["official_split"] != "test"]
+    held_out = grouped_validation_split([records[i] for i in pool_indices], args.validation_fraction, args.seed)
+    for position, index in enumerate(pool_indices):
+        records[index]["split"] = "validation" if position in held_out else "train"
+    for record in records:
+        if record["official_split"] == "test":
+            record["split"] = "test"
+        record["prepared_file"] = f"{record['split']}/{record['prepared_file']}"
+    if not any(record["split"] == "validation" for record in records):
+        raise ValueError("the validation split came out empty: the training pool is too small")
+
+    # Write everything into a temporary sibling folder and rename it into place only when complete.
+    partial = output.with_name(f".{output.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    for record in records:
+        target = partial / record["prepared_file"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(record.pop("png"))
+    columns = ["prepared_file", "split", "label", "official_split", "source_file", "sha256", "patient_id",
+               "original_width", "original_height", "original_mode"]
+    with (partial / "prepared_index.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows({column: record[column] for column in columns} for record in records)
+    report = {
+        "source_root": str(root), "size": args.size, "seed": args.seed,
+        "validation_fraction": args.validation_fraction,
+        "prepared": {split: dict(Counter(r["label"] for r in records if r["split"] == split)) for split in ("train", "validation", "test")},
+        "unreadable": unreadable, "manifest_check": check,
+    }
+    (partial / "prepare_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if output.exists():
+        retired = output.with_name(f".{output.name}.old")
+        shutil.rmtree(retired, ignore_errors=True)
+        output.rename(retired)
+        partial.rename(output)
+        shutil.rmtree(retired)
+    else:
+        partial.rename(output)
+    print(f"wrote {output}: " + ", ".join(f"{split} {counts}" for split, counts in report["prepared"].items()))
+    return report
+
+
+def main(argv=None) -> None:
+    (args,) = HfArgumentParser(PrepareArguments).parse_args_into_dataclasses(args=argv)
+    try:
+        prepare(args)
+    except (LayoutError, FileExistsError, ValueError) as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Reading X-ray files: one function turns any accepted upload or dataset file into an 8-bit
+grayscale PIL image, or raises InvalidImageError with a message a person can act on.
+
+data_prep, training, evaluation and the app all read images through `load_xray`, so a file that
+one of them accepts is read the same way by the others.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+LABELS = ("NORMAL", "PNEUMONIA")
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+# The largest Kermany original is about 2,900 px a side (8.4 MP); 50 MP leaves room for any
+# chest radiograph and still refuses a decompression bomb before a single pixel is decoded.
+MAX_PIXELS = 50_000_000
+# Below this the lungs are a few pixels wide: nothing a classifier should be asked about.
+MIN_SIDE = 64
+
+_PATIENT_PATTERNS = (
+    re.compile(r"^(person\d+)_"),  # person123_bacteria_456.jpeg: patient 123
+    re.compile(r"^((?:NORMAL2-)?IM-\d+)-"),  # IM-0115-0001.jpeg, NORMAL2-IM-0427-0001-0002.jpeg
+)
+
+
+class InvalidImageError(ValueError):
+    """The input cannot be read as an X-ray; the message says why in plain words."""
+
+
+def patient_id(file_name: str) -> str:
+    """The patient a Kermany file belongs to; unknown naming schemes count as their own patient."""
+    for pattern in _PATIENT_PATTERNS:
+        match = pattern.match(file_name)
+        if match:
+            return match.group(1)
+    return Path(file_name).stem
+
+
+def _to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Stretches high-bit-depth data (16-bit PNG, DICOM) to 0..255 over its own range."""
+    pixels = pixels.astype(np.float32)
+    low, high = float(pixels.min()), float(pixels.max())
+    if high <= low:
+        return np.zeros(pixels.shape, dtype=np.uint8)
+    return np.round((pixels - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
+def _check_size(width: int, height: int, name: str) -> None:
+    if width * height > MAX_PIXELS:
+        raise InvalidImageError(
+            f"{name}: image is {width}×{height} pixels ({width * height / 1e6:.0f} MP); "
+            f"the limit is {MAX_PIXELS / 1e6:.0f} MP. Downscale it before uploading."
+        )
+    if min(width, height) < MIN_SIDE:
+        raise InvalidImageError(
+            f"{name}: image is only {width}×{height} pixels; a chest X-ray needs at least "
+            f"{MIN_SIDE} pixels a side."
+        )
+
+
+def _is_dicom(data: bytes) -> bool:
+    return len(data) >= 132 and data[128:132] == b"DICM"
+
+
+def _dicom_to_gray(data: bytes, name: str) -> Image.Image:
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(data), force=True)
+    except Exception as error:  # pydicom raises many exception types for damaged files
+        raise InvalidImageError(f"{name}: not a readable DICOM file ({error}).") from error
+    if "PixelData" not in dataset:
+        raise InvalidImageError(f"{name}: the DICOM file holds no image (no Pixel Data element).")
+    _check_size(int(dataset.Columns), int(dataset.Rows), name)
+    try:
+        pixels = dataset.pixel_array
+    except Exception as error:
+        raise InvalidImageError(f"{name}: the DICOM pixel data cannot be decoded ({error}).") from error
+    if pixels.ndim == 3 and dataset.get("SamplesPerPixel", 1) == 1:
+        pixels = pixels[0]  # a multi-frame series: the first frame is the radiograph
+    if pixels.ndim == 3:
+        pixels = pixels.mean(axis=-1)
+    pixels = apply_voi_lut(apply_modality_lut(pixels, dataset), dataset)
+    gray = _to_uint8(pixels)
+    if dataset.get("PhotometricInterpretation") == "MONOCHROME1":
+        gray = 255 - gray  # MONOCHROME1 stores bone dark; the model was trained on bone bright
+    return Image.fromarray(gray, mode="L")
+
+
+def _pil_to_gray(image: Image.Image, name: str, draft_size: int | None) -> Image.Image:
+    _check_size(*image.size, name)
+    if draft_size and image.format == "JPEG":
+        # Let libjpeg decode at 1/2, 1/4 or 1/8 scale while staying at least draft_size a side.
+        image.draft("L", (draft_size, draft_size))
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as error:
+        raise InvalidImageError(f"{name}: the image data is damaged or truncated ({error}).") from error
+    if getattr(image, "n_frames", 1) > 1:
+        image.seek(0)  # animated GIF/PNG: only the first frame is used
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return Image.fromarray(_to_uint8(np.asarray(image)), mode="L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Transparent areas become black, the colour of the air around a chest on a radiograph.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, rgba)
+    if image.mode != "L":
+        image = image.convert("RGB").convert("L")
+    return image
+
+
+def load_xray(source: str | os.PathLike | bytes | Image.Image, draft_size: int | None = None) -> Image.Image:
+    """Reads a PNG, JPEG, GIF, DICOM file (path or bytes) or a PIL image as 8-bit grayscale.
+
+    EXIF rotation is applied. `draft_size` lets JPEG decoding skip detail that a later resize to
+    that size would discard anyway. Raises InvalidImageError for anything that is not a usable image.
+    """
+    if isinstance(source, Image.Image):
+        return _pil_to_gray(source, "image", draft_size)
+    if isinstance(source, bytes):
+        name, data = "upload", source
+    else:
+        name = Path(source).name
+        try:
+            data = Path(source).read_bytes()
+        except FileNotFoundError as error:
+            raise InvalidImageError(f"{source}: no such file.") from error
+        except IsADirectoryError as error:
+            raise InvalidImageError(f"{source}: is a folder, not an image file.") from error
+    if not data:
+        raise InvalidImageError(f"{name}: the file is empty.")
+    if _is_dicom(data) or name.lower().endswith(DICOM_SUFFIXES):
+        return _dicom_to_gray(data, name)
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as error:
+        raise InvalidImageError(f"{name}: image is too large to decode safely ({error}).") from error
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise InvalidImageError(
+            f"{name}: not a readable image. Upload a PNG, JPEG or DICOM (.dcm) chest X-ray."
+        ) from error
+    gray = _pil_to_gray(image, name, draft_size)
+    return ImageOps.exif_transpose(gray) if "exif" in image.info else gray
