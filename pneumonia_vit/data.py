@@ -43,10 +43,34 @@ def load_splits(data_dir: str | None = None, dataset_name: str | None = None):
     return splits
 
 
+def _imagefolder_suffixes() -> tuple[str, ...]:
+    """The file endings `load_dataset("imagefolder")` loads as images (many more than data_prep writes)."""
+    try:
+        from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+        return tuple(sorted(suffix.lower() for suffix in ImageFolder.EXTENSIONS))
+    except (ImportError, AttributeError):
+        return IMAGE_SUFFIXES
+
+
+def _examples(root: Path, names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(str(root / name) for name in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def check_prepared_folder(root: Path) -> None:
-    """Names what changed in a prepared folder since data_prep wrote it, before training reads it."""
+    """Names what changed in a prepared folder since data_prep wrote it, before training reads it.
+
+    Errors: an image listed in prepared_index.csv is gone or empty; a file that imagefolder would
+    read as metadata (metadata.csv/jsonl/parquet) appeared; an image that imagefolder would load
+    appeared but does not decode. Warnings: other images appeared (they are used, though data_prep
+    did not write them: check they do not come from another split); non-image files appeared (they
+    are ignored). Hidden files (.DS_Store, ._x.png) are ignored, as imagefolder ignores them.
+    """
     import csv
     import warnings
+
+    from .images import InvalidImageError
 
     index_path = root / "prepared_index.csv"
     if not index_path.exists():
@@ -54,25 +78,44 @@ def check_prepared_folder(root: Path) -> None:
         return
     with index_path.open(newline="") as handle:
         expected = {row["prepared_file"] for row in csv.DictReader(handle)}
-    present = {str(path.relative_to(root)) for path in root.rglob("*") if path.is_file()}
-    missing = sorted(expected - present)
+    present = {
+        path.relative_to(root).as_posix(): path for path in root.rglob("*")
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts)
+    }
+    missing = sorted(expected - set(present))
     if missing:
         raise FileNotFoundError(
-            f"{len(missing)} prepared image(s) listed in {index_path} are gone, e.g. {root / missing[0]}. "
-            "Run data_prep/prepare.py again."
+            f"{len(missing)} prepared image(s) listed in {index_path} are gone: {_examples(root, missing)}. "
+            "Run data_prep/prepare.py again (with --overwrite)."
         )
-    unexpected = sorted(
-        name for name in present - expected
-        if name != index_path.name and not name.startswith(".") and "/" in name
-    )
-    non_images = [name for name in unexpected if not name.lower().endswith(IMAGE_SUFFIXES)]
+    empty = sorted(name for name in expected if present[name].stat().st_size == 0)
+    if empty:
+        raise ValueError(f"{len(empty)} prepared image(s) are empty files: {_examples(root, empty)}. Run data_prep/prepare.py again.")
+    # Top-level files (the index, prepare_report.json) are not read by imagefolder; only split folders are.
+    unexpected = sorted(name for name in set(present) - expected if "/" in name)
+    metadata = [name for name in unexpected if name.rsplit("/", 1)[-1].lower() in ("metadata.csv", "metadata.jsonl", "metadata.parquet")]
+    if metadata:
+        raise ValueError(
+            f"{_examples(root, metadata)}: imagefolder would read this as labels/metadata for the images beside it; "
+            "move it out of the prepared folder"
+        )
+    loadable = _imagefolder_suffixes()
+    extra_images = [name for name in unexpected if name.lower().endswith(loadable)]
+    non_images = [name for name in unexpected if name not in extra_images]
     if non_images:
-        warnings.warn(f"ignoring {len(non_images)} non-image file(s) in {root}, e.g. {root / non_images[0]}")
-    extra_images = [name for name in unexpected if name.lower().endswith(IMAGE_SUFFIXES)]
+        warnings.warn(f"ignoring {len(non_images)} non-image file(s) not written by data_prep: {_examples(root, non_images)}")
     if extra_images:
+        for name in extra_images:
+            try:
+                load_xray(present[name])
+            except (InvalidImageError, OSError, ValueError) as error:
+                raise ValueError(
+                    f"{root / name} is in the prepared folder but not in {index_path.name}, and training would fail "
+                    f"on it ({str(error).rstrip('.')}). Remove it, or run data_prep/prepare.py again."
+                ) from error
         warnings.warn(
-            f"{len(extra_images)} image(s) in {root} were not written by data_prep and will be used, "
-            f"e.g. {root / extra_images[0]}"
+            f"{len(extra_images)} image(s) not written by data_prep (not in {index_path.name}) will be used: "
+            f"{_examples(root, extra_images)}. Make sure none comes from another split."
         )
 
 

@@ -2,7 +2,8 @@
 grayscale PIL image, or raises InvalidImageError with a message a person can act on.
 
 data_prep, training, evaluation and the app all read images through `load_xray`, so a file that
-one of them accepts is read the same way by the others.
+one of them accepts is read the same way by the others. `read_xray` is the same reader that also
+reports how colourful the file was before it became grey (the app's out-of-domain check).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,10 @@ DICOM_SUFFIXES = (".dcm", ".dicom")
 MAX_PIXELS = 50_000_000
 # Below this the lungs are a few pixels wide: nothing a classifier should be asked about.
 MIN_SIDE = 64
+# The raster formats Pillow may open. Anything else (EPS, PDF, ...) is refused before decoding:
+# Pillow hands EPS to Ghostscript, which an upload endpoint must never run. MPO is how Pillow
+# names the JPEGs many cameras and phones write.
+PIL_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "TIFF", "WEBP")
 
 _PATIENT_PATTERNS = (
     re.compile(r"^(person\d+)_"),  # person123_bacteria_456.jpeg: patient 123
@@ -33,6 +39,19 @@ _PATIENT_PATTERNS = (
 
 class InvalidImageError(ValueError):
     """The input cannot be read as an X-ray; the message says why in plain words."""
+
+
+@dataclass(frozen=True)
+class XrayReading:
+    """What `read_xray` returns: the grey image and how colourful the file was.
+
+    chroma: mean of max(R, G, B) - min(R, G, B) over the decoded colour pixels, in grey levels
+    (0..255); 0.0 for files stored as grayscale. A radiograph saved as an RGB JPEG (some Kermany
+    originals are) reads about 0; a photograph reads tens.
+    """
+
+    image: Image.Image
+    chroma: float = 0.0
 
 
 def patient_id(file_name: str) -> str:
@@ -66,11 +85,18 @@ def _check_size(width: int, height: int, name: str) -> None:
         )
 
 
+def _mean_chroma(rgb: np.ndarray) -> float:
+    """Mean max-minus-min over the colour channels of an (..., 3) uint8 array, on at most ~256 px a side."""
+    step = max(1, max(rgb.shape[:2]) // 256)
+    sample = rgb[::step, ::step, :3].astype(np.int16)
+    return float((sample.max(axis=-1) - sample.min(axis=-1)).mean())
+
+
 def _is_dicom(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
-def _dicom_to_gray(data: bytes, name: str) -> Image.Image:
+def _dicom_to_gray(data: bytes, name: str) -> XrayReading:
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
@@ -80,23 +106,35 @@ def _dicom_to_gray(data: bytes, name: str) -> Image.Image:
         raise InvalidImageError(f"{name}: not a readable DICOM file ({error}).") from error
     if "PixelData" not in dataset:
         raise InvalidImageError(f"{name}: the DICOM file holds no image (no Pixel Data element).")
-    _check_size(int(dataset.Columns), int(dataset.Rows), name)
+    try:
+        rows, columns = int(dataset.Rows), int(dataset.Columns)
+    except (AttributeError, TypeError, ValueError) as error:
+        raise InvalidImageError(f"{name}: the DICOM file does not say its image size (Rows/Columns).") from error
+    _check_size(columns, rows, name)
     try:
         pixels = dataset.pixel_array
     except Exception as error:
         raise InvalidImageError(f"{name}: the DICOM pixel data cannot be decoded ({error}).") from error
-    if pixels.ndim == 3 and dataset.get("SamplesPerPixel", 1) == 1:
+    samples = int(dataset.get("SamplesPerPixel") or 1)
+    if pixels.ndim == (4 if samples > 1 else 3):
         pixels = pixels[0]  # a multi-frame series: the first frame is the radiograph
+    chroma = 0.0
     if pixels.ndim == 3:
+        chroma = _mean_chroma(_to_uint8(pixels[..., :3]))
         pixels = pixels.mean(axis=-1)
-    pixels = apply_voi_lut(apply_modality_lut(pixels, dataset), dataset)
+    if pixels.ndim != 2:
+        raise InvalidImageError(f"{name}: the DICOM pixel data has an unexpected shape {pixels.shape}.")
+    try:
+        pixels = apply_voi_lut(apply_modality_lut(pixels, dataset), dataset)
+    except Exception as error:  # a damaged or inconsistent LUT
+        raise InvalidImageError(f"{name}: the DICOM grey-level tables cannot be applied ({error}).") from error
     gray = _to_uint8(pixels)
     if dataset.get("PhotometricInterpretation") == "MONOCHROME1":
         gray = 255 - gray  # MONOCHROME1 stores bone dark; the model was trained on bone bright
-    return Image.fromarray(gray, mode="L")
+    return XrayReading(Image.fromarray(gray, mode="L"), chroma)
 
 
-def _pil_to_gray(image: Image.Image, name: str, draft_size: int | None) -> Image.Image:
+def _pil_to_gray(image: Image.Image, name: str, draft_size: int | None) -> XrayReading:
     _check_size(*image.size, name)
     if draft_size and image.format == "JPEG":
         # Let libjpeg decode at 1/2, 1/4 or 1/8 scale while staying at least draft_size a side.
@@ -108,15 +146,20 @@ def _pil_to_gray(image: Image.Image, name: str, draft_size: int | None) -> Image
     if getattr(image, "n_frames", 1) > 1:
         image.seek(0)  # animated GIF/PNG: only the first frame is used
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        return Image.fromarray(_to_uint8(np.asarray(image)), mode="L")
+        return XrayReading(Image.fromarray(_to_uint8(np.asarray(image)), mode="L"))
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Transparent areas become black, the colour of the air around a chest on a radiograph.
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         image = Image.alpha_composite(background, rgba)
-    if image.mode != "L":
-        image = image.convert("RGB").convert("L")
-    return image
+    chroma = 0.0
+    if image.mode not in ("L", "1"):
+        rgb = image.convert("RGB")
+        chroma = _mean_chroma(np.asarray(rgb))
+        image = rgb.convert("L")
+    elif image.mode == "1":
+        image = image.convert("L")
+    return XrayReading(image, chroma)
 
 
 def load_xray(source: str | os.PathLike | bytes | Image.Image, draft_size: int | None = None) -> Image.Image:
@@ -124,6 +167,15 @@ def load_xray(source: str | os.PathLike | bytes | Image.Image, draft_size: int |
 
     EXIF rotation is applied. `draft_size` lets JPEG decoding skip detail that a later resize to
     that size would discard anyway. Raises InvalidImageError for anything that is not a usable image.
+    """
+    return read_xray(source, draft_size).image
+
+
+def read_xray(source: str | os.PathLike | bytes | Image.Image, draft_size: int | None = None) -> XrayReading:
+    """`load_xray` that also reports the file's colourfulness (`XrayReading.chroma`).
+
+    With `draft_size`, libjpeg decodes a colour JPEG straight to grey, so its chroma reads 0:
+    leave `draft_size` out where the colour matters (the app does).
     """
     if isinstance(source, Image.Image):
         return _pil_to_gray(source, "image", draft_size)
@@ -142,12 +194,18 @@ def load_xray(source: str | os.PathLike | bytes | Image.Image, draft_size: int |
     if _is_dicom(data) or name.lower().endswith(DICOM_SUFFIXES):
         return _dicom_to_gray(data, name)
     try:
-        image = Image.open(io.BytesIO(data))
+        Image.init()  # registers every plugin; Image.open(formats=...) alone sees only the first few
+        image = Image.open(io.BytesIO(data), formats=[fmt for fmt in PIL_FORMATS if fmt in Image.OPEN])
     except Image.DecompressionBombError as error:
-        raise InvalidImageError(f"{name}: image is too large to decode safely ({error}).") from error
+        raise InvalidImageError(
+            f"{name}: image is too large to decode safely; the limit is {MAX_PIXELS / 1e6:.0f} MP. "
+            f"Downscale it before uploading. ({error})"
+        ) from error
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise InvalidImageError(
             f"{name}: not a readable image. Upload a PNG, JPEG or DICOM (.dcm) chest X-ray."
         ) from error
-    gray = _pil_to_gray(image, name, draft_size)
-    return ImageOps.exif_transpose(gray) if "exif" in image.info else gray
+    reading = _pil_to_gray(image, name, draft_size)
+    if "exif" in image.info:
+        return XrayReading(ImageOps.exif_transpose(reading.image), reading.chroma)
+    return reading

@@ -1,8 +1,18 @@
-"""Loading a trained classifier (a local folder or a Hub id) with its preprocessing and threshold."""
+"""Loading a trained classifier (a local folder or a Hub id) with its preprocessing and threshold.
+
+`Classifier.load(model_id)` serves through the fast path (pneumonia_vit.fast_inference: ONNX
+Runtime, int8 weights) when onnxruntime and onnx are installed, and through the fp32 PyTorch model
+otherwise or with `fast=False` (or PNEUMONIA_VIT_FAST=0). `.model`, the PyTorch model, stays
+available either way (explanations need its attention weights); with a cached fast model it is
+only read from disk when first used.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import logging
+import os
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -12,6 +22,9 @@ from PIL import Image
 from .preprocess import PixelSpec, pixel_values
 
 DEFAULT_THRESHOLD = 0.5
+ENV_FAST = "PNEUMONIA_VIT_FAST"
+
+logger = logging.getLogger(__name__)
 
 
 def stored_threshold(config) -> float:
@@ -19,22 +32,103 @@ def stored_threshold(config) -> float:
     return float(getattr(config, "decision_threshold", DEFAULT_THRESHOLD))
 
 
-@dataclass
+def load_pixel_spec(model_id: str) -> PixelSpec:
+    """Input size and normalisation from the processor saved beside the model."""
+    from transformers import AutoImageProcessor
+
+    return PixelSpec.from_processor(AutoImageProcessor.from_pretrained(model_id, backend="pil"))
+
+
+def _pixel_spec_from_json(folder: Path) -> PixelSpec:
+    """`load_pixel_spec` for a local folder without importing transformers' image-processing stack
+    (about 4 s and 130 MB on a 2-core machine); anything it does not recognise goes to `load_pixel_spec`."""
+    try:
+        saved = json.loads((folder / "preprocessor_config.json").read_text())
+        size = saved["size"]
+        side = size["height"] if "height" in size else size["shortest_edge"]
+        if "height" in size and size["width"] != side:
+            raise ValueError("not square")
+        return PixelSpec(size=int(side), mean=tuple(float(v) for v in saved["image_mean"]),
+                         std=tuple(float(v) for v in saved["image_std"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return load_pixel_spec(str(folder))
+
+
+def _fast_default() -> bool:
+    return os.environ.get(ENV_FAST, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _local_folder(model_id: str) -> Path:
+    """The folder holding the model's files: model_id itself, or its Hub snapshot in the HF cache."""
+    if Path(model_id).is_dir():
+        return Path(model_id)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors"]))
+
+
 class Classifier:
-    model: torch.nn.Module
-    spec: PixelSpec
-    threshold: float
+    """P(PNEUMONIA) for grayscale X-rays, with the model's input spec and stored threshold.
+
+    `backend` names what `pneumonia_probability` runs: "onnxruntime-int8" or "torch-fp32".
+    """
+
+    def __init__(self, model: torch.nn.Module | None, spec: PixelSpec, threshold: float,
+                 fast_model=None, model_dir: str | None = None):
+        if model is None and model_dir is None:
+            raise ValueError("give the PyTorch model or the folder to load it from")
+        self._model = model
+        self._model_dir = model_dir
+        self.spec = spec
+        self.threshold = threshold
+        self.fast_model = fast_model
+
+    @property
+    def backend(self) -> str:
+        return "onnxruntime-int8" if self.fast_model is not None else "torch-fp32"
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The fp32 PyTorch model (loaded on first use when the fast path did not need it)."""
+        if self._model is None:
+            from transformers import AutoModelForImageClassification
+
+            self._model = AutoModelForImageClassification.from_pretrained(self._model_dir).eval()
+        return self._model
 
     @classmethod
-    def load(cls, model_id: str) -> "Classifier":
-        from transformers import AutoImageProcessor, AutoModelForImageClassification
+    def load(cls, model_id: str, fast: bool | None = None, threads: int | None = None) -> "Classifier":
+        """`fast`: serve through ONNX Runtime int8 (default; PNEUMONIA_VIT_FAST=0 turns it off);
+        falls back to the fp32 PyTorch model, with a warning, where that backend is unavailable.
+        `threads`: intra-op threads of the fast path (default: the cores this process may use)."""
+        fast = _fast_default() if fast is None else fast
+        if fast:
+            from . import fast_inference
+
+            try:
+                folder = _local_folder(model_id)
+                # Plain JSON reads: a warm start imports neither the model classes nor the processor.
+                threshold = float(json.loads((folder / "config.json").read_text()).get("decision_threshold", DEFAULT_THRESHOLD))
+                spec = _pixel_spec_from_json(folder)
+                classifier = cls(None, spec, threshold, model_dir=str(folder))
+                classifier.fast_model = fast_inference.load_fast_model(
+                    folder, spec, lambda: classifier.model, threads=threads
+                )
+                classifier._model = None  # loaded only for a first export; reloaded if asked for
+                return classifier
+            except Exception as error:  # any failure of the optional backend: serve with torch
+                logger.warning("fast inference unavailable, using the fp32 PyTorch model: %s", error)
+        from transformers import AutoModelForImageClassification
 
         model = AutoModelForImageClassification.from_pretrained(model_id).eval()
-        processor = AutoImageProcessor.from_pretrained(model_id, backend="pil")
-        return cls(model=model, spec=PixelSpec.from_processor(processor), threshold=stored_threshold(model.config))
+        return cls(model=model, spec=load_pixel_spec(model_id), threshold=stored_threshold(model.config))
 
-    @torch.inference_mode()
     def pneumonia_probability(self, images: Sequence[Image.Image]) -> np.ndarray:
         """P(PNEUMONIA) for each grayscale image."""
-        logits = self.model(pixel_values=pixel_values(images, self.spec)).logits
-        return logits.float().softmax(dim=-1)[:, 1].numpy()
+        if self.fast_model is not None:
+            from .fast_inference import pixel_array, softmax
+
+            return softmax(self.fast_model.logits(pixel_array(images, self.spec)))[:, 1].astype(np.float32)
+        with torch.inference_mode():
+            logits = self.model(pixel_values=pixel_values(images, self.spec)).logits
+            return logits.float().softmax(dim=-1)[:, 1].numpy()

@@ -1,0 +1,57 @@
+"""Evaluate a trained model folder or Hub id on one split of a prepared dataset.
+
+    python evaluate_vit.py --model models/pneumonia-vit-tiny --data_dir data/chest_xray_prepared --split test
+    python evaluate_vit.py --model you/pneumonia-vit --data_dir data/chest_xray_prepared --output_dir eval/vit-base
+
+Writes {split}_metrics.json, {split}_confusion_matrix.png and {split}_roc.png at the model's stored
+threshold (or --threshold), through the same code train_vit.py uses after training.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoModelForImageClassification, HfArgumentParser, Trainer, TrainingArguments
+
+from pneumonia_vit.data import SPLITS, BatchTransform, collate, load_splits
+from pneumonia_vit.evaluation import predict_scores, write_report
+from pneumonia_vit.model import load_pixel_spec, stored_threshold
+
+
+@dataclass
+class EvaluateArguments:
+    model: str = field(default="models/pneumonia-vit-tiny", metadata={"help": "Model folder or Hub id."})
+    data_dir: str | None = field(default=None, metadata={"help": "Folder written by data_prep/prepare.py."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset instead of --data_dir."})
+    split: str = field(default="test", metadata={"help": f"One of {SPLITS}."})
+    output_dir: str = field(default="outputs/evaluation", metadata={"help": "Where the metrics and plots go."})
+    threshold: float | None = field(default=None, metadata={"help": "Override the model's stored decision threshold."})
+    batch_size: int = field(default=64, metadata={"help": "Images per forward pass (per device)."})
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (args,) = HfArgumentParser(EvaluateArguments).parse_args_into_dataclasses(args=argv)
+    dataset = load_splits(args.data_dir, args.dataset_name)[args.split]
+    model = AutoModelForImageClassification.from_pretrained(args.model)
+    dataset.set_transform(BatchTransform(load_pixel_spec(args.model)))
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = Trainer(
+            model=model,
+            args=TrainingArguments(output_dir=scratch, per_device_eval_batch_size=args.batch_size, report_to="none",
+                                   use_cpu=not torch.cuda.is_available(), remove_unused_columns=False),
+            data_collator=collate,
+        )
+        labels, scores = predict_scores(trainer, dataset)
+    threshold = stored_threshold(model.config) if args.threshold is None else args.threshold
+    metrics = {}
+    if trainer.is_world_process_zero():
+        metrics = write_report(labels, scores, threshold, args.output_dir, args.split)
+        print(json.dumps(metrics, indent=1))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""The fast CPU serving path: the classifier exported to ONNX, its Linear layers quantized to int8
+(dynamic quantization: int8 weights, activations quantized per batch at run time), run by ONNX
+Runtime with a fixed number of intra-op threads.
+
+Nothing is committed to the repository: the first `load_fast_model` for a given set of weights
+exports and quantizes the model into a cache folder (~/.cache/pneumonia-vit/<fingerprint>/, or
+$PNEUMONIA_VIT_CACHE) and later loads reuse it. The fingerprint covers the weight and config files'
+contents, the recipe version and the onnxruntime version, so new weights or a new quantizer give a
+new artefact. The one-off cost is a few seconds for the bundled model and about a minute for
+ViT-B/16 on 2 cores (benchmarks/inference.py reports it).
+
+Why this recipe (benchmarks/inference.py, benchmarks/results/inference.md): of torch fp32 eager,
+torch bf16, torch dynamic int8 (torch.ao, deprecated) and ONNX Runtime fp32 / int8, ONNX Runtime
+int8 was the fastest on 2 cores for both ViT-B/16 and the bundled 2.8 M-parameter ViT. Only MatMul
+weights are quantized (per output channel): the patch-embedding convolution and the 2-logit head stay
+fp32 (ConvInteger is slow in ONNX Runtime, and the head's error would go straight into the logits);
+the attention products between activations stay fp32.
+
+Outside this module the model is fed the same `pixel_values` as the PyTorch model, built here in
+numpy (`pixel_array`) without the intermediate tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .preprocess import PixelSpec, resize_gray
+
+logger = logging.getLogger(__name__)
+
+# Bump when the export or the quantization changes: old cache entries are then ignored.
+RECIPE = "onnx-opset17-int8-dynamic-matmul-per-channel-v1"
+FINGERPRINT_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", "preprocessor_config.json")
+ENV_CACHE = "PNEUMONIA_VIT_CACHE"
+ENV_THREADS = "PNEUMONIA_VIT_THREADS"
+
+
+class FastPathUnavailable(RuntimeError):
+    """The fast backend cannot be used here (package missing, export failed); callers fall back."""
+
+
+def cache_root() -> Path:
+    """$PNEUMONIA_VIT_CACHE, else $XDG_CACHE_HOME/pneumonia-vit, else ~/.cache/pneumonia-vit."""
+    if os.environ.get(ENV_CACHE):
+        return Path(os.environ[ENV_CACHE])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "pneumonia-vit"
+
+
+def default_threads() -> int:
+    """$PNEUMONIA_VIT_THREADS, else the cores this process may use: its CPU affinity, capped by a
+    cgroup CPU quota (a container limited to 2 CPUs, as on a basic Space, can still see every core
+    of its host, and more threads than the quota allows stall each other)."""
+    if os.environ.get(ENV_THREADS):
+        return max(1, int(os.environ[ENV_THREADS]))
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    return max(1, min(cores, quota) if quota else cores)
+
+
+def _cgroup_cpu_quota() -> int | None:
+    """CPUs allowed by the cgroup (v2 cpu.max or v1 cfs quota), rounded up; None without a limit."""
+    import math
+
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            return math.ceil(int(quota) / int(period))
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return math.ceil(quota / period) if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def fingerprint(model_dir: str | os.PathLike) -> str:
+    """Hash of the model's weight and config files, the recipe and the quantizer's version."""
+    import onnxruntime
+
+    digest = hashlib.sha256(f"{RECIPE}|onnxruntime {onnxruntime.__version__}".encode())
+    found = False
+    for name in FINGERPRINT_FILES:
+        path = Path(model_dir) / name
+        if path.is_file():
+            found = found or name != "config.json"
+            digest.update(f"|{name}|".encode())
+            with path.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 22), b""):
+                    digest.update(chunk)
+    if not found:
+        raise FastPathUnavailable(f"{model_dir}: no model.safetensors or pytorch_model.bin to fingerprint")
+    return digest.hexdigest()[:24]
+
+
+def pixel_array(images: Sequence[Image.Image], spec: PixelSpec) -> np.ndarray:
+    """`preprocess.pixel_values` in numpy: (N, 3, size, size) float32, one write per output value."""
+    gray = np.stack([np.asarray(resize_gray(image, spec.size), dtype=np.uint8) for image in images])
+    out = np.empty((len(images), 3, spec.size, spec.size), dtype=np.float32)
+    for channel in range(3):
+        if channel and (spec.mean[channel], spec.std[channel]) == (spec.mean[0], spec.std[0]):
+            out[:, channel] = out[:, 0]
+            continue
+        # ((g / 255) - mean) / std  ==  g * (1 / (255 std)) - mean / std
+        np.multiply(gray, np.float32(1.0 / (255.0 * spec.std[channel])), out=out[:, channel], dtype=np.float32)
+        out[:, channel] -= np.float32(spec.mean[channel] / spec.std[channel])
+    return out
+
+
+class _LogitsAndFeatures(torch.nn.Module):
+    """The exported graph: logits, and (where the model has a `classifier` head) the head's input,
+    the features `explain.forward` returns for the out-of-domain check."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        captured = []
+        head = getattr(self.model, "classifier", None)
+        handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0])) if head is not None else None
+        try:
+            logits = self.model(pixel_values=pixel_values).logits
+        finally:
+            if handle is not None:
+                handle.remove()
+        return (logits, captured[0]) if captured else (logits,)
+
+
+def export_onnx(model, spec: PixelSpec, path: Path) -> None:
+    """Exports a transformers image classifier to an fp32 ONNX graph with a dynamic batch axis."""
+    wrapper = _LogitsAndFeatures(model.eval())
+    example = torch.zeros(1, 3, spec.size, spec.size)
+    outputs = ["logits", "features"] if hasattr(model, "classifier") else ["logits"]
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")  # tracer and deprecation warnings about the exporter itself
+        try:
+            # The TorchScript exporter: no extra dependency (the dynamo one needs onnxscript).
+            torch.onnx.export(
+                wrapper, (example,), str(path), input_names=["pixel_values"], output_names=outputs,
+                dynamic_axes={name: {0: "batch"} for name in ["pixel_values", *outputs]},
+                opset_version=17, dynamo=False,
+            )
+        except Exception as error:  # a torch without the TorchScript exporter: try the dynamo one
+            logger.info("TorchScript ONNX export failed (%s); trying the dynamo exporter", error)
+            torch.onnx.export(
+                wrapper, (example,), str(path), input_names=["pixel_values"], output_names=outputs,
+                dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}}, dynamo=True, external_data=False,
+            )
+
+
+def quantize_int8(source: Path, target: Path, per_channel: bool = True) -> None:
+    """Dynamic int8 quantization of the MatMul weights (not the patch convolution, not the Gemm head)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root_logger = logging.getLogger()
+    level = root_logger.level
+    root_logger.setLevel(logging.ERROR)  # the quantizer logs every tensor on the root logger
+    try:
+        quantize_dynamic(
+            source, target, op_types_to_quantize=["MatMul"], per_channel=per_channel,
+            weight_type=QuantType.QInt8, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+    finally:
+        root_logger.setLevel(level)
+
+
+def export_int8(model, spec: PixelSpec, target: Path, per_channel: bool = True) -> None:
+    """Exports `model` to ONNX and quantizes it into `target`, written atomically."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".export-") as work:
+        fp32_path, int8_path = Path(work) / "model.fp32.onnx", Path(work) / "model.int8.onnx"
+        export_onnx(model, spec, fp32_path)
+        quantize_int8(fp32_path, int8_path, per_channel=per_channel)
+        os.replace(int8_path, target)  # atomic: a concurrent loader sees no file or a whole one
+
+
+@dataclass
+class OnnxClassifier:
+    """An ONNX Runtime session over the int8 model; call it with `pixel_array` output."""
+
+    path: Path
+    threads: int
+    startup: dict = field(default_factory=dict)  # seconds spent on export/quantize/session, cache hit
+
+    def __post_init__(self):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        self.output_names = [output.name for output in self.session.get_outputs()]
+
+    def run(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """{"logits": (N, classes), "features": (N, hidden)} for pixel values (N, 3, size, size)."""
+        values = self.session.run(None, {"pixel_values": np.ascontiguousarray(pixels, dtype=np.float32)})
+        return dict(zip(self.output_names, values))
+
+    def logits(self, pixels: np.ndarray) -> np.ndarray:
+        return self.session.run(["logits"], {"pixel_values": np.ascontiguousarray(pixels, dtype=np.float32)})[0]
+
+
+def load_fast_model(
+    model_dir: str | os.PathLike,
+    spec: PixelSpec,
+    load_torch_model: Callable[[], object],
+    threads: int | None = None,
+    cache: str | os.PathLike | None = None,
+) -> OnnxClassifier:
+    """The int8 ONNX model for the weights in `model_dir`, exported on first use into the cache.
+
+    `load_torch_model` is only called on a cache miss. Raises FastPathUnavailable when onnxruntime
+    or onnx is missing or the export fails; the caller then keeps the PyTorch model.
+    """
+    try:
+        import onnx  # noqa: F401  (the quantizer needs it)
+        import onnxruntime  # noqa: F401
+    except ImportError as error:
+        raise FastPathUnavailable(f"{error.name} is not installed (pip install onnxruntime onnx)") from error
+    started = time.perf_counter()
+    key = fingerprint(model_dir)
+    root = Path(cache) if cache is not None else cache_root()
+    target = root / key / "model.int8.onnx"
+    startup = {"cache_hit": target.is_file(), "fingerprint_s": time.perf_counter() - started, "artefact": str(target)}
+    if not startup["cache_hit"]:
+        begin = time.perf_counter()
+        try:
+            export_int8(load_torch_model(), spec, target)
+        except PermissionError:
+            # A read-only home: keep the artefact in a private temporary folder for this process.
+            target = Path(tempfile.mkdtemp(prefix="pneumonia-vit-")) / key / "model.int8.onnx"
+            export_int8(load_torch_model(), spec, target)
+        except Exception as error:
+            raise FastPathUnavailable(f"ONNX export/quantization failed: {type(error).__name__}: {error}") from error
+        startup["export_quantize_s"] = time.perf_counter() - begin
+        startup["artefact"] = str(target)
+        logger.info("exported the int8 ONNX model to %s in %.1f s", target, startup["export_quantize_s"])
+    begin = time.perf_counter()
+    model = OnnxClassifier(target, threads or default_threads())
+    startup["session_s"] = time.perf_counter() - begin
+    startup["total_s"] = time.perf_counter() - started
+    model.startup = startup
+    return model
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)

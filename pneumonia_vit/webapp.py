@@ -1,0 +1,165 @@
+"""The Gradio page and API around a `serving.Service`; app.py only loads the model and launches.
+
+Endpoints (gradio_client):
+    Client(url).predict(handle_file("x.jpeg"), api_name="/predict")
+        -> {"label": decision at the stored threshold, "confidences": [{"label", "confidence"} x 2]}
+    Client(url).predict(handle_file("x.jpeg"), api_name="/analyze")
+        -> (preview image, the same label value, decision and domain note as Markdown, heatmap image)
+
+Input is a gr.File, not a gr.Image: gr.Image decodes uploads in the browser and on the server
+with PIL's defaults, which cannot read DICOM and would bypass `load_xray` (16-bit windowing, EXIF,
+size limits). The file goes to `load_xray` as uploaded; the page previews what it decoded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import gradio as gr
+from gradio.components.label import LabelConfidence, LabelData
+
+from .images import InvalidImageError
+from .serving import REPO, Analysis, Service
+
+EXAMPLES_DIR = REPO / "examples"
+FILE_TYPES = [".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".gif", ".bmp", ".tif", ".tiff", ".webp"]
+MAX_FILE_SIZE = "25mb"  # a 3000x3000 16-bit DICOM is ~18 MB; Kermany JPEG originals are < 3 MB
+CONCURRENCY = 2  # a cpu-basic Space has 2 vCPUs; more parallel forwards only share them
+MAX_QUEUE = 20  # beyond this, new requests are refused at once instead of waiting minutes
+
+DISCLAIMER = (
+    "**Research demo, not a diagnostic device.** It must not be used to diagnose, treat or triage "
+    "anyone. The model saw only pediatric (1-5 years) chest X-rays from one hospital (Kermany et al. 2018)."
+)
+
+log = logging.getLogger("pneumonia_vit.webapp")
+
+
+def decision_label(**options) -> gr.Label:
+    """A gr.Label whose heading is the decision at the model's stored threshold.
+
+    gr.Label heads with the most probable class, i.e. a 0.5 cut-off; this model's cut-off was chosen
+    on validation (config.json `decision_threshold`). The component's `postprocess` is replaced on
+    this one instance rather than in a subclass: gradio writes a .pyi stub beside the source file of
+    every Component subclass, which would litter the package at import time.
+    """
+    label = gr.Label(**options)
+    default = label.postprocess
+
+    def postprocess(value):
+        if isinstance(value, Analysis):
+            ranked = sorted(value.probabilities.items(), key=lambda item: item[1], reverse=True)
+            return LabelData(
+                label=value.decision,
+                confidences=[LabelConfidence(label=name, confidence=round(p, 6)) for name, p in ranked],
+            )
+        return default(value)
+
+    label.postprocess = postprocess
+    return label
+
+
+def _decision_markdown(analysis: Analysis, threshold_stored: bool = True) -> str:
+    p = analysis.p_pneumonia
+    relation = "≥" if analysis.decision == "PNEUMONIA" else "<"
+    origin = ("chosen on the validation split and stored with the model" if threshold_stored
+              else "the default: this model stores no threshold of its own")
+    text = (
+        f"### Decision: {analysis.decision}\n"
+        f"P(pneumonia) = {p:.3f} {relation} the model's threshold {analysis.threshold:.3f} ({origin})."
+    )
+    domain = analysis.domain
+    if domain.in_domain:
+        return text + f"\n\n**In domain.** {domain.message()}"
+    return text + f"\n\n**⚠ Out of domain.** {domain.message()}"
+
+
+def _model_name(model_id: str) -> str:
+    """A Hub id as is; a local folder by its name only (no server paths on the page)."""
+    return Path(model_id).name if Path(model_id).is_dir() else model_id
+
+
+def build_demo(service: Service, examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
+    def run(file_path: str | None, explain: bool) -> Analysis | None:
+        if not file_path:
+            raise gr.Error("No file received: upload a PNG, JPEG or DICOM (.dcm) chest X-ray.", print_exception=False)
+        started = time.perf_counter()
+        try:
+            analysis = service.analyze(file_path, explain=explain)
+        except InvalidImageError as error:
+            log.info("rejected upload: %s", error)
+            raise gr.Error(str(error), title="Cannot read this file", print_exception=False) from None
+        log.info("%s p=%.4f %s in %.0f ms", Path(file_path).suffix, analysis.p_pneumonia,
+                 "in-domain" if analysis.domain.in_domain else "OUT-OF-DOMAIN", 1000 * (time.perf_counter() - started))
+        return analysis
+
+    def analyze(file_path: str | None):
+        if not file_path:  # the file was cleared: clear the results
+            return None, None, "", None
+        analysis = run(file_path, explain=True)
+        return analysis.preview, analysis, _decision_markdown(analysis, threshold_stored), analysis.heatmap
+
+    def predict(file_path: str | None):
+        """P(NORMAL) and P(PNEUMONIA) for one chest X-ray file (PNG, JPEG or DICOM); the label is the
+        decision at the model's stored threshold."""
+        return run(file_path, explain=False)
+
+    examples = sorted(str(path) for path in examples_dir.glob("*.jpeg")) if examples_dir.is_dir() else []
+    patch = service.classifier.model.config.patch_size
+    threshold_stored = getattr(service.classifier.model.config, "decision_threshold", None) is not None
+    with gr.Blocks(title="Pneumonia X-ray ViT (research demo)", delete_cache=(3600, 3600)) as demo:
+        gr.Markdown(
+            "# Pediatric pneumonia on chest X-rays: a small Vision Transformer\n"
+            f"Upload a frontal chest X-ray (PNG, JPEG or DICOM). Model: `{_model_name(service.model_id)}`."
+        )
+        gr.Markdown(DISCLAIMER, elem_id="disclaimer")
+        with gr.Row():
+            with gr.Column():
+                # DICOM files need their .dcm suffix here: gradio checks suffixes against file_types.
+                upload = gr.File(label="Chest X-ray (PNG, JPEG or DICOM .dcm)", file_types=FILE_TYPES,
+                                 type="filepath", elem_id="upload")
+                preview = gr.Image(label="X-ray as the model reads it", type="pil", format="jpeg",
+                                   interactive=False, height=360, elem_id="preview")
+                if examples:
+                    gr.Examples(
+                        examples=[[path] for path in examples], inputs=[upload],
+                        example_labels=[Path(path).stem.replace("_", " ") for path in examples],
+                        label="Examples: pediatric test-split X-rays, Kermany et al. 2018, CC BY 4.0",
+                    )
+            with gr.Column():
+                label = decision_label(label="Decision at the model's threshold, and probabilities", num_top_classes=2,
+                                       elem_id="prediction")
+                decision = gr.Markdown(label="Decision and domain check", elem_id="decision")
+                heatmap = gr.Image(label="Attention rollout: where the model looked (not evidence of disease)",
+                                   type="pil", format="jpeg", interactive=False, height=360, elem_id="heatmap")
+        # Both events share one concurrency group: at most CONCURRENCY model forwards at a time in all.
+        upload.change(analyze, inputs=upload, outputs=[preview, label, decision, heatmap], api_name="analyze",
+                      concurrency_id="model")
+        # The API endpoint of issue #3, the label value only (no images). Its button is never shown:
+        # it exists so that the endpoint has gr.File in and gr.Label out, which gradio_client reads.
+        api_trigger = gr.Button(visible=False)
+        api_trigger.click(predict, inputs=upload, outputs=label, api_name="predict", concurrency_id="model")
+        gr.Markdown(
+            f"The heatmap is attention rollout (Abnar & Zuidema 2020) over the model's {patch}-pixel patches: "
+            "where the [CLS] token gathers information from, for either answer. Examples and training data: "
+            "Kermany D.S. et al., *Cell* 172(5):1122-1131, 2018, CC BY 4.0."
+        )
+    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=MAX_QUEUE)
+    return demo
+
+
+def launch(demo: gr.Blocks, **overrides):
+    """Launch with this app's limits; server name and port come from GRADIO_SERVER_NAME / _PORT
+    (gradio's defaults: 127.0.0.1:7860 locally, 0.0.0.0 on Spaces, where the variable is set)."""
+    settings = dict(
+        max_file_size=MAX_FILE_SIZE,
+        # Only the examples are served from disk; uploads and outputs live in gradio's cache.
+        allowed_paths=[str(EXAMPLES_DIR)] if EXAMPLES_DIR.is_dir() else None,
+        blocked_paths=[str(REPO / name) for name in ("models", "runs", "data", ".git", ".venv")],
+        ssr_mode=False,
+        show_error=False,  # unexpected exceptions reach users as a generic error, not a traceback
+    )
+    settings.update(overrides)
+    return demo.launch(**settings)

@@ -1,0 +1,93 @@
+"""Predict every image in a folder and write one CSV row per file.
+
+    python predict.py path/to/xrays                      # -> path/to/xrays/predictions.csv
+    python predict.py path/to/xrays --output out.csv --model you/pneumonia-vit --recursive
+
+Columns: file (relative to the folder), p_normal, p_pneumonia, decision (at the model's stored
+threshold), out_of_domain (empty, or why the image does not look like the training X-rays), error
+(empty, or why the file could not be read; the other columns are then empty). Every file is
+listed, including files that are not images, so nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pneumonia_vit.images import InvalidImageError, read_xray  # noqa: E402
+from pneumonia_vit.serving import Service, model_id_from_env  # noqa: E402
+
+COLUMNS = ("file", "p_normal", "p_pneumonia", "decision", "out_of_domain", "error")
+
+
+def list_files(folder: Path, recursive: bool, skip: Path | None = None) -> list[Path]:
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(
+        path for path in candidates
+        if path.is_file() and not path.name.startswith(".") and (skip is None or path.resolve() != skip.resolve())
+    )
+
+
+def predict_folder(service: Service, folder: Path, output: Path, recursive: bool = False, batch_size: int = 32) -> dict:
+    """Writes the CSV; returns counts. Files are read one at a time and scored in batches."""
+    files = list_files(folder, recursive, skip=output)
+    counts = {"files": len(files), "predicted": 0, "errors": 0, "out_of_domain": 0}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        for start in range(0, len(files), batch_size):
+            chunk = files[start : start + batch_size]
+            readings, readable, rows = [], [], {}
+            for path in chunk:
+                name = path.relative_to(folder).as_posix()
+                try:
+                    readings.append(read_xray(path))
+                    readable.append(path)
+                except InvalidImageError as error:
+                    rows[path] = {"file": name, "error": str(error)}
+                    counts["errors"] += 1
+            for path, analysis in zip(readable, service.analyze_many(readings, batch_size)):
+                domain = analysis.domain
+                rows[path] = {
+                    "file": path.relative_to(folder).as_posix(),
+                    "p_normal": f"{analysis.probabilities['NORMAL']:.6f}",
+                    "p_pneumonia": f"{analysis.p_pneumonia:.6f}",
+                    "decision": analysis.decision,
+                    "out_of_domain": "; ".join(domain.reasons),
+                }
+                counts["predicted"] += 1
+                counts["out_of_domain"] += not domain.in_domain
+            for path in chunk:
+                writer.writerow(rows[path])
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", type=Path, help="folder of PNG, JPEG or DICOM chest X-rays")
+    parser.add_argument("--output", type=Path, default=None, help="CSV to write (default: FOLDER/predictions.csv)")
+    parser.add_argument("--model", default=None, help="Hub id or local folder (default: $MODEL_ID, else the bundled model)")
+    parser.add_argument("--recursive", action="store_true", help="include files in sub-folders")
+    parser.add_argument("--batch_size", type=int, default=32)
+    args = parser.parse_args(argv)
+    if not args.folder.is_dir():
+        parser.error(f"{args.folder}: no such folder")
+    output = args.output or args.folder / "predictions.csv"
+    service = Service.load(args.model or model_id_from_env())
+    counts = predict_folder(service, args.folder, output, args.recursive, args.batch_size)
+    print(
+        f"{counts['predicted']} of {counts['files']} files predicted ({counts['errors']} unreadable, "
+        f"{counts['out_of_domain']} out of domain) with {service.model_id}, threshold {service.threshold:.3f} -> {output}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""The page in a real browser: Debian's chromium driven by Playwright, against `python app.py`.
+
+Writes test-artifacts/screenshot.png (git-ignored); docs/screenshot.png is a copy made by hand.
+Needs /usr/bin/chromium (apt-get install chromium) and the playwright Python package; without them
+the tests skip outside CI and fail in CI.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from pneumonia_vit.images import load_xray
+from pneumonia_vit.model import Classifier
+from tests.app_server import REPO, running_app, served_model_dir  # noqa: F401  (fixture)
+from tests.odd_files import make_odd_files
+
+CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run",
+]
+ARTIFACTS = REPO / "test-artifacts"
+EXAMPLES = sorted((REPO / "examples").glob("*.jpeg"))
+TIMEOUT_MS = 30_000
+
+
+def _require_browser():
+    message = None
+    if not Path(CHROMIUM).is_file():
+        message = f"{CHROMIUM} not found (apt-get install chromium, or set CHROMIUM_PATH)"
+    else:
+        try:
+            import playwright.sync_api  # noqa: F401
+        except ImportError:
+            message = "the playwright Python package is not installed"
+    if message:
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def app_url(served_model_dir, tmp_path_factory):
+    _require_browser()
+    with running_app(served_model_dir, tmp_path_factory.mktemp("app") / "app.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def page(app_url):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(app_url, wait_until="networkidle")
+        yield page
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def classifier(served_model_dir) -> Classifier:
+    return Classifier.load(str(served_model_dir), fast=False)
+
+
+def expected(classifier: Classifier, path: Path) -> tuple[str, str]:
+    """The decision and P(pneumonia) text the page must show for `path`."""
+    p = float(classifier.pneumonia_probability([load_xray(path)])[0])
+    return ("PNEUMONIA" if p >= classifier.threshold else "NORMAL"), f"P(pneumonia) = {p:.3f}"
+
+
+def wait_for_result(page, probability_text: str) -> str:
+    page.locator("#decision").get_by_text(probability_text, exact=False).wait_for()
+    return page.locator("#prediction [data-testid='label-output-value']").inner_text().strip()
+
+
+def test_page_shows_disclaimer_upload_and_examples(page):
+    assert "Research demo, not a diagnostic device" in page.locator("#disclaimer").inner_text()
+    assert page.locator("#upload input[type=file]").count() == 1
+    for name in ("normal 1", "pneumonia 3"):
+        assert page.get_by_text(name, exact=True).count() == 1
+
+
+def test_clicking_an_example_shows_label_decision_and_heatmap(page, classifier):
+    example = REPO / "examples" / "pneumonia_1.jpeg"
+    decision, probability = expected(classifier, example)
+    page.get_by_text("pneumonia 1", exact=True).click()
+    assert wait_for_result(page, probability) == decision
+    assert f"Decision: {decision}" in page.locator("#decision").inner_text()
+    heatmap = page.locator("#heatmap img")
+    heatmap.wait_for()
+    assert re.search(r"gradio_api/file=.+\.jpe?g", heatmap.get_attribute("src"))
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=heatmap.element_handle())
+    assert page.locator("#preview img").count() == 1
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "screenshot.png"), full_page=True)
+    assert (ARTIFACTS / "screenshot.png").stat().st_size > 20_000
+
+
+def test_uploading_dicom_then_a_bad_file_then_a_good_one(page, classifier, tmp_path):
+    odd = make_odd_files(tmp_path / "odd", EXAMPLES[0])
+
+    def upload(path: Path) -> None:
+        # The File component holds one file: clear the current one (its X button) to get the input back.
+        clear = page.locator("#upload button[aria-label='Clear']")
+        if clear.count():
+            clear.click()
+        page.locator("#upload input[type=file]").set_input_files(str(path))
+
+    decision, probability = expected(classifier, odd["valid16.dcm"].path)
+    upload(odd["valid16.dcm"].path)
+    assert wait_for_result(page, probability) == decision
+
+    upload(odd["text_named.jpg"].path)
+    page.get_by_text("not a readable image", exact=False).first.wait_for()
+
+    example = REPO / "examples" / "normal_2.jpeg"
+    decision, probability = expected(classifier, example)
+    upload(example)
+    assert wait_for_result(page, probability) == decision

@@ -1,0 +1,180 @@
+"""The fast serving path (ONNX Runtime, int8 weights) against the fp32 PyTorch path, on real X-rays.
+
+Tolerance: int8 dynamic quantization moves P(PNEUMONIA) by at most PROBABILITY_TOLERANCE (0.02)
+on these images; seen: about 0.001 with the conftest tiny model, 0.005 with a random model of the
+bundled size. An image's score may differ by up to a quarter of that between batch sizes
+(activation scales are per batch). The decision at the stored threshold must be the same for every image whose fp32
+probability is farther than that tolerance from the threshold. The full test split
+(benchmarks/inference.py) is where accuracy and ROC-AUC are compared.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pneumonia_vit.fast_inference import pixel_array
+from pneumonia_vit.images import load_xray
+from pneumonia_vit.preprocess import PixelSpec, pixel_values
+
+BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "models" / "pneumonia-vit-tiny"
+
+PROBABILITY_TOLERANCE = 0.02
+
+try:  # the fast path's backend: a requirement, so CI fails without it; elsewhere these tests skip
+    import onnx  # noqa: F401
+    import onnxruntime  # noqa: F401
+except ImportError as missing:
+    if os.environ.get("CI") == "true":
+        raise
+    pytest.skip(f"{missing.name} is not installed (pip install onnxruntime onnx)", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """Each test session exports into its own cache folder, never into ~/.cache."""
+    monkeypatch.setenv("PNEUMONIA_VIT_CACHE", str(tmp_path_factory.getbasetemp() / "fast-cache"))
+    monkeypatch.delenv("PNEUMONIA_VIT_FAST", raising=False)
+
+
+@pytest.fixture(scope="module")
+def real_xrays(data_root) -> list:
+    originals = data_root / "chest_xray_originals"
+    paths = [
+        *sorted((originals / "test" / "NORMAL").iterdir())[:4],
+        *sorted((originals / "test" / "PNEUMONIA").iterdir())[:4],
+        originals / "train" / "PNEUMONIA" / "person1010_virus_1695.jpeg",  # stored as RGB
+        *sorted((data_root / "chest_xray_224" / "test" / "NORMAL").iterdir())[:2],  # 224 px copies
+    ]
+    return [load_xray(path) for path in paths]
+
+
+def _model_dirs(tiny_model_dir) -> list[Path]:
+    """The conftest tiny model, and the bundled one where it has been trained."""
+    return [tiny_model_dir] + ([BUNDLED_MODEL] if (BUNDLED_MODEL / "config.json").is_file() else [])
+
+
+def test_fast_path_matches_fp32_on_real_xrays(tiny_model_dir, real_xrays):
+    from pneumonia_vit.model import Classifier
+
+    for folder in _model_dirs(tiny_model_dir):
+        fast = Classifier.load(str(folder))
+        exact = Classifier.load(str(folder), fast=False)
+        assert (fast.backend, exact.backend) == ("onnxruntime-int8", "torch-fp32")
+        assert fast.spec == exact.spec and fast.threshold == exact.threshold
+        ours, reference = fast.pneumonia_probability(real_xrays), exact.pneumonia_probability(real_xrays)
+        assert ours.shape == reference.shape == (len(real_xrays),) and ours.dtype == np.float32
+        difference = np.abs(ours - reference)
+        assert difference.max() <= PROBABILITY_TOLERANCE, (folder, difference.max())
+        clear = np.abs(reference - exact.threshold) > PROBABILITY_TOLERANCE
+        assert ((ours >= fast.threshold) == (reference >= exact.threshold))[clear].all(), (folder, ours, reference)
+        # Activations are quantized with one scale per batch, so an image's score moves slightly with
+        # its batch companions (seen: < 0.001); one image at a time (the app) is exactly repeatable.
+        single = np.concatenate([fast.pneumonia_probability([image]) for image in real_xrays[:3]])
+        assert np.abs(single - ours[:3]).max() <= PROBABILITY_TOLERANCE / 4
+        assert np.array_equal(single[:1], fast.pneumonia_probability(real_xrays[:1]))
+
+
+def test_fast_features_match_the_pytorch_head_input(tiny_model_dir, real_xrays):
+    """The exported graph also returns what the classifier head reads (the out-of-domain features)."""
+    from pneumonia_vit.model import Classifier
+
+    fast = Classifier.load(str(tiny_model_dir))
+    outputs = fast.fast_model.run(pixel_array(real_xrays, fast.spec))
+    captured = []
+    model = fast.model  # the fp32 model, loaded lazily
+    handle = model.classifier.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    with torch.inference_mode():
+        model(pixel_values=pixel_values(real_xrays, fast.spec))
+    handle.remove()
+    assert outputs["features"].shape == tuple(captured[0].shape)
+    assert np.abs(outputs["features"] - captured[0].numpy()).max() < 0.1 * np.abs(captured[0].numpy()).max()
+
+
+def test_pixel_array_equals_pixel_values(real_xrays):
+    for spec in (PixelSpec(size=64), PixelSpec(size=48, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))):
+        ours = pixel_array(real_xrays, spec)
+        assert ours.dtype == np.float32 and ours.flags.c_contiguous
+        assert np.allclose(ours, pixel_values(real_xrays, spec).numpy(), atol=1e-5)
+
+
+def test_cache_is_reused_and_keyed_by_weights(tiny_model_dir, tmp_path):
+    import shutil
+
+    from pneumonia_vit.model import Classifier
+    from transformers import ViTForImageClassification
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    first = Classifier.load(str(folder))
+    assert first._model is None  # served without keeping the PyTorch weights in memory
+    second = Classifier.load(str(folder))
+    assert second.fast_model.startup["cache_hit"] and second.fast_model.path == first.fast_model.path
+    assert second._model is None  # a cache hit never reads the PyTorch weights
+    # New weights in the same folder: a new artefact, not the stale one.
+    model = ViTForImageClassification.from_pretrained(folder)
+    with torch.no_grad():
+        model.classifier.bias += 1.0
+    model.save_pretrained(folder)
+    third = Classifier.load(str(folder))
+    assert not third.fast_model.startup["cache_hit"] and third.fast_model.path != first.fast_model.path
+
+
+def test_disabled_fast_path_uses_pytorch(tiny_model_dir, monkeypatch):
+    from pneumonia_vit.model import Classifier
+
+    assert Classifier.load(str(tiny_model_dir), fast=False).backend == "torch-fp32"
+    monkeypatch.setenv("PNEUMONIA_VIT_FAST", "0")
+    assert Classifier.load(str(tiny_model_dir)).backend == "torch-fp32"
+    assert Classifier.load(str(tiny_model_dir), fast=True).backend == "onnxruntime-int8"
+
+
+@pytest.mark.parametrize("failure", ["onnxruntime missing", "export fails"])
+def test_fast_path_falls_back_with_a_warning(tiny_model_dir, real_xrays, monkeypatch, caplog, tmp_path, failure):
+    import sys
+
+    from pneumonia_vit import fast_inference
+    from pneumonia_vit.model import Classifier
+
+    if failure == "onnxruntime missing":
+        monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
+    else:
+        monkeypatch.setenv("PNEUMONIA_VIT_CACHE", str(tmp_path / "empty-cache"))  # force an export
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("exporter exploded")
+
+        monkeypatch.setattr(fast_inference, "export_int8", broken)
+    with caplog.at_level(logging.WARNING, logger="pneumonia_vit.model"):
+        classifier = Classifier.load(str(tiny_model_dir))
+    assert classifier.backend == "torch-fp32"
+    assert "fast inference unavailable" in caplog.text
+    reference = Classifier.load(str(tiny_model_dir), fast=False).pneumonia_probability(real_xrays)
+    assert np.array_equal(classifier.pneumonia_probability(real_xrays), reference)
+
+
+def test_fast_load_reads_the_same_spec_and_threshold_as_transformers(tiny_model_dir):
+    """The fast path reads preprocessor_config.json and config.json as plain JSON (no transformers
+    import on a warm start); it must agree with AutoImageProcessor / AutoConfig."""
+    from transformers import AutoConfig
+
+    from pneumonia_vit.model import Classifier, _pixel_spec_from_json, load_pixel_spec, stored_threshold
+
+    for folder in _model_dirs(tiny_model_dir):
+        assert _pixel_spec_from_json(folder) == load_pixel_spec(str(folder))
+    fast = Classifier.load(str(tiny_model_dir))
+    assert fast.threshold == stored_threshold(AutoConfig.from_pretrained(tiny_model_dir)) == 0.42
+
+
+def test_thread_count_follows_the_environment(monkeypatch):
+    from pneumonia_vit.fast_inference import default_threads
+
+    monkeypatch.setenv("PNEUMONIA_VIT_THREADS", "1")
+    assert default_threads() == 1
+    monkeypatch.delenv("PNEUMONIA_VIT_THREADS")
+    assert 1 <= default_threads() <= (os.cpu_count() or 1)

@@ -1,0 +1,241 @@
+"""train_vit.py and evaluate_vit.py end to end: a real Trainer run of a tiny from-scratch ViT on real
+X-rays (small_prepared: 42 train, 14 validation, 24 test images at 64 px), then everything a user
+gets out of it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+
+TINY_CONFIG = {
+    "from_config": True, "image_size": 64, "patch_size": 16, "hidden_size": 32, "num_hidden_layers": 2,
+    "num_attention_heads": 2, "intermediate_size": 64,
+    "use_cpu": True, "seed": 42, "per_device_train_batch_size": 8, "per_device_eval_batch_size": 16,
+    "learning_rate": 0.001, "eval_strategy": "epoch", "save_strategy": "epoch", "load_best_model_at_end": True,
+    "metric_for_best_model": "roc_auc", "greater_is_better": True, "threshold_rule": "youden",
+    "report_to": "none", "disable_tqdm": True,
+}
+
+
+def split_sizes(prepared: Path) -> dict[str, int]:
+    report = json.loads((prepared / "prepare_report.json").read_text())
+    return {split: sum(counts.values()) for split, counts in report["prepared"].items()}
+
+
+def load_tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+@pytest.fixture(scope="module")
+def trained(small_prepared, tmp_path_factory):
+    """One real run: a YAML file (5 epochs, another output folder) overridden on the command line."""
+    import train_vit
+
+    folder = tmp_path_factory.mktemp("train")
+    config_file = folder / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump({
+        **TINY_CONFIG, "data_dir": str(small_prepared), "output_dir": str(folder / "from_yaml"), "num_train_epochs": 5,
+    }))
+    output = folder / "run"
+    argv = [str(config_file), "--num_train_epochs", "2", "--output_dir", str(output)]
+    results = train_vit.main(argv)
+    return {"output": output, "results": results, "argv": argv, "folder": folder, "prepared": small_prepared}
+
+
+def test_cli_overrides_the_yaml_file(trained):
+    output = trained["output"]
+    assert not (trained["folder"] / "from_yaml").exists()
+    checkpoints = sorted(output.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    assert len(checkpoints) == 2  # one per epoch, 2 epochs (the file said 5)
+    state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
+    assert state["epoch"] == 2.0
+    assert state["global_step"] == 2 * -(-split_sizes(trained["prepared"])["train"] // 8)
+    assert len([entry for entry in state["log_history"] if "eval_roc_auc" in entry]) == 2
+
+
+def test_output_folder_contents(trained):
+    output = trained["output"]
+    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md",
+                 "validation_metrics.json", "test_metrics.json"):
+        assert (output / name).is_file(), name
+    for split in ("validation", "test"):
+        for plot in ("confusion_matrix", "roc"):
+            with Image.open(output / f"{split}_{plot}.png") as image:
+                assert image.format == "PNG" and min(image.size) > 100
+
+    config = json.loads((output / "config.json").read_text())
+    assert 0 < config["decision_threshold"] < 1
+    assert config["threshold_rule"] == "youden"
+    assert config["id2label"] == {"0": "NORMAL", "1": "PNEUMONIA"}
+    assert (config["image_size"], config["hidden_size"], config["num_hidden_layers"]) == (64, 32, 2)
+    processor = json.loads((output / "preprocessor_config.json").read_text())
+    assert processor["size"] == {"height": 64, "width": 64}
+    assert processor["image_mean"] == processor["image_std"] == [0.5, 0.5, 0.5]
+
+
+def test_metrics_cover_each_split_once_at_the_stored_threshold(trained):
+    output, results = trained["output"], trained["results"]
+    sizes = split_sizes(trained["prepared"])
+    threshold = json.loads((output / "config.json").read_text())["decision_threshold"]
+    for split in ("validation", "test"):
+        metrics = json.loads((output / f"{split}_metrics.json").read_text())
+        assert metrics["n"] == sizes[split] == sum(metrics["confusion_matrix"].values())
+        assert metrics["threshold"] == threshold
+        assert metrics["confusion_matrix"] == results[split]["confusion_matrix"]
+        assert {k: v for k, v in metrics.items() if k != "confusion_matrix"} == pytest.approx(
+            {k: v for k, v in results[split].items() if k != "confusion_matrix"}, nan_ok=True)
+        assert 0 <= metrics["roc_auc"] <= 1
+
+
+def test_model_card(trained):
+    output = trained["output"]
+    card = (output / "README.md").read_text()
+    threshold = json.loads((output / "config.json").read_text())["decision_threshold"]
+    front_matter = yaml.safe_load(card.split("---")[1])
+    assert front_matter["license"] == "cc-by-4.0"
+    assert front_matter["pipeline_tag"] == "image-classification"
+    assert "base_model" not in front_matter  # trained from scratch
+    test_metrics = json.loads((output / "test_metrics.json").read_text())
+    reported = {m["type"]: m["value"] for m in front_matter["model-index"][0]["results"][0]["metrics"]}
+    assert reported["accuracy"] == round(test_metrics["accuracy"], 4)
+    assert "not a medical device" in card
+    assert "CC BY 4.0" in card and "Kermany" in card and "Cell 172(5):1122-1131" in card
+    assert f"{threshold:.4f}" in card and "decision_threshold" in card and "`youden`" in card
+    sizes = split_sizes(trained["prepared"])
+    assert f"test ({sizes['test']})" in card and f"validation ({sizes['validation']})" in card
+    assert "--num_train_epochs 2" in card  # the command that made it
+
+
+def test_saved_model_is_the_best_checkpoint(trained):
+    """load_best_model_at_end: the weights saved at the end are the best checkpoint's, every tensor."""
+    output = trained["output"]
+    last = max(output.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    best = Path(json.loads((last / "trainer_state.json").read_text())["best_model_checkpoint"])
+    assert best.parent == output
+    final, reference = load_tensors(output / "model.safetensors"), load_tensors(best / "model.safetensors")
+    assert final.keys() == reference.keys()
+    for name in final:
+        assert np.array_equal(final[name].numpy(), reference[name].numpy()), name
+
+
+def test_best_checkpoint_reload_restores_every_layer(tiny_model_dir, tmp_path):
+    """transformers 5 saves ViT weights under legacy names; Trainer's own reload would leave the encoder
+    blocks as they were (strict=False). CardTrainer must restore every tensor of the checkpoint."""
+    import torch
+    from transformers import TrainingArguments, ViTConfig, ViTForImageClassification
+
+    from train_vit import CardTrainer
+
+    torch.manual_seed(1)
+    model = ViTForImageClassification(ViTConfig.from_pretrained(tiny_model_dir))
+    trainer = CardTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"))
+    saved = ViTForImageClassification.from_pretrained(tiny_model_dir).state_dict()
+    assert any(not torch.equal(value, saved[name]) for name, value in model.state_dict().items() if "layers" in name)
+    trainer.state.best_model_checkpoint = str(tiny_model_dir)
+    trainer._load_best_model()
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+
+
+def test_saved_model_loads_in_classifier_and_pipeline_alike(trained, data_root, tmp_path, monkeypatch):
+    from transformers import pipeline
+
+    from pneumonia_vit.images import load_xray
+    from pneumonia_vit.model import Classifier
+
+    output = trained["output"]
+    config = json.loads((output / "config.json").read_text())
+    hub_style = pipeline("image-classification", model=str(output), device="cpu")
+    assert hub_style.model.config.decision_threshold == config["decision_threshold"]
+
+    prepared = sorted((trained["prepared"] / "test" / "PNEUMONIA").iterdir())[:2] + sorted(
+        (trained["prepared"] / "test" / "NORMAL").iterdir())[:2]
+    originals = [data_root / "chest_xray_originals" / "test" / "NORMAL" / "IM-0001-0001.jpeg",
+                 data_root / "chest_xray_originals" / "train" / "PNEUMONIA" / "person1010_virus_1695.jpeg"]  # RGB JPEG
+
+    def pipeline_scores(paths):
+        return np.array([{row["label"]: row["score"] for row in rows}["PNEUMONIA"]
+                         for rows in hub_style([str(path) for path in paths])])
+
+    # The fp32 PyTorch path: the same pixels (64 px PNGs need no resize) give the same probabilities.
+    # Originals differ only by the RGB->grey conversion the pipeline skips (it feeds the RGB channels),
+    # which the resize to 64 px averages away (measured: under 1e-7).
+    exact = Classifier.load(str(output), fast=False)
+    assert exact.backend == "torch-fp32"
+    assert exact.threshold == config["decision_threshold"] and exact.spec.size == 64
+    for paths, tolerance in ((prepared, 1e-5), (originals, 1e-4)):
+        ours = exact.pneumonia_probability([load_xray(path) for path in paths])
+        assert np.allclose(ours, pipeline_scores(paths), atol=tolerance), (ours, pipeline_scores(paths))
+
+    # The default serving path (int8 ONNX Runtime where installed) stays close to the fp32 model.
+    monkeypatch.setenv("PNEUMONIA_VIT_CACHE", str(tmp_path / "cache"))
+    served = Classifier.load(str(output))
+    assert served.threshold == config["decision_threshold"]
+    paths = prepared + originals
+    ours = served.pneumonia_probability([load_xray(path) for path in paths])
+    assert np.allclose(ours, pipeline_scores(paths), atol=0.01), (served.backend, ours, pipeline_scores(paths))
+
+
+def test_evaluate_vit_reproduces_the_test_metrics(trained, tmp_path):
+    import evaluate_vit
+
+    output = trained["output"]
+    metrics = evaluate_vit.main(["--model", str(output), "--data_dir", str(trained["prepared"]), "--split", "test",
+                                 "--output_dir", str(tmp_path), "--batch_size", "7"])
+    written = json.loads((tmp_path / "test_metrics.json").read_text())
+    expected = json.loads((output / "test_metrics.json").read_text())
+    assert written == metrics
+    assert written["confusion_matrix"] == expected["confusion_matrix"]
+    assert written["n"] == expected["n"] and written["threshold"] == expected["threshold"]
+    assert {k: v for k, v in written.items() if k != "confusion_matrix"} == pytest.approx(
+        {k: v for k, v in expected.items() if k != "confusion_matrix"}, abs=1e-6)
+    for plot in ("test_confusion_matrix.png", "test_roc.png"):
+        assert (tmp_path / plot).stat().st_size > 0
+
+
+def test_rerun_into_a_folder_with_checkpoints_is_refused(trained):
+    import train_vit
+
+    output = trained["output"]
+    before = {str(path.relative_to(output)): path.stat().st_mtime_ns for path in output.rglob("*")}
+    with pytest.raises(FileExistsError, match="holds checkpoints: pass --resume_from_checkpoint last to continue, "
+                                              "or --overwrite_output_dir to start again"):
+        train_vit.main(trained["argv"])
+    assert {str(path.relative_to(output)): path.stat().st_mtime_ns for path in output.rglob("*")} == before
+
+
+def test_resume_last_without_checkpoints_is_refused(small_prepared, tmp_path):
+    import train_vit
+
+    with pytest.raises(FileNotFoundError, match="no checkpoint-\\* folder"):
+        train_vit.main(["--from_config", "--data_dir", str(small_prepared), "--output_dir", str(tmp_path),
+                        "--resume_from_checkpoint", "last", "--use_cpu", "--report_to", "none"])
+
+
+def test_config_files_yaml_json_and_typos(tmp_path):
+    import train_vit
+
+    (tmp_path / "run.yaml").write_text("from_config: true\nhidden_size: 48\nlearning_rate: 3.0e-4\nnum_train_epochs: 4\n")
+    model_args, data_args, run_args, training_args = train_vit.parse_arguments(
+        [str(tmp_path / "run.yaml"), "--learning_rate", "0.01", "--output_dir", str(tmp_path / "out")])
+    assert model_args.from_config and model_args.hidden_size == 48
+    assert training_args.learning_rate == 0.01  # the command line wins
+    assert training_args.num_train_epochs == 4  # the file still counts where the command line is silent
+    assert training_args.output_dir == str(tmp_path / "out")
+
+    (tmp_path / "run.json").write_text(json.dumps({"threshold_rule": "min_sensitivity", "min_sensitivity": 0.9}))
+    _, _, run_args, _ = train_vit.parse_arguments([str(tmp_path / "run.json")])
+    assert (run_args.threshold_rule, run_args.min_sensitivity) == ("min_sensitivity", 0.9)
+
+    (tmp_path / "typo.yaml").write_text("from_config: true\nlearnin_rate: 0.01\n")
+    with pytest.raises(ValueError, match="unknown setting\\(s\\) learnin_rate"):
+        train_vit.parse_arguments([str(tmp_path / "typo.yaml")])
