@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from pneumonia_vit.training import CheckpointError
+
 from real_subset import prepared_subset
 
 REPO = Path(__file__).resolve().parent.parent
@@ -159,7 +161,7 @@ BREAKAGES = {
 
 @pytest.mark.parametrize("breakage", sorted(BREAKAGES))
 def test_checkpoint_problem_names_the_broken_file(unbroken, tmp_path, breakage):
-    from train_vit import checkpoint_problem
+    from pneumonia_vit.training import checkpoint_problem
 
     folder = tmp_path / "checkpoint-12"
     shutil.copytree(unbroken / "checkpoint-12", folder)
@@ -191,9 +193,9 @@ def test_only_checkpoint_corrupt_is_an_error_naming_it(data, unbroken, tmp_path)
     shutil.copytree(unbroken / "checkpoint-12", output / "checkpoint-12")
     truncate(output / "checkpoint-12" / "optimizer.pt")
     args = RUN + ["--data_dir", str(data), "--output_dir", str(output)]
-    with pytest.raises(train_vit.CheckpointError, match=r"checkpoint-12 \(optimizer.pt is truncated or corrupt"):
+    with pytest.raises(CheckpointError, match=r"checkpoint-12 \(optimizer.pt is truncated or corrupt"):
         train_vit.main(args + ["--resume_from_checkpoint", "last"])
-    with pytest.raises(train_vit.CheckpointError, match=r"checkpoint-12: optimizer.pt is truncated or corrupt"):
+    with pytest.raises(CheckpointError, match=r"checkpoint-12: optimizer.pt is truncated or corrupt"):
         train_vit.main(args + ["--resume_from_checkpoint", str(output / "checkpoint-12")])
     # Without --resume_from_checkpoint the leftover checkpoint is an error too, never a silent fresh start.
     with pytest.raises(FileExistsError, match="--resume_from_checkpoint last"):

@@ -133,7 +133,7 @@ def test_best_checkpoint_reload_restores_every_layer(tiny_model_dir, tmp_path):
     import torch
     from transformers import TrainingArguments, ViTConfig, ViTForImageClassification
 
-    from train_vit import CardTrainer
+    from pneumonia_vit.training import CardTrainer
 
     torch.manual_seed(1)
     model = ViTForImageClassification(ViTConfig.from_pretrained(tiny_model_dir))

@@ -1,0 +1,284 @@
+"""Training machinery behind train_vit.py: the loss, the metrics logged during training, a Trainer
+that reloads checkpoints correctly, resumes reproducibly and writes this project's model card,
+a throughput/time-budget callback, and checkpoint validation for `--resume_from_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_pt_utils import safe_globals
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+from .images import LABELS
+from .metrics import binary_metrics
+
+
+def weighted_loss(class_counts: Counter, label_smoothing: float):
+    """Cross-entropy with each class weighted by total / (classes x its count)."""
+    total = sum(class_counts.values())
+    weight = torch.tensor([total / (len(LABELS) * class_counts[i]) for i in range(len(LABELS))])
+
+    def loss(outputs, labels, num_items_in_batch=None):
+        logits = outputs.logits
+        per_image = F.cross_entropy(
+            logits.float(), labels, weight=weight.to(logits.device), label_smoothing=label_smoothing, reduction="none"
+        )
+        # Trainer passes the image count of the whole accumulated batch so that accumulation is exact.
+        return per_image.mean() if num_items_in_batch is None else per_image.sum() / num_items_in_batch
+
+    return loss
+
+
+def compute_metrics(prediction) -> dict:
+    """Validation metrics during training, at the neutral cut-off 0.5 (the real one is chosen after)."""
+    scores = torch.from_numpy(prediction.predictions).float().softmax(dim=-1)[:, 1].numpy()
+    metrics = binary_metrics(prediction.label_ids, scores, threshold=0.5)
+    return {key: value for key, value in metrics.items() if isinstance(value, float) and key != "threshold"}
+
+
+class RandomStateLog:
+    """Wraps the training transform; notes python's `random` state before each batch it augments.
+
+    accelerate's dataloader fetches one batch ahead, so when Trainer saves a checkpoint the
+    augmentations of the next batch have already been drawn: the checkpoint must store the state
+    from before that look-ahead fetch for a resumed run to draw the same ones (see CardTrainer).
+    """
+
+    def __init__(self, transform):
+        self.transform = transform
+        self.fetched = 0  # batches augmented in this process (stays 0 in dataloader workers' copies)
+        self.state_before_last: tuple | None = None
+
+    def __call__(self, batch: dict) -> dict:
+        self.state_before_last = random.getstate()
+        self.fetched += 1
+        return self.transform(batch)
+
+
+class CardTrainer(Trainer):
+    """Trainer whose push uploads this project's model card instead of the generic one.
+
+    It also reloads checkpoints correctly. transformers 5 saves a ViT under its original
+    (`vit.encoder.layer.N.attention.attention.query`) key names and maps them back to its own
+    (`vit.layers.N.attention.q_proj`) only in `from_pretrained`; Trainer's resume and
+    `load_best_model_at_end` call `load_state_dict(strict=False)` on the raw file instead, which
+    loads the embeddings and the head and silently leaves every encoder block as it was
+    (huggingface/transformers#43701, #48805). Both go through `from_pretrained` here, strictly.
+
+    And a resume in the middle of an epoch draws the same augmentations (python's `random`) as an
+    unbroken run, with dataloader_num_workers 0: the checkpoint stores the state from before the
+    batch fetched ahead (`random_log`), and that state is restored before the resumed run's first
+    fetch (Trainer restores RNG states only after it, then `random` is left where the fetch put it).
+    """
+
+    card_text: str | None = None
+    random_log: RandomStateLog | None = None  # the training transform, wrapped
+    _batches_used = 0  # training batches handed to the training loop by this process
+    _python_rng_pending: tuple | None = None  # checkpointed `random` state, restored at the first fetch
+    _python_rng_advanced = False  # ...and since advanced by that fetch: keep it when Trainer restores
+
+    def create_model_card(self, *args, **kwargs):
+        if self.card_text is not None and self.is_world_process_zero():
+            Path(self.args.output_dir, "README.md").write_text(self.card_text)
+
+    def _plain_model(self) -> bool:
+        return not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+
+    def _load_weights(self, folder: str, model=None) -> None:
+        target = self.accelerator.unwrap_model(self.model if model is None else model)
+        saved = type(target).from_pretrained(folder)
+        target.load_state_dict(saved.state_dict(), strict=True)  # copies into target's own device and dtype
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if not self._plain_model():
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._load_weights(resume_from_checkpoint, model)
+        name = f"rng_state_{self.args.process_index}.pth" if self.args.world_size > 1 else "rng_state.pth"
+        if Path(resume_from_checkpoint, name).is_file():
+            with safe_globals():  # the allow-list Trainer's own RNG restore uses
+                self._python_rng_pending = torch.load(Path(resume_from_checkpoint, name), weights_only=True)["python"]
+
+    def _load_best_model(self):
+        folder = self.state.best_model_checkpoint
+        saved = Path(folder, "model.safetensors").is_file() or Path(folder, "model.safetensors.index.json").is_file()
+        if not self._plain_model() or not saved:
+            return super()._load_best_model()  # sharded/DeepSpeed/FSDP, or a node that lacks the folder: Trainer's own path
+        if self.is_world_process_zero():
+            print(f"loading the best model from {folder} (validation {self.args.metric_for_best_model} {self.state.best_metric})")
+        self._load_weights(folder)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        if self._python_rng_pending is not None:
+            random.setstate(self._python_rng_pending)
+            self._python_rng_pending, self._python_rng_advanced = None, True
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._batches_used += len(batches)
+        return batches, num_items
+
+    def _load_rng_state(self, checkpoint):
+        self._python_rng_pending = None  # restored here before any fetch (an epoch boundary): nothing to do later
+        advanced = random.getstate() if self._python_rng_advanced else None
+        super()._load_rng_state(checkpoint)
+        if advanced is not None:
+            random.setstate(advanced)
+            self._python_rng_advanced = False
+
+    def _save_rng_state(self, output_dir):
+        log = self.random_log
+        if log is None or log.fetched != self._batches_used + 1:
+            return super()._save_rng_state(output_dir)  # nothing fetched ahead (end of epoch), or workers augment
+        current = random.getstate()
+        random.setstate(log.state_before_last)  # what the batch fetched ahead started from
+        try:
+            super()._save_rng_state(output_dir)
+        finally:
+            random.setstate(current)
+
+
+class Stopwatch(TrainerCallback):
+    """Training images per second with evaluation time left out, peak GPU memory, and an optional time budget."""
+
+    def __init__(self, max_minutes: float | None = None):
+        self.max_seconds = None if max_minutes is None else 60 * max_minutes
+        self.eval_seconds = 0.0
+        self.out_of_time = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start, self.start_epoch = time.perf_counter(), state.epoch or 0.0
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.eval_seconds += (metrics or {}).get("eval_runtime", 0.0)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.max_seconds is not None and time.perf_counter() - self.start > self.max_seconds and not self.out_of_time:
+            self.out_of_time = control.should_training_stop = True
+            if state.is_world_process_zero:
+                print(f"time budget of {self.max_seconds / 60:g} min used up at step {state.global_step}: stopping")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.train_seconds = time.perf_counter() - self.start - self.eval_seconds
+        self.epochs = (state.epoch or 0.0) - self.start_epoch
+
+    def stats(self, train_size: int) -> dict:
+        images = round(self.epochs * train_size)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        return {
+            "train_images": images, "train_seconds": round(self.train_seconds, 2),
+            "images_per_second": round(images / self.train_seconds, 1) if self.train_seconds > 0 else None,
+            "evaluation_seconds": round(self.eval_seconds, 2), "peak_gpu_memory_gib": None if peak is None else round(peak, 3),
+            "stopped_by_time_budget": self.out_of_time,
+        }
+
+
+CHECKPOINT_FILES = ("trainer_state.json", "model.safetensors", "optimizer.pt", "scheduler.pt")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder that cannot be resumed from (missing, truncated or corrupt files)."""
+
+
+def checkpoint_problem(folder: Path, weights_and_optimizer: bool = True) -> str | None:
+    """What makes `folder` unusable for a resume, or None when its files are complete.
+
+    Checks that the files Trainer reads exist, that trainer_state.json parses, that the safetensors
+    header loads and covers the whole file, and that optimizer.pt and scheduler.pt are intact zip
+    archives (torch.save's format; CRCs included). A file cut short by a kill during the save, or
+    emptied by a full disk, fails one of these.
+    """
+    from safetensors import safe_open
+
+    if not folder.is_dir():
+        return "no such folder"
+    required = CHECKPOINT_FILES if weights_and_optimizer else CHECKPOINT_FILES[:1]
+    sharded = (folder / "model.safetensors.index.json").is_file()
+    missing = [name for name in required if not (folder / name).is_file() and not (name == "model.safetensors" and sharded)]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    try:
+        int(json.loads((folder / "trainer_state.json").read_text())["global_step"])
+    except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return f"trainer_state.json is truncated or corrupt ({type(error).__name__}: {error})"
+    if not weights_and_optimizer:
+        return None
+    weight_files = ["model.safetensors"]
+    if sharded:
+        try:
+            weight_files = sorted(set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            return f"model.safetensors.index.json is truncated or corrupt ({type(error).__name__}: {error})"
+    for name in weight_files:
+        try:
+            with safe_open(str(folder / name), framework="pt") as weights:
+                if not list(weights.keys()):
+                    return f"{name} holds no tensors"
+        except Exception as error:  # safetensors raises SafetensorError; a missing shard, OSError
+            return f"{name} is truncated or corrupt ({error})"
+    for name in CHECKPOINT_FILES[2:]:
+        try:
+            with zipfile.ZipFile(folder / name) as archive:
+                damaged = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as error:
+            return f"{name} is truncated or corrupt ({error})"
+        if damaged:
+            return f"{name} is corrupt (bad CRC in {damaged})"
+    return None
+
+
+def resume_checkpoint(training_args: TrainingArguments, overwrite_output_dir: bool = False) -> str | None:
+    """Explicit resume: `--resume_from_checkpoint last|PATH`; leftover checkpoints without it are an error.
+
+    `last` takes the newest checkpoint-N folder whose files are complete, printing each newer one it
+    skips and why (a kill while saving leaves a partial folder); if none is complete it stops with
+    an error that names them. An explicit PATH must be complete. Never silently starts from scratch.
+    """
+    output_dir = Path(training_args.output_dir)
+    requested = training_args.resume_from_checkpoint
+    # DeepSpeed and FSDP keep weights and optimizer in their own layout: only trainer_state.json is checked.
+    full_check = not (training_args.deepspeed or training_args.fsdp)
+    if requested == "last":
+        pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+        found = sorted(
+            (path for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if pattern.match(path.name) and path.is_dir()),
+            key=lambda path: int(pattern.match(path.name).group(1)), reverse=True,
+        ) if output_dir.is_dir() else []
+        if not found:
+            raise FileNotFoundError(f"--resume_from_checkpoint last: no checkpoint-* folder in {output_dir}")
+        broken = []
+        for folder in found:
+            problem = checkpoint_problem(folder, full_check)
+            if problem is None:
+                if training_args.process_index == 0:
+                    print(f"resuming from {folder}" + (", the newest complete checkpoint" if broken else ""))
+                return str(folder)
+            broken.append(f"{folder} ({problem})")
+            if training_args.process_index == 0:
+                print(f"skipping checkpoint {folder}: {problem}; trying the one before it")
+        raise CheckpointError(
+            f"--resume_from_checkpoint last: no usable checkpoint in {output_dir}: " + "; ".join(broken)
+            + ". Delete the broken folders and pass --overwrite_output_dir to start again."
+        )
+    if requested:
+        problem = checkpoint_problem(Path(requested), full_check)
+        if problem is not None:
+            raise CheckpointError(f"--resume_from_checkpoint {requested}: cannot resume from {requested}: {problem}")
+        if training_args.process_index == 0:
+            print(f"resuming from {requested}")
+        return requested
+    if output_dir.is_dir() and get_last_checkpoint(str(output_dir)) and not overwrite_output_dir:
+        raise FileExistsError(
+            f"{output_dir} holds checkpoints: pass --resume_from_checkpoint last to continue, "
+            "or --overwrite_output_dir to start again"
+        )
+    return None
