@@ -3,21 +3,50 @@
     python app.py                                  # http://127.0.0.1:7860, bundled model
     MODEL_ID=you/pneumonia-vit python app.py       # a Hub model (or a local folder)
     GRADIO_SERVER_NAME=0.0.0.0 GRADIO_SERVER_PORT=8080 python app.py
+    PNEUMONIA_VIT_FAST=0 python app.py             # fp32 PyTorch for everything (no fast path)
+    PNEUMONIA_VIT_BATCH=0 python app.py            # score each API request on its own (no batching)
 
-The model is loaded once, at start-up. The page and the API are built in pneumonia_vit/webapp.py.
+Models, each loaded once, at start-up:
+- the API's /predict (the label value only) scores with the fast path: the model exported to ONNX
+  with int8 weights, run by ONNX Runtime (pneumonia_vit/fast_inference.py; exported into
+  ~/.cache/pneumonia-vit or $PNEUMONIA_VIT_CACHE on the first start, a few seconds). Its
+  probabilities differ from the fp32 model's by ~1e-3;
+- the page's /analyze (probabilities, domain check, heatmap) runs the fp32 PyTorch model with eager
+  attention, whose attention weights the heatmap is made of. It is loaded at start-up too (about
+  3 s and 150 MB, mostly importing transformers' model code): every upload on the page needs it.
+Both decide at the threshold stored with the model. PNEUMONIA_VIT_FAST=0 turns the fast path off:
+the fp32 PyTorch model, loaded once, then serves /predict too (the same numbers as the page);
+predict.py reads the same switch. Where onnxruntime is missing or the export fails, the app logs a
+warning and serves fp32 PyTorch.
+
+Batching: concurrent /predict requests are scored together, up to 8 per forward and 2 forwards at a
+time (PNEUMONIA_VIT_BATCH=N sets the most per forward, 0 turns batching off). Each request decodes
+and checks its own file first, so an unreadable upload is an error for its sender only. On the fast
+path an image's probability then moves by ~1e-3 with the requests it shares a forward with (int8
+activations are scaled per batch); a request scored alone, and every request with
+PNEUMONIA_VIT_BATCH=0, gets exactly the same number every time. benchmarks/api_throughput.py
+measures the settings against each other.
+
+The page and the API are built in pneumonia_vit/webapp.py.
 """
 
 import logging
 import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# Gradio 6 rebuilds a pandas summary of up to 10,000 past events after every event, for its
+# monitoring dashboard, which this app does not enable: 3-8 ms of CPU per API request on 2 cores.
+os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "1000")
 
-from pneumonia_vit.serving import Service, model_id_from_env  # noqa: E402
+from pneumonia_vit.serving import Service, max_batch_from_env, model_id_from_env  # noqa: E402
 from pneumonia_vit.webapp import build_demo, launch  # noqa: E402
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up requests
-service = Service.load(model_id_from_env())
+service = Service.load(model_id_from_env(), explain=True, max_batch=max_batch_from_env())
+logging.getLogger("pneumonia_vit.app").info(
+    "serving %s: /predict with %s%s, /analyze with torch-fp32 (eager attention)", service.model_id, service.backend,
+    f", up to {service.max_batch} requests per forward" if service.batcher is not None else ", unbatched")
 demo = build_demo(service)
 
 if __name__ == "__main__":

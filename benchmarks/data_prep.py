@@ -1,7 +1,7 @@
 """Data preparation throughput: data_prep's conversion against the naive Pillow loop, on the 640
 full-resolution originals (test + val splits of /work/shared/data/chest_xray_originals).
 
-    python benchmarks/data_prep.py            # full run: 640 images, 3 rounds, about 2 minutes on 2 cores
+    python benchmarks/data_prep.py            # full run: 640 images, 3 rounds, about 1 minute on 2 cores
     python benchmarks/data_prep.py --quick    # smoke run: 64 images, 1 round
 
 - naive: `Image.open(p).convert("L").resize((224, 224))` in a loop, one process, nothing saved;

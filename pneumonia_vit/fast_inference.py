@@ -6,18 +6,21 @@ Nothing is committed to the repository: the first `load_fast_model` for a given 
 exports and quantizes the model into a cache folder (~/.cache/pneumonia-vit/<fingerprint>/, or
 $PNEUMONIA_VIT_CACHE) and later loads reuse it. The fingerprint covers the weight and config files'
 contents, the recipe version and the onnxruntime version, so new weights or a new quantizer give a
-new artefact. The one-off cost is a few seconds for the bundled model and about a minute for
-ViT-B/16 on 2 cores (benchmarks/inference.py reports it).
+new artefact. The one-off cost is 2-3 s for the bundled model and 20-40 s for ViT-B/16 on a busy
+2-core machine (benchmarks/inference.py reports it); a warm start reads no PyTorch weights.
 
-Why this recipe (benchmarks/inference.py, benchmarks/results/inference.md): of torch fp32 eager,
-torch bf16, torch dynamic int8 (torch.ao, deprecated) and ONNX Runtime fp32 / int8, ONNX Runtime
-int8 was the fastest on 2 cores for both ViT-B/16 and the bundled 2.8 M-parameter ViT. Only MatMul
+Why this recipe (benchmarks/inference.py, "Backends tried"): of torch fp32 eager (SDPA), torch
+bf16, torch dynamic int8 (torch.ao, deprecated), torchao int8 (eager and torch.compile), ONNX
+Runtime fp32 and ONNX Runtime int8, ONNX Runtime int8 was the fastest on 2 cores for both ViT-B/16
+and the bundled 2.8 M-parameter ViT, with no compile step at start-up. Only MatMul
 weights are quantized (per output channel): the patch-embedding convolution and the 2-logit head stay
 fp32 (ConvInteger is slow in ONNX Runtime, and the head's error would go straight into the logits);
 the attention products between activations stay fp32.
 
-Outside this module the model is fed the same `pixel_values` as the PyTorch model, built here in
-numpy (`pixel_array`) without the intermediate tensors.
+The graph takes the same `pixel_values` as the PyTorch model, built here in numpy (`pixel_array`,
+no intermediate tensors), and returns the logits and the classifier head's input ("features", what
+the out-of-domain check reads). Activations are quantized with one scale per batch, so an image's
+score can move by ~1e-3 with its batch companions; one image at a time is exactly repeatable.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ logger = logging.getLogger(__name__)
 
 # Bump when the export or the quantization changes: old cache entries are then ignored.
 RECIPE = "onnx-opset17-int8-dynamic-matmul-per-channel-v1"
-FINGERPRINT_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", "preprocessor_config.json")
+# The weights (single file or shards with their index), the config and the processor config.
+FINGERPRINT_PATTERNS = ("config.json", "preprocessor_config.json", "model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin")
 ENV_CACHE = "PNEUMONIA_VIT_CACHE"
 ENV_THREADS = "PNEUMONIA_VIT_THREADS"
 
@@ -98,16 +102,16 @@ def fingerprint(model_dir: str | os.PathLike) -> str:
 
     digest = hashlib.sha256(f"{RECIPE}|onnxruntime {onnxruntime.__version__}".encode())
     found = False
-    for name in FINGERPRINT_FILES:
-        path = Path(model_dir) / name
-        if path.is_file():
-            found = found or name != "config.json"
-            digest.update(f"|{name}|".encode())
-            with path.open("rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 22), b""):
-                    digest.update(chunk)
+    paths = sorted({path for pattern in FINGERPRINT_PATTERNS for path in Path(model_dir).glob(pattern) if path.is_file()})
+    for path in paths:
+        name = path.name
+        found = found or name.startswith(("model", "pytorch_model"))
+        digest.update(f"|{name}|".encode())
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(chunk)
     if not found:
-        raise FastPathUnavailable(f"{model_dir}: no model.safetensors or pytorch_model.bin to fingerprint")
+        raise FastPathUnavailable(f"{model_dir}: no model weights (model*.safetensors or pytorch_model*.bin) to fingerprint")
     return digest.hexdigest()[:24]
 
 
@@ -196,11 +200,18 @@ def export_int8(model, spec: PixelSpec, target: Path, per_channel: bool = True) 
 
 @dataclass
 class OnnxClassifier:
-    """An ONNX Runtime session over the int8 model; call it with `pixel_array` output."""
+    """An ONNX Runtime session over the int8 model; call it with `pixel_array` output.
+
+    `spinning`: whether ONNX Runtime's intra-op threads busy-wait for work after each run (its
+    default). Off here: in the app they would burn a core between requests that the web server
+    needs (benchmarks/api_throughput.py: about 55 -> 17 ms of CPU per sequential API request, and
+    more requests per second with 8 clients), for about 1 ms less latency per single-image run.
+    """
 
     path: Path
     threads: int
     startup: dict = field(default_factory=dict)  # seconds spent on export/quantize/session, cache hit
+    spinning: bool = False
 
     def __post_init__(self):
         import onnxruntime as ort
@@ -211,6 +222,7 @@ class OnnxClassifier:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         self.output_names = [output.name for output in self.session.get_outputs()]
 
@@ -248,10 +260,14 @@ def load_fast_model(
     if not startup["cache_hit"]:
         begin = time.perf_counter()
         try:
-            export_int8(load_torch_model(), spec, target)
-        except PermissionError:
-            # A read-only home: keep the artefact in a private temporary folder for this process.
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=target.parent).close()
+        except OSError as error:
+            # A read-only or missing home: keep the artefact in a temporary folder for this process.
+            logger.warning("cannot write the fast-path cache %s (%s); exporting into a temporary folder",
+                           target.parent, error)
             target = Path(tempfile.mkdtemp(prefix="pneumonia-vit-")) / key / "model.int8.onnx"
+        try:
             export_int8(load_torch_model(), spec, target)
         except Exception as error:
             raise FastPathUnavailable(f"ONNX export/quantization failed: {type(error).__name__}: {error}") from error
@@ -259,7 +275,15 @@ def load_fast_model(
         startup["artefact"] = str(target)
         logger.info("exported the int8 ONNX model to %s in %.1f s", target, startup["export_quantize_s"])
     begin = time.perf_counter()
-    model = OnnxClassifier(target, threads or default_threads())
+    try:
+        model = OnnxClassifier(target, threads or default_threads())
+    except Exception as error:
+        if not startup["cache_hit"]:
+            raise FastPathUnavailable(f"ONNX Runtime cannot load the exported model: {error}") from error
+        # A damaged cache entry (a full disk, a copied cache): export again, once.
+        logger.warning("cached fast model %s is unreadable (%s); exporting it again", target, error)
+        target.unlink(missing_ok=True)
+        return load_fast_model(model_dir, spec, load_torch_model, threads, cache)
     startup["session_s"] = time.perf_counter() - begin
     startup["total_s"] = time.perf_counter() - started
     model.startup = startup

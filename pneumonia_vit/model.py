@@ -4,7 +4,7 @@
 Runtime, int8 weights) when onnxruntime and onnx are installed, and through the fp32 PyTorch model
 otherwise or with `fast=False` (or PNEUMONIA_VIT_FAST=0). `.model`, the PyTorch model, stays
 available either way (explanations need its attention weights); with a cached fast model it is
-only read from disk when first used.
+only read from disk when first used (or at once with `keep_model=True`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -71,17 +72,23 @@ class Classifier:
     """P(PNEUMONIA) for grayscale X-rays, with the model's input spec and stored threshold.
 
     `backend` names what `pneumonia_probability` runs: "onnxruntime-int8" or "torch-fp32".
+    `labels`: the class names in output order (config.json `id2label`).
     """
 
     def __init__(self, model: torch.nn.Module | None, spec: PixelSpec, threshold: float,
-                 fast_model=None, model_dir: str | None = None):
+                 fast_model=None, model_dir: str | None = None, labels: tuple[str, ...] | None = None):
         if model is None and model_dir is None:
             raise ValueError("give the PyTorch model or the folder to load it from")
         self._model = model
         self._model_dir = model_dir
+        self._model_lock = threading.Lock()
         self.spec = spec
         self.threshold = threshold
         self.fast_model = fast_model
+        if labels is None and model is not None:
+            id2label = model.config.id2label
+            labels = tuple(id2label[i] for i in range(len(id2label)))
+        self.labels = labels
 
     @property
     def backend(self) -> str:
@@ -90,17 +97,21 @@ class Classifier:
     @property
     def model(self) -> torch.nn.Module:
         """The fp32 PyTorch model (loaded on first use when the fast path did not need it)."""
-        if self._model is None:
-            from transformers import AutoModelForImageClassification
+        with self._model_lock:  # two threads asking at once load it once
+            if self._model is None:
+                from transformers import AutoModelForImageClassification
 
-            self._model = AutoModelForImageClassification.from_pretrained(self._model_dir).eval()
-        return self._model
+                self._model = AutoModelForImageClassification.from_pretrained(self._model_dir).eval()
+            return self._model
 
     @classmethod
-    def load(cls, model_id: str, fast: bool | None = None, threads: int | None = None) -> "Classifier":
+    def load(cls, model_id: str, fast: bool | None = None, threads: int | None = None,
+             keep_model: bool = False) -> "Classifier":
         """`fast`: serve through ONNX Runtime int8 (default; PNEUMONIA_VIT_FAST=0 turns it off);
         falls back to the fp32 PyTorch model, with a warning, where that backend is unavailable.
-        `threads`: intra-op threads of the fast path (default: the cores this process may use)."""
+        `threads`: intra-op threads of the fast path (default: the cores this process may use).
+        `keep_model`: also have the PyTorch model in memory on return (for callers that need `.model`
+        anyway, such as the app's heatmaps): it is then read from disk once, even on a first export."""
         fast = _fast_default() if fast is None else fast
         if fast:
             from . import fast_inference
@@ -108,13 +119,19 @@ class Classifier:
             try:
                 folder = _local_folder(model_id)
                 # Plain JSON reads: a warm start imports neither the model classes nor the processor.
-                threshold = float(json.loads((folder / "config.json").read_text()).get("decision_threshold", DEFAULT_THRESHOLD))
+                config = json.loads((folder / "config.json").read_text())
+                threshold = float(config.get("decision_threshold", DEFAULT_THRESHOLD))
+                id2label = config.get("id2label") or {}
+                labels = tuple(id2label[str(i)] for i in range(len(id2label)))
                 spec = _pixel_spec_from_json(folder)
-                classifier = cls(None, spec, threshold, model_dir=str(folder))
+                classifier = cls(None, spec, threshold, model_dir=str(folder), labels=labels)
                 classifier.fast_model = fast_inference.load_fast_model(
                     folder, spec, lambda: classifier.model, threads=threads
                 )
-                classifier._model = None  # loaded only for a first export; reloaded if asked for
+                if keep_model:
+                    classifier.model  # noqa: B018  (loads it unless the export already did)
+                else:
+                    classifier._model = None  # loaded only for a first export; reloaded if asked for
                 return classifier
             except Exception as error:  # any failure of the optional backend: serve with torch
                 logger.warning("fast inference unavailable, using the fp32 PyTorch model: %s", error)

@@ -1,6 +1,20 @@
 """The model as the app and predict.py serve it: one file in, probabilities, the decision at the
 model's stored threshold, an out-of-domain verdict and (for the app) a heatmap out.
 
+Two models, one of each loaded once:
+- scoring (the API's /predict, predict.py, `analyze(..., explain=False)`): `Classifier.load`'s
+  default, the fast path (ONNX Runtime, int8 weights; pneumonia_vit/fast_inference.py). One forward
+  gives the logits and the head-input features the out-of-domain check reads. PNEUMONIA_VIT_FAST=0
+  scores with the fp32 PyTorch model instead.
+- explaining (the page's /analyze, `analyze(..., explain=True)`, only with `Service.load(...,
+  explain=True)`): the fp32 PyTorch model with the eager attention kernel, whose attention weights
+  the heatmap is made of. Its probabilities and features come from the same forward, so the page's
+  numbers are those of the model the heatmap explains; they differ from the fast path's by ~1e-3
+  (the same model with PNEUMONIA_VIT_FAST=0). Every decision is taken at the stored threshold.
+
+With `max_batch` > 1, `predict` (the API) scores concurrent requests together in one forward
+(pneumonia_vit/batching.py); each request still decodes and checks its own file first.
+
 No gradio here: predict.py and `python -m pneumonia_vit.domain` use this module without the
 seconds that importing gradio takes.
 """
@@ -14,6 +28,7 @@ from typing import Sequence
 
 from PIL import Image
 
+from .batching import MicroBatcher
 from .domain import DomainCheck, DomainStats, check_domain
 from .explain import attention_rollout, forward, overlay
 from .images import LABELS, XrayReading, read_xray
@@ -23,11 +38,28 @@ from .preprocess import pixel_values
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "models" / "pneumonia-vit-tiny"
 PREVIEW_SIDE = 512  # the preview and heatmap the page shows, long side in pixels
+ENV_BATCH = "PNEUMONIA_VIT_BATCH"
+DEFAULT_MAX_BATCH = 8  # benchmarks/api_throughput.py
+BATCH_WORKERS = 2  # forwards at once: the 2 vCPUs of a basic Space (pneumonia_vit/batching.py)
 
 
 def model_id_from_env() -> str:
     """$MODEL_ID (a Hub id or a local folder), else the bundled model."""
     return os.environ.get("MODEL_ID") or str(DEFAULT_MODEL)
+
+
+def max_batch_from_env() -> int:
+    """$PNEUMONIA_VIT_BATCH: the most API requests scored in one forward (default 8); 0 (or 1): none
+    batched, each request scored on its own."""
+    value = os.environ.get(ENV_BATCH, "").strip().lower()
+    if not value:
+        return DEFAULT_MAX_BATCH
+    if value in ("false", "no", "off"):
+        return 1
+    try:
+        return max(1, int(value))
+    except ValueError:
+        raise ValueError(f"{ENV_BATCH}={value!r}: give a batch size (such as 8), or 0 to turn batching off") from None
 
 
 @dataclass
@@ -38,6 +70,7 @@ class Analysis:
     domain: DomainCheck
     preview: Image.Image | None = None  # the X-ray as the model reads it, long side <= PREVIEW_SIDE
     heatmap: Image.Image | None = None  # attention rollout over the preview
+    batch_size: int = 1  # how many images shared the forward that scored this one
 
     @property
     def p_pneumonia(self) -> float:
@@ -45,30 +78,46 @@ class Analysis:
 
 
 class Service:
-    """A loaded classifier plus its out-of-domain statistics (None: rules 1-2 only)."""
+    """A loaded classifier plus its out-of-domain statistics (None: rules 1-2 only).
 
-    def __init__(self, classifier: Classifier, domain_stats: DomainStats | None, model_id: str = ""):
-        labels = tuple(classifier.model.config.id2label[i] for i in range(len(classifier.model.config.id2label)))
+    `classifier` scores (fast path by default); `explainer`, the fp32 PyTorch model with eager
+    attention, makes heatmaps (None unless loaded with explain=True; the same object as
+    `classifier.model` when the classifier itself is the PyTorch model).
+    """
+
+    def __init__(self, classifier: Classifier, domain_stats: DomainStats | None, model_id: str = "",
+                 explain: bool = False, max_batch: int = 1, batch_workers: int = BATCH_WORKERS):
+        labels = tuple(classifier.labels or ())
         if labels != LABELS:
             raise ValueError(f"{model_id}: model labels are {labels}; this app expects {LABELS}")
-        # Attention rollout reads the attention weights, which only the eager kernel returns.
-        classifier.model.set_attn_implementation("eager")
         self.classifier = classifier
+        self.explainer = None
+        if explain:
+            # Attention rollout reads the attention weights, which only the eager kernel returns.
+            self.explainer = classifier.model
+            self.explainer.set_attn_implementation("eager")
         self.domain_stats = domain_stats
         self.model_id = model_id
+        self.max_batch = max_batch
+        self.batcher = (MicroBatcher(self._score, max_batch, workers=batch_workers, name="predict-batcher")
+                        if max_batch > 1 else None)
 
     @classmethod
-    def load(cls, model_id: str | None = None) -> "Service":
+    def load(cls, model_id: str | None = None, explain: bool = False, fast: bool | None = None,
+             max_batch: int = 1) -> "Service":
+        """`explain`: also load the PyTorch model for heatmaps, now (the app; predict.py needs none).
+        `fast`: None follows PNEUMONIA_VIT_FAST (default on). `max_batch`: see `predict`."""
         model_id = str(model_id or model_id_from_env())
         if not Path(model_id).is_dir() and (model_id.startswith((".", "/")) or model_id.count("/") != 1):
             raise FileNotFoundError(
                 f"model {model_id!r} not found: give MODEL_ID as a local folder or a Hub id (owner/name)"
             )
-        # fast=False: the PyTorch fp32 model, not the ONNX int8 fast path. One forward of it gives the
-        # probabilities, the head-input features (domain check) and the attention weights (heatmap);
-        # the fast path returns logits only, so it would add a second forward rather than save one,
-        # and its probabilities differ (by ~1e-3) from the fp32 ones the threshold was chosen on.
-        return cls(Classifier.load(model_id, fast=False), DomainStats.load(model_id), model_id)
+        classifier = Classifier.load(model_id, fast=fast, keep_model=explain)
+        return cls(classifier, DomainStats.load(model_id), model_id, explain=explain, max_batch=max_batch)
+
+    @property
+    def backend(self) -> str:
+        return self.classifier.backend
 
     @property
     def threshold(self) -> float:
@@ -77,38 +126,73 @@ class Service:
     def decide(self, p_pneumonia: float) -> str:
         return LABELS[1] if p_pneumonia >= self.threshold else LABELS[0]
 
-    def _analyses(self, readings: Sequence[XrayReading], explain: bool) -> list[Analysis]:
+    def _analysis(self, reading: XrayReading, p_pneumonia: float, features, batch_size: int) -> Analysis:
+        return Analysis(
+            probabilities={LABELS[0]: 1.0 - p_pneumonia, LABELS[1]: p_pneumonia},
+            decision=self.decide(p_pneumonia),
+            threshold=self.threshold,
+            domain=check_domain(reading, features, self.domain_stats),
+            batch_size=batch_size,
+        )
+
+    def _score(self, readings: Sequence[XrayReading]) -> list[Analysis]:
+        """Probabilities and domain checks of a batch, through the scoring model (no heatmaps)."""
+        images = [reading.image for reading in readings]
+        if self.classifier.fast_model is not None:
+            from .fast_inference import pixel_array, softmax
+
+            outputs = self.classifier.fast_model.run(pixel_array(images, self.classifier.spec))
+            probabilities = softmax(outputs["logits"])
+            features = outputs.get("features")
+        else:
+            result = forward(self.classifier.model, pixel_values(images, self.classifier.spec))
+            probabilities, features = result.probabilities, result.features
+        return [
+            self._analysis(reading, float(probabilities[i, 1]),
+                           features[i : i + 1] if features is not None else None, len(readings))
+            for i, reading in enumerate(readings)
+        ]
+
+    def _explain(self, reading: XrayReading) -> Analysis:
+        """Probabilities, domain check and heatmap from one forward of the eager fp32 model."""
+        if self.explainer is None:
+            raise RuntimeError("this Service was loaded without the explaining model: Service.load(..., explain=True)")
         spec = self.classifier.spec
-        result = forward(self.classifier.model, pixel_values([r.image for r in readings], spec), output_attentions=explain)
-        grid = spec.size // self.classifier.model.config.patch_size if explain else 0
-        analyses = []
-        for index, reading in enumerate(readings):
-            p_pneumonia = float(result.probabilities[index, 1])
-            analysis = Analysis(
-                probabilities={LABELS[0]: 1.0 - p_pneumonia, LABELS[1]: p_pneumonia},
-                decision=self.decide(p_pneumonia),
-                threshold=self.threshold,
-                domain=check_domain(reading, result.features[index : index + 1], self.domain_stats),
-            )
-            if explain:
-                preview = reading.image.copy()
-                preview.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE), Image.Resampling.BILINEAR)
-                analysis.preview = preview
-                analysis.heatmap = overlay(reading.image, attention_rollout(result.attentions, grid, index), PREVIEW_SIDE)
-            analyses.append(analysis)
-        return analyses
+        result = forward(self.explainer, pixel_values([reading.image], spec), output_attentions=True)
+        analysis = self._analysis(reading, float(result.probabilities[0, 1]), result.features[0:1], 1)
+        preview = reading.image.copy()
+        preview.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE), Image.Resampling.BILINEAR)
+        analysis.preview = preview
+        grid = spec.size // self.explainer.config.patch_size
+        analysis.heatmap = overlay(reading.image, attention_rollout(result.attentions, grid, 0), PREVIEW_SIDE)
+        return analysis
 
     def analyze(self, source, explain: bool = True) -> Analysis:
         """One file (path, bytes or PIL image); raises InvalidImageError for unusable input.
 
+        explain=True: the page's analysis with a heatmap (fp32 PyTorch model); explain=False: scored
+        by the scoring model, alone (no batching).
+
         No JPEG draft decoding: the colour check needs the file's colour, and a full decode keeps
         the grey image identical to `load_xray(path)`.
         """
-        return self._analyses([read_xray(source)], explain)[0]
+        reading = read_xray(source)
+        return self._explain(reading) if explain else self._score([reading])[0]
+
+    def predict(self, source) -> Analysis:
+        """`analyze(source, explain=False)` for the API: the file is decoded in the calling thread (an
+        unusable one raises InvalidImageError there, to this caller only), then, with `max_batch` > 1,
+        scored in one forward with the other requests waiting at that moment. With the fast path an
+        image's probability moves by ~1e-3 with its batch companions (int8 activations are scaled per
+        batch); alone it is exactly `Classifier.pneumonia_probability([image])`."""
+        if self.batcher is None:
+            return self.analyze(source, explain=False)
+        analysis, _ = self.batcher.run(lambda: read_xray(source))
+        return analysis
 
     def analyze_many(self, readings: Sequence[XrayReading], batch_size: int = 32) -> list[Analysis]:
         """Batched scoring without heatmaps (predict.py)."""
         analyses: list[Analysis] = []
         for start in range(0, len(readings), batch_size):
-            analyses.extend(self._analyses(readings[start : start + batch_size], explain=False))
+            analyses.extend(self._score(readings[start : start + batch_size]))
         return analyses

@@ -6,6 +6,11 @@ Endpoints (gradio_client):
     Client(url).predict(handle_file("x.jpeg"), api_name="/analyze")
         -> (preview image, the same label value, decision and domain note as Markdown, heatmap image)
 
+/predict is scored by the service's scoring model (the fast path unless PNEUMONIA_VIT_FAST=0) and,
+unless PNEUMONIA_VIT_BATCH=0, concurrent /predict requests share one forward (serving.Service.predict;
+why not gradio's `batch=True`: pneumonia_vit/batching.py). /analyze, the page, runs the fp32 PyTorch
+model, whose attention weights make the heatmap.
+
 Input is a gr.File, not a gr.Image: gr.Image decodes uploads in the browser and on the server
 with PIL's defaults, which cannot read DICOM and would bypass `load_xray` (16-bit windowing, EXIF,
 size limits). The file goes to `load_xray` as uploaded; the page previews what it decoded.
@@ -87,12 +92,14 @@ def build_demo(service: Service, examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks
             raise gr.Error("No file received: upload a PNG, JPEG or DICOM (.dcm) chest X-ray.", print_exception=False)
         started = time.perf_counter()
         try:
-            analysis = service.analyze(file_path, explain=explain)
+            analysis = service.analyze(file_path, explain=True) if explain else service.predict(file_path)
         except InvalidImageError as error:
             log.info("rejected upload: %s", error)
             raise gr.Error(str(error), title="Cannot read this file", print_exception=False) from None
-        log.info("%s p=%.4f %s in %.0f ms", Path(file_path).suffix, analysis.p_pneumonia,
-                 "in-domain" if analysis.domain.in_domain else "OUT-OF-DOMAIN", 1000 * (time.perf_counter() - started))
+        log.info("%s %s p=%.4f %s in %.0f ms%s", "analyze" if explain else "predict", Path(file_path).suffix,
+                 analysis.p_pneumonia, "in-domain" if analysis.domain.in_domain else "OUT-OF-DOMAIN",
+                 1000 * (time.perf_counter() - started),
+                 f" (batch of {analysis.batch_size})" if analysis.batch_size > 1 else "")
         return analysis
 
     def analyze(file_path: str | None):
@@ -107,8 +114,10 @@ def build_demo(service: Service, examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks
         return run(file_path, explain=False)
 
     examples = sorted(str(path) for path in examples_dir.glob("*.jpeg")) if examples_dir.is_dir() else []
-    patch = service.classifier.model.config.patch_size
-    threshold_stored = getattr(service.classifier.model.config, "decision_threshold", None) is not None
+    if service.explainer is None:
+        raise ValueError("the page needs the explaining model: Service.load(..., explain=True)")
+    patch = service.explainer.config.patch_size
+    threshold_stored = getattr(service.explainer.config, "decision_threshold", None) is not None
     with gr.Blocks(title="Pneumonia X-ray ViT (research demo)", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(
             "# Pediatric pneumonia on chest X-rays: a small Vision Transformer\n"
@@ -134,13 +143,19 @@ def build_demo(service: Service, examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks
                 decision = gr.Markdown(label="Decision and domain check", elem_id="decision")
                 heatmap = gr.Image(label="Attention rollout: where the model looked (not evidence of disease)",
                                    type="pil", format="jpeg", interactive=False, height=360, elem_id="heatmap")
-        # Both events share one concurrency group: at most CONCURRENCY model forwards at a time in all.
+        # The page's analyses: at most CONCURRENCY PyTorch forwards at a time.
         upload.change(analyze, inputs=upload, outputs=[preview, label, decision, heatmap], api_name="analyze",
                       concurrency_id="model")
         # The API endpoint of issue #3, the label value only (no images). Its button is never shown:
         # it exists so that the endpoint has gr.File in and gr.Label out, which gradio_client reads.
+        # Batched: its own group, max_batch requests in flight, one forward at a time for all of them.
+        # Unbatched (PNEUMONIA_VIT_BATCH=0): it shares the page's group, CONCURRENCY forwards in all.
         api_trigger = gr.Button(visible=False)
-        api_trigger.click(predict, inputs=upload, outputs=label, api_name="predict", concurrency_id="model")
+        if service.batcher is not None:
+            api_trigger.click(predict, inputs=upload, outputs=label, api_name="predict", concurrency_id="predict",
+                              concurrency_limit=service.max_batch)
+        else:
+            api_trigger.click(predict, inputs=upload, outputs=label, api_name="predict", concurrency_id="model")
         gr.Markdown(
             f"The heatmap is attention rollout (Abnar & Zuidema 2020) over the model's {patch}-pixel patches: "
             "where the [CLS] token gathers information from, for either answer. Examples and training data: "

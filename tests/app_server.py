@@ -35,12 +35,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_app(model_dir: Path, log_path: Path, timeout: float = 120.0):
-    """`python app.py` on a free port with MODEL_ID=model_dir; yields its URL, stops it after."""
+def running_app(model_dir: Path, log_path: Path, timeout: float = 120.0, env: dict | None = None):
+    """`python app.py` on a free port with MODEL_ID=model_dir (and `env` on top of this process's
+    environment); yields its URL, stops it after."""
     port = free_port()
     env = {
         **os.environ, "MODEL_ID": str(model_dir), "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
-        "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1",
+        "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1", **(env or {}),
     }
     url = f"http://127.0.0.1:{port}/"
     with log_path.open("w") as log:

@@ -1,9 +1,20 @@
-"""The real app (`python app.py` in a subprocess) called through gradio_client, and predict.py."""
+"""The real app (`python app.py` in a subprocess) called through gradio_client, and predict.py.
+
+The app serves /predict on the fast path (ONNX Runtime, int8) with concurrent requests batched, and
+/analyze with the fp32 PyTorch model. Tolerances: a /predict answer scored alone equals the fast
+Classifier on that one image (1e-4, the rounding of the label's confidences); one that may have
+shared a forward with other requests is within BATCH_TOLERANCE of it (int8 activations are scaled
+per batch; tests/test_fast_inference.py bounds the same effect). With PNEUMONIA_VIT_FAST=0
+PNEUMONIA_VIT_BATCH=0 the app serves the fp32 model everywhere, equal to it within 1e-4.
+"""
 
 from __future__ import annotations
 
 import csv
+import os
+import re
 import shutil
+import threading
 import subprocess
 import sys
 import urllib.error
@@ -21,11 +32,18 @@ from tests.app_server import REPO, running_app, served_model_dir  # noqa: F401  
 from tests.odd_files import BAD, READABLE, make_odd_files
 
 EXAMPLES = sorted((REPO / "examples").glob("*.jpeg"))
+BATCH_TOLERANCE = 0.005  # PROBABILITY_TOLERANCE / 4 of tests/test_fast_inference.py
+DEFAULTS = {"PNEUMONIA_VIT_FAST": "1", "PNEUMONIA_VIT_BATCH": "8"}  # the app's defaults, whatever this shell sets
 
 
 @pytest.fixture(scope="module")
-def app_url(served_model_dir, tmp_path_factory):
-    with running_app(served_model_dir, tmp_path_factory.mktemp("app") / "app.log") as url:
+def app_log(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("app") / "app.log"
+
+
+@pytest.fixture(scope="module")
+def app_url(served_model_dir, app_log):
+    with running_app(served_model_dir, app_log, env=DEFAULTS) as url:
         yield url
 
 
@@ -38,7 +56,13 @@ def client(app_url):
 
 @pytest.fixture(scope="module")
 def classifier(served_model_dir) -> Classifier:
-    """The app serves the fp32 PyTorch model (serving.Service.load); compare with the same."""
+    """What /predict and predict.py serve by default: the fast path (int8 ONNX Runtime)."""
+    return Classifier.load(str(served_model_dir), fast=True)
+
+
+@pytest.fixture(scope="module")
+def exact(served_model_dir) -> Classifier:
+    """What /analyze serves, and everything with PNEUMONIA_VIT_FAST=0: the fp32 PyTorch model."""
     return Classifier.load(str(served_model_dir), fast=False)
 
 
@@ -71,7 +95,13 @@ def test_examples_shipped_with_credit():
         assert path.stat().st_size < 100_000 and max(Image.open(path).size) == 512
 
 
+def test_app_serves_predict_fast_and_batched_and_analyze_with_pytorch(client, classifier, app_log):
+    assert classifier.backend == "onnxruntime-int8"
+    assert "/predict with onnxruntime-int8, up to 8 requests per forward, /analyze with torch-fp32" in app_log.read_text()
+
+
 def test_predict_equals_the_classifier_on_every_example(client, classifier):
+    """One request at a time: each is scored alone, exactly as the fast Classifier scores one image."""
     for path in EXAMPLES:
         value = call(client, path)
         p, decision = expected(classifier, path)
@@ -82,11 +112,11 @@ def test_predict_equals_the_classifier_on_every_example(client, classifier):
         assert value["label"] == decision, "the label is the decision at the stored threshold"
 
 
-def test_analyze_returns_preview_decision_note_and_heatmap(client, classifier):
+def test_analyze_returns_preview_decision_note_and_heatmap(client, exact):
     preview, value, markdown, heatmap = call(client, EXAMPLES[-1], "/analyze")
-    p, decision = expected(classifier, EXAMPLES[-1])
+    p, decision = expected(exact, EXAMPLES[-1])  # the page runs the fp32 model its heatmap explains
     assert confidences(value)["PNEUMONIA"] == pytest.approx(p, abs=1e-4)
-    assert f"Decision: {decision}" in markdown and f"{classifier.threshold:.3f}" in markdown
+    assert f"Decision: {decision}" in markdown and f"{exact.threshold:.3f}" in markdown
     assert "passed the" in markdown, "an example X-ray is in domain"
     for image_path in (preview, heatmap):
         image = Image.open(image_path)
@@ -140,7 +170,46 @@ def test_four_concurrent_clients(app_url, classifier):
     with ThreadPoolExecutor(max_workers=4) as pool:
         answers = list(pool.map(one, paths))
     for path, answer in zip(paths, answers):
-        assert answer == pytest.approx(expected(classifier, path)[0], abs=1e-4)
+        assert answer == pytest.approx(expected(classifier, path)[0], abs=BATCH_TOLERANCE)
+
+
+def batch_sizes(log: Path) -> list[int]:
+    return [int(size) for size in re.findall(r"predict \S* p=.* \(batch of (\d+)\)", log.read_text())]
+
+
+def test_bad_inputs_in_a_batch_fail_alone(app_url, classifier, odd, app_log):
+    """Sixteen clients at once, four with unusable files: those four get their own error, the twelve
+    others their prediction, while concurrent requests share forwards."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    jobs = 2 * [EXAMPLES[0], odd["text_named.jpg"].path, *EXAMPLES[1:4], odd["truncated.jpg"].path, *EXAMPLES[4:6]]
+    clients = [Client(app_url, verbose=False) for _ in jobs]
+    for attempt in range(5):  # concurrency is up to the scheduler: retry until some requests shared a forward
+        seen = len(batch_sizes(app_log))
+        barrier = threading.Barrier(len(jobs))
+
+        def one(index: int):
+            barrier.wait()
+            try:
+                return confidences(call(clients[index], jobs[index]))["PNEUMONIA"]
+            except AppError as error:
+                return error
+
+        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+            answers = list(pool.map(one, range(len(jobs))))
+        for path, answer in zip(jobs, answers):
+            if path in EXAMPLES:
+                assert not isinstance(answer, Exception), (path.name, answer)
+                assert answer == pytest.approx(expected(classifier, path)[0], abs=BATCH_TOLERANCE), path.name
+            else:
+                assert isinstance(answer, AppError), (path.name, answer)
+                assert odd[path.name].error in str(answer) and path.name in str(answer)
+                assert str(path.parent) not in str(answer), "no server paths in messages"
+        if max(batch_sizes(app_log)[seen:], default=1) > 1:
+            break
+    else:
+        pytest.fail(f"no two of {len(jobs)} concurrent requests shared a forward in 5 tries: {batch_sizes(app_log)}")
 
 
 def test_upload_size_cap(client, app_url, tmp_path):
@@ -171,7 +240,8 @@ def test_api_lists_predict_and_analyze(client):
     assert {"/predict", "/analyze"} <= set(info["named_endpoints"])
 
 
-def test_predict_cli_writes_a_correct_csv(served_model_dir, classifier, odd, tmp_path):
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "PNEUMONIA_VIT_FAST=0"])
+def test_predict_cli_writes_a_correct_csv(served_model_dir, classifier, exact, odd, tmp_path, fast):
     folder = tmp_path / "batch"
     folder.mkdir()
     for path in EXAMPLES:
@@ -181,19 +251,47 @@ def test_predict_cli_writes_a_correct_csv(served_model_dir, classifier, odd, tmp
     output = tmp_path / "predictions.csv"
     result = subprocess.run(
         [sys.executable, "predict.py", str(folder), "--output", str(output), "--model", str(served_model_dir)],
-        cwd=REPO, capture_output=True, text=True, timeout=180,
+        cwd=REPO, capture_output=True, text=True, timeout=180, env={**os.environ, "PNEUMONIA_VIT_FAST": "1" if fast else "0"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     with output.open(newline="") as handle:
         rows = {row["file"]: row for row in csv.DictReader(handle)}
     assert list(next(iter(rows.values())).keys()) == ["file", "p_normal", "p_pneumonia", "decision", "out_of_domain", "error"]
     assert set(rows) == {path.name for path in folder.iterdir()}
-    for path in EXAMPLES + [folder / "valid16.dcm"]:
+    # predict.py scores the readable files of a folder as one batch, in file-name order: the reference
+    # is the same batch (the fast path's scores depend slightly on their batch companions).
+    readable = sorted(EXAMPLES + [folder / "valid16.dcm"], key=lambda path: path.name)
+    model = classifier if fast else exact
+    reference = model.pneumonia_probability([load_xray(path) for path in readable])
+    for path, p in zip(readable, reference):
         row = rows[path.name]
-        p, decision = expected(classifier, path)
-        assert float(row["p_pneumonia"]) == pytest.approx(p, abs=1e-4)
-        assert float(row["p_normal"]) == pytest.approx(1 - p, abs=1e-4)
-        assert row["decision"] == decision and row["error"] == ""
+        assert float(row["p_pneumonia"]) == pytest.approx(float(p), abs=1e-4), path.name
+        assert float(row["p_normal"]) == pytest.approx(1 - float(p), abs=1e-4)
+        assert row["decision"] == ("PNEUMONIA" if p >= model.threshold else "NORMAL") and row["error"] == ""
     assert "not a readable image" in rows["text_named.jpg"]["error"] and rows["text_named.jpg"]["p_pneumonia"] == ""
     assert "empty" in rows["empty.png"]["error"]
     assert "7 of 9 files predicted (2 unreadable" in result.stderr
+
+
+def test_fast_path_and_batching_can_be_turned_off(served_model_dir, exact, tmp_path):
+    """PNEUMONIA_VIT_FAST=0 PNEUMONIA_VIT_BATCH=0: the app as before the fast path, fp32 PyTorch for
+    /predict too, each request scored on its own; bad input is still an error."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    log = tmp_path / "app.log"
+    with running_app(served_model_dir, log, env={"PNEUMONIA_VIT_FAST": "0", "PNEUMONIA_VIT_BATCH": "0"}) as url:
+        client = Client(url, verbose=False)
+        for path in EXAMPLES[:3]:
+            value = call(client, path)
+            p, decision = expected(exact, path)
+            assert confidences(value)["PNEUMONIA"] == pytest.approx(p, abs=1e-4) and value["label"] == decision
+        (tmp_path / "notes.jpg").write_text("not an image")
+        with pytest.raises(AppError, match="not a readable image"):
+            call(client, tmp_path / "notes.jpg")
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            answers = list(pool.map(lambda path: confidences(call(Client(url, verbose=False), path))["PNEUMONIA"], EXAMPLES[:4]))
+        for path, answer in zip(EXAMPLES[:4], answers):
+            assert answer == pytest.approx(expected(exact, path)[0], abs=1e-4)
+    text = log.read_text()
+    assert "/predict with torch-fp32, unbatched" in text and "batch of" not in text

@@ -178,3 +178,26 @@ def test_thread_count_follows_the_environment(monkeypatch):
     assert default_threads() == 1
     monkeypatch.delenv("PNEUMONIA_VIT_THREADS")
     assert 1 <= default_threads() <= (os.cpu_count() or 1)
+
+
+def test_unwritable_cache_exports_into_a_temporary_folder(tiny_model_dir, tmp_path, monkeypatch, real_xrays):
+    from pneumonia_vit.model import Classifier
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("PNEUMONIA_VIT_CACHE", str(blocker / "cache"))
+    classifier = Classifier.load(str(tiny_model_dir))
+    assert classifier.backend == "onnxruntime-int8"
+    assert not str(classifier.fast_model.path).startswith(str(blocker))
+    assert classifier.pneumonia_probability(real_xrays[:2]).shape == (2,)
+
+
+def test_damaged_cache_entry_is_exported_again(tiny_model_dir, caplog):
+    from pneumonia_vit.model import Classifier
+
+    first = Classifier.load(str(tiny_model_dir))
+    Path(first.fast_model.path).write_bytes(b"not an onnx model")
+    with caplog.at_level(logging.WARNING):
+        again = Classifier.load(str(tiny_model_dir))
+    assert again.backend == "onnxruntime-int8" and "exporting it again" in caplog.text
+    assert Path(again.fast_model.path).stat().st_size > 1000
