@@ -33,13 +33,12 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
 
-from .preprocess import PixelSpec, resize_gray
+from .preprocess import PixelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -113,20 +112,6 @@ def fingerprint(model_dir: str | os.PathLike) -> str:
     if not found:
         raise FastPathUnavailable(f"{model_dir}: no model weights (model*.safetensors or pytorch_model*.bin) to fingerprint")
     return digest.hexdigest()[:24]
-
-
-def pixel_array(images: Sequence[Image.Image], spec: PixelSpec) -> np.ndarray:
-    """`preprocess.pixel_values` in numpy: (N, 3, size, size) float32, one write per output value."""
-    gray = np.stack([np.asarray(resize_gray(image, spec.size), dtype=np.uint8) for image in images])
-    out = np.empty((len(images), 3, spec.size, spec.size), dtype=np.float32)
-    for channel in range(3):
-        if channel and (spec.mean[channel], spec.std[channel]) == (spec.mean[0], spec.std[0]):
-            out[:, channel] = out[:, 0]
-            continue
-        # ((g / 255) - mean) / std  ==  g * (1 / (255 std)) - mean / std
-        np.multiply(gray, np.float32(1.0 / (255.0 * spec.std[channel])), out=out[:, channel], dtype=np.float32)
-        out[:, channel] -= np.float32(spec.mean[channel] / spec.std[channel])
-    return out
 
 
 class _LogitsAndFeatures(torch.nn.Module):

@@ -143,7 +143,8 @@ class Classifier:
     def pneumonia_probability(self, images: Sequence[Image.Image]) -> np.ndarray:
         """P(PNEUMONIA) for each grayscale image."""
         if self.fast_model is not None:
-            from .fast_inference import pixel_array, softmax
+            from .fast_inference import softmax
+            from .preprocess import pixel_array
 
             return softmax(self.fast_model.logits(pixel_array(images, self.spec)))[:, 1].astype(np.float32)
         with torch.inference_mode():

@@ -139,7 +139,8 @@ class Service:
         """Probabilities and domain checks of a batch, through the scoring model (no heatmaps)."""
         images = [reading.image for reading in readings]
         if self.classifier.fast_model is not None:
-            from .fast_inference import pixel_array, softmax
+            from .fast_inference import softmax
+            from .preprocess import pixel_array
 
             outputs = self.classifier.fast_model.run(pixel_array(images, self.classifier.spec))
             probabilities = softmax(outputs["logits"])

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from pneumonia_vit.fast_inference import pixel_array
+from pneumonia_vit.preprocess import pixel_array
 from pneumonia_vit.images import load_xray
-from pneumonia_vit.preprocess import PixelSpec, pixel_values
+from pneumonia_vit.preprocess import pixel_values
 
 BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "models" / "pneumonia-vit-tiny"
 
@@ -94,13 +94,6 @@ def test_fast_features_match_the_pytorch_head_input(tiny_model_dir, real_xrays):
     handle.remove()
     assert outputs["features"].shape == tuple(captured[0].shape)
     assert np.abs(outputs["features"] - captured[0].numpy()).max() < 0.1 * np.abs(captured[0].numpy()).max()
-
-
-def test_pixel_array_equals_pixel_values(real_xrays):
-    for spec in (PixelSpec(size=64), PixelSpec(size=48, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))):
-        ours = pixel_array(real_xrays, spec)
-        assert ours.dtype == np.float32 and ours.flags.c_contiguous
-        assert np.allclose(ours, pixel_values(real_xrays, spec).numpy(), atol=1e-5)
 
 
 def test_cache_is_reused_and_keyed_by_weights(tiny_model_dir, tmp_path):
