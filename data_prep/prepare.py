@@ -198,7 +198,8 @@ def prepare(args: PrepareArguments) -> dict:
     check = check_against_manifest([(s, l, p, r["sha256"]) for (s, l, p), r in zip(files, results)], read_manifest())
     for kind in ("missing", "extra", "altered"):
         if check[kind]:
-            warnings.warn(f"{len(check[kind])} file(s) {kind} compared with the official manifest, e.g. {check[kind][0]}")
+            hint = " (a resized or re-encoded copy? its images are used as they are)" if kind == "altered" else ""
+            warnings.warn(f"{len(check[kind])} file(s) {kind} compared with the official manifest, e.g. {check[kind][0]}{hint}")
     unreadable = [{"file": str(path.relative_to(root)), "error": result["error"]}
                   for (_, _, path), result in zip(files, results) if "error" in result]
     for item in unreadable:
