@@ -169,7 +169,7 @@ def options(folder: Path, exact: Classifier, image: Image.Image, iterations: int
         "torch fp32 (SDPA attention)": lambda: model(pixel_values=pixels).logits.numpy(),
         "torch bf16": lambda: bf16(pixel_values=pixels.bfloat16()).logits.float().numpy(),
         "torch dynamic int8 (torch.ao, deprecated)": lambda: dynamic_int8(pixel_values=pixels).logits.numpy(),
-        **{name: (lambda s=session: s.logits(array)) for name, session in sessions.items()},
+        **{name: (lambda s=session: s.run(array)["logits"]) for name, session in sessions.items()},
     }
     with torch.inference_mode():
         reference = candidates["torch fp32 (SDPA attention)"]()

@@ -216,9 +216,6 @@ class OnnxClassifier:
         values = self.session.run(None, {"pixel_values": np.ascontiguousarray(pixels, dtype=np.float32)})
         return dict(zip(self.output_names, values))
 
-    def logits(self, pixels: np.ndarray) -> np.ndarray:
-        return self.session.run(["logits"], {"pixel_values": np.ascontiguousarray(pixels, dtype=np.float32)})[0]
-
 
 def load_fast_model(
     model_dir: str | os.PathLike,

@@ -45,12 +45,7 @@ def _pixel_spec_from_json(folder: Path) -> PixelSpec:
     (about 4 s and 130 MB on a 2-core machine); anything it does not recognise goes to `load_pixel_spec`."""
     try:
         saved = json.loads((folder / "preprocessor_config.json").read_text())
-        size = saved["size"]
-        side = size["height"] if "height" in size else size["shortest_edge"]
-        if "height" in size and size["width"] != side:
-            raise ValueError("not square")
-        return PixelSpec(size=int(side), mean=tuple(float(v) for v in saved["image_mean"]),
-                         std=tuple(float(v) for v in saved["image_std"]))
+        return PixelSpec.from_settings(saved["size"], saved["image_mean"], saved["image_std"])
     except (OSError, ValueError, KeyError, TypeError):
         return load_pixel_spec(str(folder))
 
@@ -140,13 +135,20 @@ class Classifier:
         model = AutoModelForImageClassification.from_pretrained(model_id).eval()
         return cls(model=model, spec=load_pixel_spec(model_id), threshold=stored_threshold(model.config))
 
-    def pneumonia_probability(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """P(PNEUMONIA) for each grayscale image."""
+    def probabilities_and_features(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Class probabilities (N, classes) and the classification head's input features (N, hidden;
+        what the out-of-domain check reads, None where the fast graph does not export them)."""
         if self.fast_model is not None:
             from .fast_inference import softmax
             from .preprocess import pixel_array
 
-            return softmax(self.fast_model.logits(pixel_array(images, self.spec)))[:, 1].astype(np.float32)
-        with torch.inference_mode():
-            logits = self.model(pixel_values=pixel_values(images, self.spec)).logits
-            return logits.float().softmax(dim=-1)[:, 1].numpy()
+            outputs = self.fast_model.run(pixel_array(images, self.spec))
+            return softmax(outputs["logits"]), outputs.get("features")
+        from .explain import forward
+
+        result = forward(self.model, pixel_values(images, self.spec))
+        return result.probabilities, result.features
+
+    def pneumonia_probability(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """P(PNEUMONIA) for each grayscale image."""
+        return self.probabilities_and_features(images)[0][:, 1].astype(np.float32)

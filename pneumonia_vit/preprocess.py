@@ -25,10 +25,16 @@ class PixelSpec:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
     @classmethod
-    def from_processor(cls, processor) -> "PixelSpec":
-        size = processor.size
+    def from_settings(cls, size: dict, image_mean, image_std) -> "PixelSpec":
+        """From a ViTImageProcessor's `size`, `image_mean` and `image_std` (object or saved JSON)."""
         side = size["height"] if "height" in size else size["shortest_edge"]
-        return cls(size=int(side), mean=tuple(processor.image_mean), std=tuple(processor.image_std))
+        if "height" in size and size["width"] != side:
+            raise ValueError(f"non-square input size {size}: this project resizes to squares")
+        return cls(size=int(side), mean=tuple(float(v) for v in image_mean), std=tuple(float(v) for v in image_std))
+
+    @classmethod
+    def from_processor(cls, processor) -> "PixelSpec":
+        return cls.from_settings(processor.size, processor.image_mean, processor.image_std)
 
     def processor(self):
         """The Hub-compatible processor saved beside the weights."""

@@ -137,17 +137,7 @@ class Service:
 
     def _score(self, readings: Sequence[XrayReading]) -> list[Analysis]:
         """Probabilities and domain checks of a batch, through the scoring model (no heatmaps)."""
-        images = [reading.image for reading in readings]
-        if self.classifier.fast_model is not None:
-            from .fast_inference import softmax
-            from .preprocess import pixel_array
-
-            outputs = self.classifier.fast_model.run(pixel_array(images, self.classifier.spec))
-            probabilities = softmax(outputs["logits"])
-            features = outputs.get("features")
-        else:
-            result = forward(self.classifier.model, pixel_values(images, self.classifier.spec))
-            probabilities, features = result.probabilities, result.features
+        probabilities, features = self.classifier.probabilities_and_features([reading.image for reading in readings])
         return [
             self._analysis(reading, float(probabilities[i, 1]),
                            features[i : i + 1] if features is not None else None, len(readings))
