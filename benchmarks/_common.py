@@ -115,6 +115,28 @@ def interleaved(candidates: dict[str, Callable[[int], object]], iterations: int,
     return times
 
 
+def _cpu_busy_share(seconds: float = 0.5) -> float | None:
+    """Share of all cores' time spent busy over `seconds` (from /proc/stat; None where there is none).
+    Unlike the load average it ignores tasks that only wait for I/O, which keep the load average of
+    these otherwise idle machines near 1."""
+
+    def sample():
+        fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, all
+
+    try:
+        idle_before, total_before = sample()
+        time.sleep(seconds)
+        idle_after, total_after = sample()
+    except (OSError, ValueError):
+        return None
+    return 1 - (idle_after - idle_before) / max(1, total_after - total_before)
+
+
+# Measured on import, before the benchmark does any work: how busy other programs keep the machine.
+MACHINE_AT_START = {"load_average": list(os.getloadavg()), "cpu_busy_share": _cpu_busy_share()}
+
+
 def environment() -> dict:
     import numpy
     import PIL
@@ -125,7 +147,8 @@ def environment() -> dict:
         "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
         "cpu_model": _cpu_model(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "transformers": transformers.__version__, "numpy": numpy.__version__, "pillow": PIL.__version__,
-        "load_average_at_start": list(os.getloadavg()),
+        "load_average_at_start": MACHINE_AT_START["load_average"],
+        "cpu_busy_share_at_start": MACHINE_AT_START["cpu_busy_share"],
     }
     try:
         import onnxruntime
@@ -164,16 +187,18 @@ def write_results(name: str, quick: bool, data: dict, markdown: str) -> Path:
     env = data.setdefault("environment", environment())
     load = os.getloadavg()
     data["load_average_at_end"] = list(load)
+    busy = env["cpu_busy_share_at_start"]
+    busy_text = "unknown" if busy is None else f"{100 * busy:.0f}%"
     header = (f"<!-- {' '.join(sys.argv)} | {env['cpu_model']}, {env['cpus']} CPUs | torch {env['torch']}, "
-              f"onnxruntime {env['onnxruntime']}, transformers {env['transformers']} | load average "
-              f"{env['load_average_at_start'][0]:.1f} at start, {load[0]:.1f} at end -->\n")
+              f"onnxruntime {env['onnxruntime']}, transformers {env['transformers']} | CPU busy before the run "
+              f"{busy_text}, load average {env['load_average_at_start'][0]:.1f} at start, {load[0]:.1f} at end -->\n")
     (RESULTS / f"{stem}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     (RESULTS / f"{stem}.md").write_text(header + markdown + "\n")
     print("\n" + header + markdown, flush=True)
     cpus = env["cpus"] or 1
     # The benchmark itself keeps about `cpus` threads busy; more than that at the end means company.
-    if env["load_average_at_start"][0] > 0.5 or load[0] > 1.25 * cpus:
-        print(f"WARNING: the machine was busy (load average {env['load_average_at_start'][0]:.1f} -> {load[0]:.1f} "
-              f"on {env['cpus']} CPUs): timings are noisy; rerun on a quiet machine.", flush=True)
+    if (busy is not None and busy > 0.1) or load[0] > 1.25 * cpus + 1:
+        print(f"WARNING: the machine was busy (CPU busy before the run {busy_text}, load average {load[0]:.1f} "
+              f"at the end on {env['cpus']} CPUs): timings are noisy; rerun on a quiet machine.", flush=True)
     print(f"wrote {RESULTS / (stem + '.json')} and {RESULTS / (stem + '.md')}", flush=True)
     return RESULTS / f"{stem}.md"

@@ -1,25 +1,28 @@
 """Data preparation throughput: data_prep's conversion against the naive Pillow loop, on the 640
 full-resolution originals (test + val splits of /work/shared/data/chest_xray_originals).
 
-    python benchmarks/data_prep.py            # full run: 640 images, 3 rounds, about 1 minute on 2 cores
+    python benchmarks/data_prep.py            # full run: 640 images, 5 rounds, about 1 minute on 2 cores
     python benchmarks/data_prep.py --quick    # smoke run: 64 images, 1 round
 
 - naive: `Image.open(p).convert("L").resize((224, 224))` in a loop, one process, nothing saved;
-- data_prep: `data_prep.prepare._convert` (read, sha256, `load_xray` with JPEG draft decoding,
-  `resize_gray`, PNG encoding) over a `multiprocessing.Pool` of all cores with `imap(chunksize=8)`,
-  exactly as `prepare()` runs it, pool start-up included;
-- data_prep, 1 process: the same conversion in a loop, to separate the per-image gain from the cores.
+- data_prep: `data_prep.prepare.convert_all`, exactly as `prepare()` runs it: `_convert` (read,
+  sha256, `read_xray` with JPEG draft decoding, `resize_gray`, PGM encoding) on a thread per core,
+  pool start-up included;
+- data_prep on processes: the same `_convert` over a `multiprocessing.Pool` (what data_prep used
+  before; every encoded image is pickled back to the parent);
+- data_prep, 1 thread: the same conversion in a loop, to separate the per-image gain from the cores.
 Rounds alternate the paths so that load changes hit them alike; the best round of each counts.
-Output agreement: PSNR and mean / max absolute difference (grey levels) of the prepared PNGs
+Output agreement: PSNR and mean / max absolute difference (grey levels) of the prepared images
 against the naive result, and against the same conversion without draft decoding (the draft's own
-share). Results: benchmarks/results/data_prep.{json,md} (data_prep-quick.* with --quick).
+share). The cached format: encoding and decoding time and size per image of PGM (data_prep now),
+BMP and PNG (data_prep before: zlib level 1, RLE strategy; and Pillow's default, level 6).
+Results: benchmarks/results/data_prep.{json,md} (data_prep-quick.* with --quick).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import os
 import resource
 import sys
 import time
@@ -37,7 +40,8 @@ sys.path[:] = [entry for entry in sys.path if entry != HERE and Path(entry or ".
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from data_prep.prepare import _convert  # noqa: E402
+from data_prep.prepare import PREPARED_FORMAT, _convert, convert_all  # noqa: E402
+from pneumonia_vit.cpus import usable_cores  # noqa: E402
 from pneumonia_vit.images import load_xray  # noqa: E402
 from pneumonia_vit.preprocess import resize_gray  # noqa: E402
 
@@ -49,11 +53,39 @@ def naive(paths: list[str]) -> list[np.ndarray]:
 
 
 def prepared(paths: list[str], workers: int) -> list[dict]:
-    jobs = [(p, SIZE) for p in paths]
-    if workers == 1:
-        return [_convert(job) for job in jobs]
+    return list(convert_all(paths, SIZE, workers))
+
+
+def prepared_on_processes(paths: list[str], workers: int) -> list[dict]:
     with Pool(workers) as pool:
-        return list(pool.imap(_convert, jobs, chunksize=8))
+        return list(pool.imap(_convert, [(p, SIZE) for p in paths], chunksize=8))
+
+
+def cached_formats(images: list[np.ndarray]) -> dict:
+    """Encoding and decoding cost and size per image of the formats data_prep could cache."""
+    candidates = {
+        "PGM (data_prep now)": (PREPARED_FORMAT, {}),
+        "BMP": ("BMP", {}),
+        "PNG, zlib level 1, RLE strategy (data_prep before)": ("PNG", {"compress_level": 1, "compress_type": zlib.Z_RLE}),
+        "PNG, Pillow's default (level 6)": ("PNG", {}),
+    }
+    results = {}
+    for name, (fmt, options) in candidates.items():
+        start = time.perf_counter()
+        encoded = []
+        for array in images:
+            buffer = io.BytesIO()
+            Image.fromarray(array).save(buffer, format=fmt, **options)
+            encoded.append(buffer.getvalue())
+        encode_s = time.perf_counter() - start
+        start = time.perf_counter()
+        decoded = [np.asarray(Image.open(io.BytesIO(data))) for data in encoded]
+        decode_s = time.perf_counter() - start
+        if not all(np.array_equal(a, b) for a, b in zip(images, decoded)):
+            raise SystemExit(f"{name} did not give the same pixels back")
+        results[name] = {"encode_ms": 1000 * encode_s / len(images), "decode_ms": 1000 * decode_s / len(images),
+                         "kib": float(np.mean([len(data) for data in encoded])) / 1024}
+    return results
 
 
 def _cpu_seconds() -> float:
@@ -84,7 +116,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--originals", default=str(ORIGINALS))
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--workers", type=int, default=usable_cores())
     args = parser.parse_args(argv)
 
     root = Path(args.originals)
@@ -93,16 +125,17 @@ def main(argv=None) -> int:
         raise SystemExit(f"no originals under {root}/test or {root}/val")
     if args.quick:
         paths = spread(paths, 64)
-    rounds = 1 if args.quick else 3
+    rounds = 1 if args.quick else 5
     print(f"{len(paths)} originals, {rounds} round(s), {args.workers} worker(s)", flush=True)
 
-    times = {"naive": [], "data_prep": [], "data_prep_1_process": []}
-    cpu = {name: [] for name in times}  # CPU seconds of this process and its (reaped) workers
+    times = {"naive": [], "data_prep": [], "data_prep_processes": [], "data_prep_1_thread": []}
+    cpu = {name: [] for name in times}  # CPU seconds of this process, its threads and its (reaped) workers
     outputs = {}
     for _ in range(rounds):
         for name, run in (("naive", lambda: naive(paths)),
                           ("data_prep", lambda: prepared(paths, args.workers)),
-                          ("data_prep_1_process", lambda: prepared(paths, 1))):
+                          ("data_prep_processes", lambda: prepared_on_processes(paths, args.workers)),
+                          ("data_prep_1_thread", lambda: prepared(paths, 1))):
             cpu_start = _cpu_seconds()
             start = time.perf_counter()
             outputs[name] = run()
@@ -114,19 +147,9 @@ def main(argv=None) -> int:
     failures = [r["error"] for r in outputs["data_prep"] if "error" in r]
     if failures:
         raise SystemExit(f"data_prep could not read {len(failures)} file(s): {failures[:3]}")
-    ours = [np.asarray(Image.open(io.BytesIO(r["png"]))) for r in outputs["data_prep"]]
+    ours = [np.asarray(Image.open(io.BytesIO(r["encoded"]))) for r in outputs["data_prep"]]
     without_draft = [np.asarray(resize_gray(load_xray(p), SIZE)) for p in paths]
-    png_bytes = sum(len(r["png"]) for r in outputs["data_prep"]) / len(ours)
-    # What PNG writing costs (data_prep used Pillow's default, zlib level 6, before this benchmark).
-    png = {}
-    for name, options in (("default", {}), ("data_prep", {"compress_level": 1, "compress_type": zlib.Z_RLE})):
-        start = time.perf_counter()
-        sizes = []
-        for array in ours:
-            buffer = io.BytesIO()
-            Image.fromarray(array).save(buffer, format="PNG", **options)
-            sizes.append(buffer.tell())
-        png[name] = {"ms_per_image": 1000 * (time.perf_counter() - start) / len(ours), "kib": np.mean(sizes) / 1024}
+    formats = cached_formats(ours)
 
     best = {name: min(t) for name, t in times.items()}
     cpu_ms = {name: 1000 * min(c) / len(paths) for name, c in cpu.items()}
@@ -137,20 +160,23 @@ def main(argv=None) -> int:
     data = {
         "images": len(paths), "rounds": rounds, "workers": args.workers, "seconds": times,
         "images_per_s": throughput, "ratio_vs_naive": ratio, "cpu_ms_per_image": cpu_ms,
-        "cpu_seconds": cpu,
-        "ratio_1_process_vs_naive": throughput["data_prep_1_process"] / throughput["naive"],
+        "cpu_seconds": cpu, "ratio_vs_naive_by_path": {name: t / throughput["naive"] for name, t in throughput.items()},
         "agreement_vs_naive": vs_naive, "agreement_vs_same_without_draft": vs_no_draft,
-        "mean_png_kib": png_bytes / 1024, "png_levels": png,
+        "cached_formats": formats,
     }
+
+    def row(name, label, agreement_cells):
+        return [label, throughput[name], f"{throughput[name] / throughput['naive']:.2f}x", cpu_ms[name], *agreement_cells]
+
+    same = ["(same output)", "", ""]
     rows = [
-        ["naive loop (1 process, nothing saved)", throughput["naive"], "1.00x", cpu_ms["naive"], "-", "-", "-"],
-        [f"data_prep `_convert`, {args.workers} processes (hash + draft decode + resize + PNG)",
-         throughput["data_prep"], f"{ratio:.2f}x", cpu_ms["data_prep"], f"{vs_naive['psnr_db']:.1f}",
-         f"{vs_naive['mean_abs_diff']:.2f}", f"{vs_naive['max_abs_diff']:.0f}"],
-        ["data_prep `_convert`, 1 process", throughput["data_prep_1_process"],
-         f"{throughput['data_prep_1_process'] / throughput['naive']:.2f}x", cpu_ms["data_prep_1_process"],
-         "(same output)", "", ""],
+        row("naive", "naive loop (1 process, nothing saved)", ["-", "-", "-"]),
+        row("data_prep", f"data_prep, {args.workers} threads (hash + draft decode + resize + PGM)",
+            [f"{vs_naive['psnr_db']:.1f}", f"{vs_naive['mean_abs_diff']:.2f}", f"{vs_naive['max_abs_diff']:.0f}"]),
+        row("data_prep_processes", f"the same on {args.workers} processes", same),
+        row("data_prep_1_thread", "the same on 1 thread", same),
     ]
+    format_rows = [[name, f["encode_ms"], f["decode_ms"], f["kib"]] for name, f in formats.items()]
     markdown = (
         f"### Data preparation: {len(paths)} full-resolution originals -> {SIZE} px grayscale\n\n"
         + markdown_table(["path", "images/s", "vs naive", "CPU ms per image", "PSNR vs naive (dB)",
@@ -160,14 +186,14 @@ def main(argv=None) -> int:
           f"{vs_no_draft['mean_abs_diff']:.2f}, 99th percentile {vs_no_draft['p99_abs_diff']:.0f}, max "
           f"{vs_no_draft['max_abs_diff']:.0f} grey levels. Against the naive loop the difference is mostly the "
           f"resampling filter: naive `resize` defaults to bicubic, data_prep uses bilinear with antialiasing like "
-          f"ViTImageProcessor (worst image {vs_naive['worst_image_psnr_db']:.1f} dB). PNG writing: zlib RLE strategy (data_prep now) "
-          f"{png['data_prep']['ms_per_image']:.1f} ms and {png['data_prep']['kib']:.1f} KiB per image, Pillow's default "
-          f"(level 6, data_prep before) {png['default']['ms_per_image']:.1f} ms and {png['default']['kib']:.1f} KiB; "
-          f"the pixels are the same."
+          f"ViTImageProcessor (worst image {vs_naive['worst_image_psnr_db']:.1f} dB).\n\n"
+        + f"Cached format (the {len(ours)} prepared images; every format holds the same pixels; decoding is paid again "
+          f"at every training epoch):\n\n"
+        + markdown_table(["format", "encode ms per image", "decode ms per image", "KiB per image"], format_rows)
         + f"\n\n- Goal: data_prep >= 5x the naive loop -> {ratio:.2f}x: {'PASS' if ratio >= 5 else 'FAIL'}. "
-          f"CPU time per image: naive {cpu_ms['naive']:.2f} ms, data_prep {cpu_ms['data_prep_1_process']:.2f} ms "
-          f"({cpu_ms['naive'] / cpu_ms['data_prep_1_process']:.2f}x less); with {args.workers} fully used cores the "
-          f"ceiling is about {args.workers * cpu_ms['naive'] / cpu_ms['data_prep_1_process']:.1f}x."
+          f"CPU time per image: naive {cpu_ms['naive']:.2f} ms, data_prep {cpu_ms['data_prep_1_thread']:.2f} ms "
+          f"({cpu_ms['naive'] / cpu_ms['data_prep_1_thread']:.2f}x less); with {args.workers} fully used cores the "
+          f"ceiling is about {args.workers * cpu_ms['naive'] / cpu_ms['data_prep_1_thread']:.1f}x."
     )
     data["verdict"] = "PASS" if ratio >= 5 else "FAIL"
     write_results("data_prep", args.quick, data, markdown)

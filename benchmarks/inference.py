@@ -13,7 +13,7 @@ Timed paths, each including reading the file and all preprocessing:
   (`Classifier.load(folder, fast=False)`);
 - ours, fast: `load_xray(path, draft_size=side)` -> `pixel_array` -> ONNX Runtime, int8 weights
   (`Classifier.load(folder)`, see pneumonia_vit/fast_inference.py).
-Batch 1: p50 / p95 latency over the official test split as prepared (224 px PNGs) and over the
+Batch 1: p50 / p95 latency over the official test split as prepared (224 px PGMs) and over the
 full-resolution test originals (JPEGs, where draft decoding matters). Batch 8: images/s.
 The candidates run round-robin in one process so that load changes hit them alike.
 
@@ -278,7 +278,7 @@ def main(argv=None) -> int:
                             f"(goal >= 3x) -> {'PASS' if base1 / fast1 >= 3 else 'FAIL'}")
         else:
             orig = s.get("batch1_originals", {}).get(PATHS[2], {}).get("p50_ms")
-            verdicts.append(f"{name}: fast path p50 per image {fast1:.1f} ms on prepared PNGs"
+            verdicts.append(f"{name}: fast path p50 per image {fast1:.1f} ms on prepared PGMs"
                             + (f", {orig:.1f} ms on full-resolution JPEG originals" if orig else "")
                             + f" (goal < 20 ms) -> {'PASS' if fast1 < 20 and (orig or 0) < 20 else 'FAIL'}")
 

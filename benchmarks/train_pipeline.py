@@ -12,9 +12,9 @@ Feeds, all with batch 32 and `pneumonia_vit.data.collate`:
   it with its default `dataloader_num_workers=0` (train_vit.py);
 - pipeline, 1 worker: the same loaded in a background process (overlaps decoding with the step;
   the augmentations then come from the worker's random state, so not the same draws as 0 workers);
-- cached decode, 0 workers: the PNGs decoded and resized to 128 px once (uint8, 16 KiB an image),
+- cached decode, 0 workers: the prepared images decoded and resized to 128 px once (uint8, 16 KiB an image),
   then the same augmentation and normalisation per step in the main process: identical batches to
-  "pipeline, 0 workers" for the same seed (checked here), without the per-step PNG decoding.
+  "pipeline, 0 workers" for the same seed (checked here), without the per-step decoding and resizing.
 Blocks of steps alternate between the feeds so that load changes hit them alike.
 Results: benchmarks/results/train_pipeline.{json,md} (train_pipeline-quick.* with --quick).
 """

@@ -12,11 +12,14 @@ What it does, in order:
 2. checks every file against the official manifest (data_prep/kermany_manifest.tsv): counts per
    split and class, missing, extra and altered files; a partial dataset is prepared with a warning;
 3. decodes every image as 8-bit grayscale (only PNEUMONIA originals are stored as RGB, so a colour
-   mode would be a class cue) and resizes it to --size x --size, on all cores; unreadable files are
-   reported and skipped;
+   mode would be a class cue) and resizes it to --size x --size, with a thread per core (Pillow
+   releases the GIL while it decodes and resizes); unreadable files are reported and skipped;
 4. carves a validation split out of train + the official 16-image val split, grouped by patient and
    by byte-identical file and stratified by class; the official test split is copied untouched;
-5. writes `train/ validation/ test/` class folders of PNGs, `prepared_index.csv` (source file,
+5. writes `train/ validation/ test/` class folders of 8-bit PGM images (Netpbm P5: a short header
+   and the raw pixels; lossless like PNG, 49 KB each, 2.2x a PNG, but nothing to compress here and
+   nothing to inflate at every training epoch, see benchmarks/data_prep.py; Pillow, `datasets`,
+   OpenCV and image editors read them, web browsers do not), `prepared_index.csv` (source file,
    sha256, patient, original size and mode of every image) and `prepare_report.json`, into a
    temporary folder that is renamed into place only when complete.
 The source folder is only read.
@@ -33,35 +36,38 @@ import random
 import shutil
 import sys
 import warnings
-import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from multiprocessing import Pool
+from multiprocessing.pool import ThreadPool
 from pathlib import Path
+from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 
-from pneumonia_vit.images import IMAGE_SUFFIXES, LABELS, InvalidImageError, load_xray, patient_id  # noqa: E402
+from pneumonia_vit.cpus import usable_cores  # noqa: E402
+from pneumonia_vit.images import IMAGE_SUFFIXES, LABELS, InvalidImageError, patient_id, read_xray  # noqa: E402
 from pneumonia_vit.preprocess import resize_gray  # noqa: E402
 
 MANIFEST = Path(__file__).resolve().parent / "kermany_manifest.tsv"
 OFFICIAL_SPLITS = ("train", "val", "test")
 IGNORED_DIRS = ("__MACOSX",)
+# The cached images' format (Pillow's name, file suffix): any lossless format that `datasets`
+# imagefolder reads would do; PGM is the cheapest to write and to read.
+PREPARED_FORMAT, PREPARED_SUFFIX = "PPM", ".pgm"
 
 
 @dataclass
 class PrepareArguments:
     source: str = field(metadata={"help": "Folder holding the Kaggle download (chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}), at any depth."})
-    output: str = field(metadata={"help": "Folder to create with train/, validation/ and test/ class folders of PNGs."})
+    output: str = field(metadata={"help": "Folder to create with train/, validation/ and test/ class folders of PGM images."})
     size: int = field(default=224, metadata={"help": "Side in pixels of the cached square images (at least the model's input size)."})
     validation_fraction: float = field(default=0.1, metadata={"help": "Share of each class of the training pool held out for validation, by whole patients."})
     seed: int = field(default=42, metadata={"help": "Seed of the patient-grouped validation split."})
     overwrite: bool = field(default=False, metadata={"help": "Replace --output if it exists (the old folder stays until the new one is complete)."})
-    num_workers: int = field(default=os.cpu_count() or 1, metadata={"help": "Processes that decode and resize images."})
+    num_workers: int = field(default=usable_cores(), metadata={"help": "Threads that decode and resize images (default: the usable cores)."})
 
 
 class LayoutError(ValueError):
@@ -105,25 +111,29 @@ def read_manifest(path: Path = MANIFEST) -> dict[tuple[str, str, str], str]:
 
 
 def _convert(job: tuple[str, int]) -> dict:
-    """Worker: hash and decode one source file; returns its record or its error."""
+    """Worker: hash, decode, resize and encode one source file; returns its record or its error."""
     path, size = job
     data = Path(path).read_bytes()
     record = {"sha256": hashlib.sha256(data).hexdigest()}
     try:
-        image = resize_gray(load_xray(data, draft_size=size), size)
+        reading = read_xray(data, draft_size=size)
     except InvalidImageError as error:
         record["error"] = str(error).replace("upload:", Path(path).name + ":", 1)
         return record
-    with Image.open(io.BytesIO(data)) as header:
-        record.update(original_width=header.width, original_height=header.height, original_mode=header.mode)
+    (width, height), mode = reading.stored_size, reading.stored_mode
+    record.update(original_width=width, original_height=height, original_mode=mode)
     buffer = io.BytesIO()
-    # zlib's run-length strategy: the same pixels (PNG is lossless), files no larger, about 5x faster
-    # to write than Pillow's default (level 6), which cost more than decoding and resizing together
-    # (benchmarks/data_prep.py). Pillow passes compress_type to zlib as the strategy; a Pillow that
-    # ignored it would write the default zlib stream at level 1: slower, still the same pixels.
-    image.save(buffer, format="PNG", compress_level=1, compress_type=zlib.Z_RLE)
-    record["png"] = buffer.getvalue()
+    resize_gray(reading.image, size).save(buffer, format=PREPARED_FORMAT)
+    record["encoded"] = buffer.getvalue()
     return record
+
+
+def convert_all(paths: list[Path], size: int, workers: int) -> Iterator[dict]:
+    """`_convert` of every path, in order, on `workers` threads. Threads, not processes: decoding,
+    resizing and hashing run outside the GIL, and no image is pickled from one process to another
+    (benchmarks/data_prep.py measures both)."""
+    with ThreadPool(max(1, workers)) as pool:
+        yield from pool.imap(_convert, [(str(path), size) for path in paths], chunksize=8)
 
 
 def grouped_validation_split(records: list[dict], fraction: float, seed: int) -> set[int]:
@@ -191,9 +201,8 @@ def prepare(args: PrepareArguments) -> dict:
     files = list(_image_files(root))
 
     # Decode, resize and hash every image on all cores; results arrive in file order.
-    jobs = [(str(path), args.size) for _, _, path in files]
-    with Pool(max(1, args.num_workers)) as pool:
-        results = list(tqdm(pool.imap(_convert, jobs, chunksize=8), total=len(jobs), desc="decode + resize", unit="img"))
+    converted = convert_all([path for _, _, path in files], args.size, args.num_workers)
+    results = list(tqdm(converted, total=len(files), desc="decode + resize", unit="img"))
 
     check = check_against_manifest([(s, l, p, r["sha256"]) for (s, l, p), r in zip(files, results)], read_manifest())
     for kind in ("missing", "extra", "altered"):
@@ -211,7 +220,7 @@ def prepare(args: PrepareArguments) -> dict:
             continue
         records.append({
             "official_split": split, "label": label, "source_file": str(path.relative_to(root)),
-            "prepared_file": f"{label}/{path.stem}.png", "patient_id": patient_id(path.name),
+            "prepared_file": f"{label}/{path.stem}{PREPARED_SUFFIX}", "patient_id": patient_id(path.name),
             **{key: value for key, value in result.items()},
         })
     pool_indices = [i for i, record in enumerate(records) if record["official_split"] != "test"]
@@ -231,7 +240,7 @@ def prepare(args: PrepareArguments) -> dict:
     for record in records:
         target = partial / record["prepared_file"]
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(record.pop("png"))
+        target.write_bytes(record.pop("encoded"))
     columns = ["prepared_file", "split", "label", "official_split", "source_file", "sha256", "patient_id",
                "original_width", "original_height", "original_mode"]
     with (partial / "prepared_index.csv").open("w", newline="") as handle:

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 LABELS = ("NORMAL", "PNEUMONIA")
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".pgm")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
 # The largest Kermany original is about 2,900 px a side (8.4 MP); 50 MP leaves room for any
@@ -28,8 +28,8 @@ MAX_PIXELS = 50_000_000
 MIN_SIDE = 64
 # The raster formats Pillow may open. Anything else (EPS, PDF, ...) is refused before decoding:
 # Pillow hands EPS to Ghostscript, which an upload endpoint must never run. MPO is how Pillow
-# names the JPEGs many cameras and phones write.
-PIL_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "TIFF", "WEBP")
+# names the JPEGs many cameras and phones write; PPM is Netpbm (PGM), data_prep's cached format.
+PIL_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "TIFF", "WEBP", "PPM")
 
 _PATIENT_PATTERNS = (
     re.compile(r"^(person\d+)_"),  # person123_bacteria_456.jpeg: patient 123
@@ -48,10 +48,14 @@ class XrayReading:
     chroma: mean of max(R, G, B) - min(R, G, B) over the decoded colour pixels, in grey levels
     (0..255); 0.0 for files stored as grayscale. A radiograph saved as an RGB JPEG (some Kermany
     originals are) reads about 0; a photograph reads tens.
+    stored_size, stored_mode: the file's own width x height and Pillow mode, before any draft
+    decoding or conversion (None where unknown: a PIL image passed in; the mode of a DICOM file).
     """
 
     image: Image.Image
     chroma: float = 0.0
+    stored_size: tuple[int, int] | None = None
+    stored_mode: str | None = None
 
 
 def patient_id(file_name: str) -> str:
@@ -131,7 +135,7 @@ def _dicom_to_gray(data: bytes, name: str) -> XrayReading:
     gray = _to_uint8(pixels)
     if dataset.get("PhotometricInterpretation") == "MONOCHROME1":
         gray = 255 - gray  # MONOCHROME1 stores bone dark; the model was trained on bone bright
-    return XrayReading(Image.fromarray(gray, mode="L"), chroma)
+    return XrayReading(Image.fromarray(gray, mode="L"), chroma, (columns, rows))
 
 
 def _pil_to_gray(image: Image.Image, name: str, draft_size: int | None) -> XrayReading:
@@ -205,7 +209,7 @@ def read_xray(source: str | os.PathLike | bytes | Image.Image, draft_size: int |
         raise InvalidImageError(
             f"{name}: not a readable image. Upload a PNG, JPEG or DICOM (.dcm) chest X-ray."
         ) from error
+    stored_size, stored_mode = image.size, image.mode  # before draft decoding changes them
     reading = _pil_to_gray(image, name, draft_size)
-    if "exif" in image.info:
-        return XrayReading(ImageOps.exif_transpose(reading.image), reading.chroma)
-    return reading
+    gray = ImageOps.exif_transpose(reading.image) if "exif" in image.info else reading.image
+    return XrayReading(gray, reading.chroma, stored_size, stored_mode)

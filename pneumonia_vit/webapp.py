@@ -29,7 +29,7 @@ from .images import InvalidImageError
 from .serving import REPO, Analysis, Service
 
 EXAMPLES_DIR = REPO / "examples"
-FILE_TYPES = [".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".gif", ".bmp", ".tif", ".tiff", ".webp"]
+FILE_TYPES = [".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".gif", ".bmp", ".pgm", ".tif", ".tiff", ".webp"]
 MAX_FILE_SIZE = "25mb"  # a 3000x3000 16-bit DICOM is ~18 MB; Kermany JPEG originals are < 3 MB
 CONCURRENCY = 2  # a cpu-basic Space has 2 vCPUs; more parallel forwards only share them
 MAX_QUEUE = 20  # beyond this, new requests are refused at once instead of waiting minutes

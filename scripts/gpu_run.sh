@@ -119,7 +119,7 @@ if [[ $smoke == 0 ]] && ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.
   say "error: no CUDA GPU visible to torch (use --smoke for the CPU stand-in)"; exit 4
 fi
 
-# 2. Data: the Kaggle layout -> train / validation / test PNGs at $size px.
+# 2. Data: the Kaggle layout -> train / validation / test PGM images at $size px.
 prepared="$work/prepared_$size"
 started=$SECONDS
 "$py" data_prep/prepare.py --source "$data" --output "$prepared" --size "$size" --overwrite \

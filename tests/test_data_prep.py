@@ -18,6 +18,8 @@ import pytest
 from PIL import Image
 
 from data_prep.prepare import (
+    PREPARED_FORMAT,
+    PREPARED_SUFFIX,
     LayoutError,
     PrepareArguments,
     find_dataset_root,
@@ -123,13 +125,13 @@ def test_originals_manifest_check(originals_run):
 def test_originals_outputs_are_grayscale_squares_listed_in_the_index(originals_run):
     output, report = originals_run["output"], originals_run["report"]
     rows = read_index(output)
-    on_disk = sorted(str(path.relative_to(output)) for path in output.rglob("*.png"))
+    on_disk = sorted(str(path.relative_to(output)) for path in output.rglob("*" + PREPARED_SUFFIX))
     assert sorted(row["prepared_file"] for row in rows) == on_disk
     assert sorted(path.name for path in output.iterdir()) == [
         "prepare_report.json", "prepared_index.csv", "test", "train", "validation"]
     for name in on_disk:
         with Image.open(output / name) as image:
-            assert image.format == "PNG" and image.mode == "L" and image.size == (SIZE, SIZE), name
+            assert image.format == PREPARED_FORMAT and image.mode == "L" and image.size == (SIZE, SIZE), name
     for row in rows:
         split, label, _ = row["prepared_file"].split("/")
         assert (split, label) == (row["split"], row["label"])
@@ -292,14 +294,14 @@ def test_missing_source_folder_is_a_clear_error(tmp_path):
 def _manifest_pool(with_copies: bool = False) -> list[dict]:
     """The official train + val files as split records (patients from names, sha256 from the manifest)."""
     records = [
-        {"label": label, "patient_id": patient_id(name), "sha256": sha, "prepared_file": f"{label}/{Path(name).stem}.png"}
+        {"label": label, "patient_id": patient_id(name), "sha256": sha, "prepared_file": f"{label}/{Path(name).stem}{PREPARED_SUFFIX}"}
         for (split, label, name), sha in sorted(read_manifest().items()) if split != "test"
     ]
     if with_copies:
         # Byte-identical copies under other patients' names: the sha256 must keep them with their original.
         for number, record in enumerate(records[::97]):
             stem = f"person{90000 + number}_bacteria_{number}" if record["label"] == "PNEUMONIA" else f"IM-{9000 + number}-0001"
-            records.append({**record, "patient_id": patient_id(stem + ".jpeg"), "prepared_file": f"{record['label']}/{stem}.png"})
+            records.append({**record, "patient_id": patient_id(stem + ".jpeg"), "prepared_file": f"{record['label']}/{stem}{PREPARED_SUFFIX}"})
     return records
 
 

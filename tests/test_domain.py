@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_prep.prepare import PREPARED_SUFFIX
 from pneumonia_vit.domain import MAX_CHROMA, MIN_STD, STATS_FILE, DomainStats, check_domain, fit_domain_stats
 from pneumonia_vit.images import XrayReading
 from pneumonia_vit.serving import Service
@@ -39,13 +40,13 @@ def test_stats_round_trip_and_cut_off(model_with_stats, small_prepared):
     stats = DomainStats.load(model_with_stats)
     assert stats is not None and stats.quantile == 0.995
     assert stats.mean.shape == (32,) and stats.precision.shape == (32, 32)
-    assert stats.train_count == len(list((small_prepared / "train").rglob("*.png")))
+    assert stats.train_count == len(list((small_prepared / "train").rglob("*" + PREPARED_SUFFIX)))
     assert np.allclose(stats.precision, stats.precision.T)
     # By construction about 0.5 % of validation images lie beyond the cut-off; with 12 images, none or one.
     service = Service.load(str(model_with_stats))
     flagged = [
         not service.analyze(path, explain=False).domain.in_domain
-        for path in sorted((small_prepared / "validation").rglob("*.png"))
+        for path in sorted((small_prepared / "validation").rglob("*" + PREPARED_SUFFIX))
     ]
     assert sum(flagged) <= 1
 
@@ -61,7 +62,7 @@ def test_fit_reads_images_past_a_training_transform(tiny_model_dir, small_prepar
     splits["train"].set_transform(BatchTransform(classifier.spec, Augmentation()))
     transformed = fit_domain_stats(classifier.model, classifier.spec, splits["train"], splits["validation"])
     assert np.allclose(plain.mean, transformed.mean) and plain.threshold == pytest.approx(transformed.threshold)
-    paths = sorted((small_prepared / "train").rglob("*.png"))
+    paths = sorted((small_prepared / "train").rglob("*" + PREPARED_SUFFIX))
     from_paths = fit_domain_stats(classifier.model, classifier.spec, paths, paths[:5])
     assert from_paths.train_count == len(paths)
 
