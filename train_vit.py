@@ -109,7 +109,8 @@ class RunArguments:
         default=5, metadata={"help": "Stop after this many evaluations without a better validation score (0: never)."}
     )
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Train from scratch even if --output_dir holds checkpoints."}
+        default=False, metadata={"help": "Train from scratch even if --output_dir holds checkpoints; an earlier run's "
+                                 "checkpoints, weights, card and reports there are removed first."}
     )
     max_train_minutes: float | None = field(
         default=None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 import time
 import zipfile
 from collections import Counter
@@ -236,12 +237,39 @@ def checkpoint_problem(folder: Path, weights_and_optimizer: bool = True) -> str 
     return None
 
 
+# What a training run writes at the top of its output folder (weights, configs, card, reports).
+RUN_FILE_PATTERNS = (
+    "README.md", "config.json", "preprocessor_config.json", "training_args.bin", "model*.safetensors",
+    "model.safetensors.index.json", "run_stats.json", "domain_stats.safetensors", "*_metrics.json",
+    "*_confusion_matrix.png", "*_roc.png",
+)
+
+
+def clear_previous_run(output_dir: Path) -> list[str]:
+    """Removes an earlier run's checkpoint-N folders and RUN_FILE_PATTERNS files from `output_dir`
+    (anything else is left alone); returns their names. Kept, they would mix two runs: `last` could
+    resume the old run's newest checkpoint, and a push at each save would upload the old card and
+    test report beside the new weights."""
+    pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-\d+$")
+    removed = []
+    for path in sorted(output_dir.iterdir()):
+        if path.is_dir() and pattern.match(path.name):
+            shutil.rmtree(path)
+        elif path.is_file() and any(path.match(glob) for glob in RUN_FILE_PATTERNS):
+            path.unlink()
+        else:
+            continue
+        removed.append(path.name)
+    return removed
+
+
 def resume_checkpoint(training_args: TrainingArguments, overwrite_output_dir: bool = False) -> str | None:
     """Explicit resume: `--resume_from_checkpoint last|PATH`; leftover checkpoints without it are an error.
 
     `last` takes the newest checkpoint-N folder whose files are complete, printing each newer one it
     skips and why (a kill while saving leaves a partial folder); if none is complete it stops with
     an error that names them. An explicit PATH must be complete. Never silently starts from scratch.
+    Starting again with `overwrite_output_dir` first clears the earlier run (`clear_previous_run`).
     """
     output_dir = Path(training_args.output_dir)
     requested = training_args.resume_from_checkpoint
@@ -281,4 +309,8 @@ def resume_checkpoint(training_args: TrainingArguments, overwrite_output_dir: bo
             f"{output_dir} holds checkpoints: pass --resume_from_checkpoint last to continue, "
             "or --overwrite_output_dir to start again"
         )
+    if overwrite_output_dir and output_dir.is_dir() and training_args.process_index == 0:
+        removed = clear_previous_run(output_dir)
+        if removed:
+            print(f"--overwrite_output_dir: removed the previous run's {', '.join(removed)} from {output_dir}")
     return None

@@ -5,6 +5,7 @@ gets out of it."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -211,6 +212,27 @@ def test_rerun_into_a_folder_with_checkpoints_is_refused(trained):
                                               "or --overwrite_output_dir to start again"):
         train_vit.main(trained["argv"])
     assert {str(path.relative_to(output)): path.stat().st_mtime_ns for path in output.rglob("*")} == before
+
+
+def test_overwrite_clears_the_previous_run_and_nothing_else(trained, tmp_path, capsys):
+    import train_vit
+
+    output = tmp_path / "run"
+    shutil.copytree(trained["output"], output)
+    # The earlier run went further than the new one will: `last` must never find its checkpoint.
+    newest = max(output.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    shutil.copytree(newest, output / "checkpoint-9999")
+    (output / "notes.txt").write_text("the user's own file")
+    capsys.readouterr()
+    train_vit.main([trained["argv"][0], "--num_train_epochs", "1", "--output_dir", str(output),
+                    "--overwrite_output_dir", "true"])
+    removed = capsys.readouterr().out
+    for name in ("checkpoint-9999", newest.name, "README.md", "test_metrics.json", "model.safetensors"):
+        assert name in removed, name
+    steps_per_epoch = -(-split_sizes(trained["prepared"])["train"] // 8)
+    assert sorted(path.name for path in output.glob("checkpoint-*")) == [f"checkpoint-{steps_per_epoch}"]
+    assert (output / "notes.txt").read_text() == "the user's own file"
+    assert json.loads((output / "test_metrics.json").read_text())["n"] > 0
 
 
 def test_resume_last_without_checkpoints_is_refused(small_prepared, tmp_path):
