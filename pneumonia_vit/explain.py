@@ -14,8 +14,9 @@ Why attention rollout (Abnar & Zuidema 2020) and not Grad-CAM:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,21 +30,28 @@ class ForwardResult:
     attentions: tuple[torch.Tensor, ...] | None  # per layer (N, heads, tokens, tokens)
 
 
-@torch.inference_mode()
-def forward(model: torch.nn.Module, pixel_values: torch.Tensor, output_attentions: bool = False) -> ForwardResult:
-    """Runs the classifier once and captures the input of its `classifier` head with a hook.
+@contextmanager
+def head_input(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collects the input of the model's `classifier` head at each forward inside the block.
 
     The hook keeps this independent of how a given architecture pools its tokens: whatever the
-    head receives is the embedding the out-of-domain statistics are fitted on.
+    head receives is the embedding the out-of-domain statistics are fitted on. The same capture
+    runs in `forward` and in the fast path's ONNX export (pneumonia_vit/fast_inference.py).
     """
     captured: list[torch.Tensor] = []
-    head = model.classifier
-    handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
+    handle = model.classifier.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
     try:
-        device = next(model.parameters()).device
-        output = model(pixel_values=pixel_values.to(device), output_attentions=output_attentions)
+        yield captured
     finally:
         handle.remove()
+
+
+@torch.inference_mode()
+def forward(model: torch.nn.Module, pixel_values: torch.Tensor, output_attentions: bool = False) -> ForwardResult:
+    """Runs the classifier once and captures the input of its `classifier` head (`head_input`)."""
+    with head_input(model) as captured:
+        device = next(model.parameters()).device
+        output = model(pixel_values=pixel_values.to(device), output_attentions=output_attentions)
     attentions = output.attentions if output_attentions else None
     if output_attentions and not attentions:
         raise RuntimeError(

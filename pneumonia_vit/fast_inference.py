@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from .cpus import usable_cores
+from .explain import head_input
 from .preprocess import PixelSpec
 
 logger = logging.getLogger(__name__)
@@ -98,15 +99,11 @@ class _LogitsAndFeatures(torch.nn.Module):
         self.model = model
 
     def forward(self, pixel_values):
-        captured = []
-        head = getattr(self.model, "classifier", None)
-        handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0])) if head is not None else None
-        try:
+        if not hasattr(self.model, "classifier"):
+            return (self.model(pixel_values=pixel_values).logits,)
+        with head_input(self.model) as captured:
             logits = self.model(pixel_values=pixel_values).logits
-        finally:
-            if handle is not None:
-                handle.remove()
-        return (logits, captured[0]) if captured else (logits,)
+        return logits, captured[0]
 
 
 def export_onnx(model, spec: PixelSpec, path: Path) -> None:
