@@ -20,6 +20,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from .domain import STATS_FILE
 from .images import LABELS
 from .metrics import binary_metrics
 
@@ -184,6 +185,7 @@ class Stopwatch(TrainerCallback):
 
 
 CHECKPOINT_FILES = ("trainer_state.json", "model.safetensors", "optimizer.pt", "scheduler.pt")
+CHECKPOINT_FOLDER = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")  # Trainer's checkpoint-<global step>
 
 
 class CheckpointError(RuntimeError):
@@ -240,7 +242,7 @@ def checkpoint_problem(folder: Path, weights_and_optimizer: bool = True) -> str 
 # What a training run writes at the top of its output folder (weights, configs, card, reports).
 RUN_FILE_PATTERNS = (
     "README.md", "config.json", "preprocessor_config.json", "training_args.bin", "model*.safetensors",
-    "model.safetensors.index.json", "run_stats.json", "domain_stats.safetensors", "*_metrics.json",
+    "model.safetensors.index.json", "run_stats.json", STATS_FILE, "*_metrics.json",
     "*_confusion_matrix.png", "*_roc.png",
 )
 
@@ -250,10 +252,9 @@ def clear_previous_run(output_dir: Path) -> list[str]:
     (anything else is left alone); returns their names. Kept, they would mix two runs: `last` could
     resume the old run's newest checkpoint, and a push at each save would upload the old card and
     test report beside the new weights."""
-    pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-\d+$")
     removed = []
     for path in sorted(output_dir.iterdir()):
-        if path.is_dir() and pattern.match(path.name):
+        if path.is_dir() and CHECKPOINT_FOLDER.match(path.name):
             shutil.rmtree(path)
         elif path.is_file() and any(path.match(glob) for glob in RUN_FILE_PATTERNS):
             path.unlink()
@@ -276,10 +277,9 @@ def resume_checkpoint(training_args: TrainingArguments, overwrite_output_dir: bo
     # DeepSpeed and FSDP keep weights and optimizer in their own layout: only trainer_state.json is checked.
     full_check = not (training_args.deepspeed or training_args.fsdp)
     if requested == "last":
-        pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
         found = sorted(
-            (path for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if pattern.match(path.name) and path.is_dir()),
-            key=lambda path: int(pattern.match(path.name).group(1)), reverse=True,
+            (path for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if CHECKPOINT_FOLDER.match(path.name) and path.is_dir()),
+            key=lambda path: int(CHECKPOINT_FOLDER.match(path.name).group(1)), reverse=True,
         ) if output_dir.is_dir() else []
         if not found:
             raise FileNotFoundError(f"--resume_from_checkpoint last: no checkpoint-* folder in {output_dir}")
@@ -295,7 +295,7 @@ def resume_checkpoint(training_args: TrainingArguments, overwrite_output_dir: bo
                 print(f"skipping checkpoint {folder}: {problem}; trying the one before it")
         raise CheckpointError(
             f"--resume_from_checkpoint last: no usable checkpoint in {output_dir}: " + "; ".join(broken)
-            + ". Delete the broken folders and pass --overwrite_output_dir to start again."
+            + ". To start again, pass --overwrite_output_dir instead of --resume_from_checkpoint (it removes them)."
         )
     if requested:
         problem = checkpoint_problem(Path(requested), full_check)
