@@ -43,18 +43,17 @@ import argparse
 import os
 import re
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, SCRATCH, bundled_dir, markdown_table, percentiles, write_results  # noqa: E402
+
+from tests.app_server import RunningApp, running_app  # noqa: E402
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -82,75 +81,51 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @dataclass
 class App:
     name: str
     env: dict
-    url: str = ""
-    log_path: Path | None = None
-    startup_s: float = 0.0
-    process: subprocess.Popen | None = field(default=None, repr=False)
+    server: RunningApp | None = field(default=None, repr=False)
     pausable: bool = False  # only once launch() has finished its own start-up requests
 
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def startup_s(self) -> float:
+        return self.server.startup_s
+
     def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.is_file() else ""
+        return self.server.log_text() if self.server else ""
 
     def pause(self, paused: bool) -> None:
         """SIGSTOP / SIGCONT (POSIX; elsewhere the idle apps keep running)."""
-        if self.pausable and self.process is not None and self.process.poll() is None and hasattr(signal, "SIGSTOP"):
-            self.process.send_signal(signal.SIGSTOP if paused else signal.SIGCONT)
+        process = self.server.process if self.server else None
+        if self.pausable and process is not None and process.poll() is None and hasattr(signal, "SIGSTOP"):
+            process.send_signal(signal.SIGSTOP if paused else signal.SIGCONT)
 
 
 @contextmanager
 def running(app: App, model: str, log_dir: Path, timeout: float):
-    """`python app.py` on a free port with `app.env`; sets app.url and app.startup_s; stops it after."""
-    port = free_port()
-    env = {**os.environ, **app.env, "MODEL_ID": model, "GRADIO_SERVER_NAME": "127.0.0.1",
-           "GRADIO_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
-           "PYTHONUNBUFFERED": "1"}
-    app.url = f"http://127.0.0.1:{port}/"
-    app.log_path = log_dir / (re.sub(r"[^a-z0-9]+", "_", app.name) + ".log")
-    started = time.perf_counter()
-    with app.log_path.open("w") as log:
-        app.process = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    """`python app.py` with `app.env` (tests/app_server.py's `running_app`); stops it after."""
+    log_path = log_dir / (re.sub(r"[^a-z0-9]+", "_", app.name) + ".log")
+    print(f"{app.name}: starting (log {log_path})", flush=True)
+    with running_app(model, log_path, timeout, env=app.env) as server:
+        app.server = server
+        print(f"{app.name}: up in {app.startup_s:.1f} s at {app.url}", flush=True)
+        # launch() still requests its own URL after the server answers; a process stopped then
+        # fails that check and exits. Gradio prints this line once the check has passed.
+        settle = time.perf_counter() + 30
+        while "To create a public link" not in app.log_text() and time.perf_counter() < settle:
+            time.sleep(0.2)
+        app.pausable = "To create a public link" in app.log_text()
+        if not app.pausable:
+            print(f"note: {app.name} is not paused between its measurements (no launch message in its log)")
         try:
-            while True:
-                if app.process.poll() is not None:
-                    raise RuntimeError(f"{app.name}: app.py exited with {app.process.returncode}:\n{app.log_text()[-3000:]}")
-                try:
-                    with urllib.request.urlopen(app.url + "gradio_api/info", timeout=2) as response:
-                        if response.status == 200:
-                            break
-                except OSError:
-                    pass
-                if time.perf_counter() - started > timeout:
-                    raise TimeoutError(f"{app.name}: no answer within {timeout:.0f} s:\n{app.log_text()[-3000:]}")
-                time.sleep(0.25)
-            app.startup_s = time.perf_counter() - started
-            print(f"{app.name}: up in {app.startup_s:.1f} s at {app.url}", flush=True)
-            # launch() still requests its own URL after the server answers; a process stopped then
-            # fails that check and exits. Gradio prints this line once the check has passed.
-            settle = time.perf_counter() + 30
-            while "To create a public link" not in app.log_text() and time.perf_counter() < settle:
-                time.sleep(0.2)
-            app.pausable = "To create a public link" in app.log_text()
-            if not app.pausable:
-                print(f"note: {app.name} is not paused between its measurements (no launch message in its log)")
             yield app
         finally:
             app.pause(False)
-            app.process.terminate()
-            try:
-                app.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                app.process.kill()
-                app.process.wait()
 
 
 def p_pneumonia(value: dict) -> float:

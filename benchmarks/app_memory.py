@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import SCRATCH, bundled_dir, markdown_table, vit_base_dir, write_results  # noqa: E402
 from api_throughput import EXAMPLES, App, running  # noqa: E402
+from memory import status_mib  # noqa: E402
 
 CONFIGS = {
     "baseline (fp32 PyTorch, unbatched)": {"PNEUMONIA_VIT_FAST": "0", "PNEUMONIA_VIT_BATCH": "0"},
@@ -31,12 +32,7 @@ CONFIGS = {
 
 
 def process_mib(pid: int) -> dict:
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
-            fields[name] = int(value.split()[0]) / 1024
-    return {"rss_mib": round(fields["VmRSS"], 1), "peak_mib": round(fields["VmHWM"], 1)}
+    return {"rss_mib": round(status_mib("VmRSS", pid), 1), "peak_mib": round(status_mib("VmHWM", pid), 1)}
 
 
 def measure(model: Path, name: str, env: dict) -> dict:
@@ -48,13 +44,13 @@ def measure(model: Path, name: str, env: dict) -> dict:
         Classifier.load(str(model))
     app = App(name=name, env=env)
     with running(app, str(model), SCRATCH, timeout=300):
-        started = process_mib(app.process.pid)
+        started = process_mib(app.server.process.pid)
         client = Client(app.url, verbose=False, ssl_verify=False)
         for index in range(20):
             client.predict(handle_file(str(EXAMPLES[index % len(EXAMPLES)])), api_name="/predict")
         for index in range(5):
             client.predict(handle_file(str(EXAMPLES[index % len(EXAMPLES)])), api_name="/analyze")
-        after = process_mib(app.process.pid)
+        after = process_mib(app.server.process.pid)
     return {"after_start_mib": started["rss_mib"], "after_requests_mib": after["rss_mib"],
             "peak_mib": after["peak_mib"], "startup_s": round(app.startup_s, 1)}
 

@@ -35,9 +35,10 @@ PATHS = ("pipeline fp32", "ours, torch fp32", "ours, fast, first start", "ours, 
 PREDICTIONS = 20
 
 
-def _status_mib(field: str) -> float | None:
+def status_mib(field: str, pid: int | str = "self") -> float | None:
+    """A memory field of /proc/<pid>/status (VmRSS: resident now, VmHWM: peak) in MiB; None off Linux."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
@@ -46,7 +47,7 @@ def _status_mib(field: str) -> float | None:
 
 
 def rss_mib() -> float:
-    value = _status_mib("VmRSS")
+    value = status_mib("VmRSS")
     if value is None:
         import psutil
 
@@ -55,7 +56,7 @@ def rss_mib() -> float:
 
 
 def peak_mib() -> float:
-    value = _status_mib("VmHWM")
+    value = status_mib("VmHWM")
     if value is None:  # ru_maxrss: kilobytes on Linux, bytes on macOS
         value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
     return value

@@ -1,7 +1,5 @@
-"""Starting the real app (`python app.py`) for the API and browser tests.
-
-`served_model_dir`: the bundled model when it exists, else the `tiny_model_dir` fixture (a random
-64 px ViT saved like a trained one), so the app tests always run.
+"""Starting the real app (`python app.py`) on a free port: for the API and browser tests, and for the
+benchmarks that measure the running app (benchmarks/api_throughput.py, benchmarks/app_memory.py).
 """
 
 from __future__ import annotations
@@ -13,19 +11,22 @@ import sys
 import time
 import urllib.request
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-
-import pytest
+from typing import Iterator
 
 REPO = Path(__file__).resolve().parent.parent
-BUNDLED_MODEL = REPO / "models" / "pneumonia-vit-tiny"
 
 
-@pytest.fixture(scope="module")
-def served_model_dir(request) -> Path:
-    if (BUNDLED_MODEL / "config.json").is_file():
-        return BUNDLED_MODEL
-    return request.getfixturevalue("tiny_model_dir")
+@dataclass
+class RunningApp:
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+    startup_s: float  # from starting the process to the first answer of /gradio_api/info
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.is_file() else ""
 
 
 def free_port() -> int:
@@ -35,19 +36,20 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_app(model_dir: Path, log_path: Path, timeout: float = 120.0, env: dict | None = None):
+def running_app(model_dir: str | Path, log_path: Path, timeout: float = 120.0,
+                env: dict | None = None) -> Iterator[RunningApp]:
     """`python app.py` on a free port with MODEL_ID=model_dir (and `env` on top of this process's
-    environment); yields its URL, stops it after."""
+    environment), its output in `log_path`; yields once it answers, stops it after."""
     port = free_port()
     env = {
         **os.environ, "MODEL_ID": str(model_dir), "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
         "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1", **(env or {}),
     }
     url = f"http://127.0.0.1:{port}/"
+    started = time.perf_counter()
     with log_path.open("w") as log:
         process = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + timeout
             while True:
                 if process.poll() is not None:
                     raise RuntimeError(f"app.py exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
@@ -57,10 +59,10 @@ def running_app(model_dir: Path, log_path: Path, timeout: float = 120.0, env: di
                             break
                 except OSError:
                     pass
-                if time.monotonic() > deadline:
+                if time.perf_counter() - started > timeout:
                     raise TimeoutError(f"app.py did not answer within {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")
-                time.sleep(0.5)
-            yield url
+                time.sleep(0.25)
+            yield RunningApp(url, process, log_path, time.perf_counter() - started)
         finally:
             process.terminate()
             try:

@@ -89,3 +89,11 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     ViTForImageClassification(config).save_pretrained(folder)
     PixelSpec(size=64).processor().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def served_model_dir(request) -> Path:
+    """The model the app tests serve: the bundled model when it exists, else `tiny_model_dir`."""
+    if (BUNDLED_MODEL / "config.json").is_file():
+        return BUNDLED_MODEL
+    return request.getfixturevalue("tiny_model_dir")

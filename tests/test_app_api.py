@@ -28,7 +28,7 @@ from PIL import Image
 
 from pneumonia_vit.images import load_xray
 from pneumonia_vit.model import Classifier
-from tests.app_server import REPO, running_app, served_model_dir  # noqa: F401  (fixture)
+from tests.app_server import REPO, running_app
 from tests.odd_files import BAD, READABLE, make_odd_files
 
 EXAMPLES = sorted((REPO / "examples").glob("*.jpeg"))
@@ -43,8 +43,8 @@ def app_log(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def app_url(served_model_dir, app_log):
-    with running_app(served_model_dir, app_log, env=DEFAULTS) as url:
-        yield url
+    with running_app(served_model_dir, app_log, env=DEFAULTS) as app:
+        yield app.url
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +280,8 @@ def test_fast_path_and_batching_can_be_turned_off(served_model_dir, exact, tmp_p
     from gradio_client.exceptions import AppError
 
     log = tmp_path / "app.log"
-    with running_app(served_model_dir, log, env={"PNEUMONIA_VIT_FAST": "0", "PNEUMONIA_VIT_BATCH": "0"}) as url:
+    with running_app(served_model_dir, log, env={"PNEUMONIA_VIT_FAST": "0", "PNEUMONIA_VIT_BATCH": "0"}) as app:
+        url = app.url
         client = Client(url, verbose=False)
         for path in EXAMPLES[:3]:
             value = call(client, path)

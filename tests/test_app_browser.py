@@ -15,7 +15,7 @@ import pytest
 
 from pneumonia_vit.images import load_xray
 from pneumonia_vit.model import Classifier
-from tests.app_server import REPO, running_app, served_model_dir  # noqa: F401  (fixture)
+from tests.app_server import REPO, running_app
 from tests.odd_files import make_odd_files
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
@@ -46,8 +46,8 @@ def _require_browser():
 @pytest.fixture(scope="module")
 def app_url(served_model_dir, tmp_path_factory):
     _require_browser()
-    with running_app(served_model_dir, tmp_path_factory.mktemp("app") / "app.log") as url:
-        yield url
+    with running_app(served_model_dir, tmp_path_factory.mktemp("app") / "app.log") as app:
+        yield app.url
 
 
 @pytest.fixture(scope="module")
