@@ -50,12 +50,11 @@ def predict_folder(service: Service, folder: Path, output: Path, recursive: bool
             chunk = files[start : start + batch_size]
             readings, readable, rows = [], [], {}
             for path in chunk:
-                name = path.relative_to(folder).as_posix()
                 try:
                     readings.append(read_xray(path))
                     readable.append(path)
                 except InvalidImageError as error:
-                    rows[path] = {"file": name, "error": str(error)}
+                    rows[path] = {"file": path.relative_to(folder).as_posix(), "error": str(error)}
                     counts["errors"] += 1
             for path, analysis in zip(readable, service.analyze_many(readings, batch_size)):
                 domain = analysis.domain

@@ -134,23 +134,26 @@ class HubStandIn:
             self.repos[(repo_type, repo_id)] = Repo(repo_id, repo_type, payload.get("visibility") == "private")
         return _json(200, {"url": url, "name": repo_id, "id": repo_id})
 
-    def _preupload(self, repo_type, repo_id, revision, payload, query):
+    def _writable(self, repo_type, repo_id, revision, query) -> Repo | tuple:
+        """The repo a preupload or commit writes to, or the error response."""
         repo = self._find(repo_type, repo_id, unquote(revision))
+        if isinstance(repo, Repo) and "create_pr" in query:
+            return _json(400, {"error": "the stand-in has no pull requests"})
+        return repo
+
+    def _preupload(self, repo_type, repo_id, revision, payload, query):
+        repo = self._writable(repo_type, repo_id, revision, query)
         if not isinstance(repo, Repo):
             return repo
-        if "create_pr" in query:
-            return _json(400, {"error": "the stand-in has no pull requests"})
         files = [{"path": item["path"], "uploadMode": "regular", "shouldIgnore": False,
                   "oid": git_blob_oid(repo.files[item["path"]]) if item["path"] in repo.files else None}
                  for item in payload["files"]]
         return _json(200, {"files": files, "commitOid": repo.sha})
 
     def _commit(self, repo_type, repo_id, revision, body, query):
-        repo = self._find(repo_type, repo_id, unquote(revision))
+        repo = self._writable(repo_type, repo_id, revision, query)
         if not isinstance(repo, Repo):
             return repo
-        if "create_pr" in query:
-            return _json(400, {"error": "the stand-in has no pull requests"})
         summary, added, deleted = "", {}, []
         for line in body.splitlines():
             if not line.strip():
