@@ -20,26 +20,24 @@ evaluate the test split once -> write metrics, plots and the model card -> push 
 
 from __future__ import annotations
 
+import functools
 import json
-import random
+import logging
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from transformers import (
+    AutoConfig,
     AutoModelForImageClassification,
     EarlyStoppingCallback,
-    HfArgumentParser,
     TrainingArguments,
-    ViTConfig,
-    ViTForImageClassification,
     set_seed,
 )
 
 from pneumonia_vit.card import model_card
-from pneumonia_vit.data import Augmentation, BatchTransform, collate, load_splits
+from pneumonia_vit.data import Augmentation, BatchTransform, collate, load_splits, with_sample_index
 from pneumonia_vit.domain import fit_domain_stats
 from pneumonia_vit.evaluation import predict_scores, write_report
 from pneumonia_vit.images import LABELS
@@ -47,10 +45,12 @@ from pneumonia_vit.metrics import THRESHOLD_RULES, choose_threshold
 from pneumonia_vit.model import load_pixel_spec
 from pneumonia_vit.preprocess import PixelSpec
 from pneumonia_vit.training import (
-    CardTrainer,
-    RandomStateLog,
+    AugmentationEpoch,
+    DistillationTrainer,
     Stopwatch,
+    StrictReloadTrainer,
     compute_metrics,
+    parse_with_config_file,
     resume_checkpoint,
     weighted_loss,
 )
@@ -58,21 +58,33 @@ from pneumonia_vit.training import (
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str = field(
-        default="google/vit-base-patch16-224-in21k",
-        metadata={"help": "Pretrained ViT to fine-tune: a Hub id or a local folder. Ignored with --from_config."},
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Pretrained model to fine-tune: a Hub id (google/vit-base-patch16-224-in21k) or a local folder "
+                  "(e.g. what pretrain_mae.py wrote). Leave unset to train from scratch from the config below."},
     )
-    from_config: bool = field(
-        default=False,
-        metadata={"help": "Build a randomly initialised ViT from the size flags below instead of downloading one."},
+    config_name: str | None = field(
+        default=None, metadata={"help": "Config to build the model from, a Hub id or folder, if not the pretrained model's own."}
     )
-    image_size: int = field(default=224, metadata={"help": "--from_config: input side in pixels."})
-    patch_size: int = field(default=16, metadata={"help": "--from_config: patch side in pixels."})
-    hidden_size: int = field(default=768, metadata={"help": "--from_config: embedding width."})
-    num_hidden_layers: int = field(default=12, metadata={"help": "--from_config: transformer blocks."})
-    num_attention_heads: int = field(default=12, metadata={"help": "--from_config: attention heads per block."})
-    intermediate_size: int = field(default=3072, metadata={"help": "--from_config: MLP width."})
-    dropout: float = field(default=0.0, metadata={"help": "Dropout on hidden states and attention (both model kinds)."})
+    model_type: str = field(
+        default="vit", metadata={"help": "From scratch without --config_name: the architecture, with its default config."}
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated settings over the config, e.g. "
+                  "image_size=128,patch_size=8,hidden_size=192,num_hidden_layers=6,num_attention_heads=3,"
+                  "intermediate_size=768,hidden_dropout_prob=0.1"},
+    )
+    image_size: int | None = field(
+        default=None, metadata={"help": "From scratch: input side in pixels, for architectures whose config has none (CNNs)."}
+    )
+    teacher_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A trained classifier (e.g. a CNN from configs/resnet_teacher_cpu.yaml) whose probabilities the "
+                  "model also learns to match on every augmented training image (soft knowledge distillation)."},
+    )
+    distillation_weight: float = field(default=0.5, metadata={"help": "With a teacher: the loss is (1 - w) x label loss + w x distillation loss."})
+    distillation_temperature: float = field(default=2.0, metadata={"help": "With a teacher: softmax temperature of both models' logits."})
 
 
 @dataclass
@@ -88,11 +100,17 @@ class DataArguments:
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Use only this many validation and test images each (quick runs)."}
     )
-    augment: bool = field(default=True, metadata={"help": "Random rotation, shift, zoom and exposure on training images."})
+    augment: bool = field(default=True, metadata={"help": "Augment the training images (pneumonia_vit/data.py: Augmentation)."})
+    crop_scale: float = field(default=0.6, metadata={"help": "Smallest random crop, as a fraction of the image area."})
+    aspect_jitter: float = field(
+        default=1.45, metadata={"help": "Random crop width/height between 1/jitter and jitter (1: square crops only)."}
+    )
     rotation_degrees: float = field(default=7.0, metadata={"help": "Largest random rotation, degrees."})
-    zoom: float = field(default=0.1, metadata={"help": "Largest random zoom in or out, as a fraction."})
-    shift: float = field(default=0.05, metadata={"help": "Largest random shift, as a fraction of the side."})
+    gamma: float = field(default=0.4, metadata={"help": "Random gamma between 1/(1+gamma) and 1+gamma."})
     exposure: float = field(default=0.15, metadata={"help": "Largest random brightness and contrast change, as a fraction."})
+    blur: float = field(default=1.0, metadata={"help": "Largest Gaussian blur radius, pixels (a quarter of the images)."})
+    noise: float = field(default=0.03, metadata={"help": "Largest Gaussian noise sigma, fraction of full scale (a quarter of the images)."})
+    jpeg_quality: int = field(default=30, metadata={"help": "Lowest JPEG re-encoding quality (a quarter of the images)."})
 
 
 @dataclass
@@ -119,45 +137,33 @@ class RunArguments:
 
 
 def parse_arguments(argv: list[str]):
-    """A YAML/JSON file as the first argument sets defaults; flags after it override them."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, RunArguments, TrainingArguments))
-    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
-        config = yaml.safe_load(Path(argv[0]).read_text()) or {}  # JSON is YAML too
-        # set_defaults accepts any name: a misspelt key would otherwise surface as "too many values to unpack".
-        unknown = sorted(set(config) - {action.dest for action in parser._actions})
-        if unknown:
-            raise ValueError(f"{argv[0]}: unknown setting(s) {', '.join(unknown)}; see python train_vit.py --help")
-        parser.set_defaults(**config)
-        argv = argv[1:]
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parse_with_config_file((ModelArguments, DataArguments, RunArguments, TrainingArguments), argv, "train_vit.py")
 
 
 def build_model(model_args: ModelArguments):
-    """The ViT and the pixel spec it expects."""
-    labels = {"id2label": dict(enumerate(LABELS)), "label2id": {label: i for i, label in enumerate(LABELS)}}
-    dropout = {"hidden_dropout_prob": model_args.dropout, "attention_probs_dropout_prob": model_args.dropout}
-    if model_args.from_config:
-        config = ViTConfig(
-            image_size=model_args.image_size, patch_size=model_args.patch_size, hidden_size=model_args.hidden_size,
-            num_hidden_layers=model_args.num_hidden_layers, num_attention_heads=model_args.num_attention_heads,
-            intermediate_size=model_args.intermediate_size, num_labels=len(LABELS), **labels, **dropout,
-        )
-        return ViTForImageClassification(config), PixelSpec(size=model_args.image_size)
-    model = AutoModelForImageClassification.from_pretrained(
-        model_args.model_name_or_path, num_labels=len(LABELS), ignore_mismatched_sizes=True, **labels, **dropout
-    )
+    """The classifier and the pixel spec it expects: pretrained weights to fine-tune, or a new model from a config."""
+    labels = {"num_labels": len(LABELS), "id2label": dict(enumerate(LABELS)), "label2id": {label: i for i, label in enumerate(LABELS)}}
+    source = model_args.config_name or model_args.model_name_or_path
+    config = AutoConfig.from_pretrained(source, **labels) if source else AutoConfig.for_model(model_args.model_type, **labels)
+    if model_args.config_overrides:
+        config.update_from_string(model_args.config_overrides)
+    if model_args.model_name_or_path is None:
+        return AutoModelForImageClassification.from_config(config), PixelSpec(size=model_args.image_size or config.image_size)
+    # A pretrained classifier's head has another number of classes (ImageNet's): it is replaced.
+    model = AutoModelForImageClassification.from_pretrained(model_args.model_name_or_path, config=config, ignore_mismatched_sizes=True)
     return model, load_pixel_spec(model_args.model_name_or_path)
 
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, run_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     training_args.remove_unused_columns = False  # the transforms read the "image" column
     training_args.restore_callback_states_from_checkpoint = True  # a resumed run keeps its early-stopping patience count
     checkpoint = resume_checkpoint(training_args, run_args.overwrite_output_dir)
+    if training_args.dataloader_persistent_workers:
+        raise ValueError("--dataloader_persistent_workers is not supported: the workers would keep augmenting as in "
+                         "the first epoch (see training.AugmentationEpoch)")
     set_seed(training_args.seed)
-    # The augmentations draw from python's `random`: one stream per process, or every process would
-    # draw the same rotations for its share of the batch. (Process 0 keeps the single-process stream.)
-    random.seed(training_args.seed + training_args.process_index)
 
     # Data: prepared imagefolder (or Hub dataset), optionally cut down for quick runs.
     with training_args.main_process_first():
@@ -170,20 +176,29 @@ def main(argv: list[str] | None = None) -> dict:
     # Model and the transforms that feed it.
     model, spec = build_model(model_args)
     augmentation = Augmentation(
-        rotation_degrees=data_args.rotation_degrees, zoom=data_args.zoom, shift=data_args.shift,
-        brightness=data_args.exposure, contrast=data_args.exposure,
+        crop_scale=data_args.crop_scale, aspect_jitter=data_args.aspect_jitter, rotation_degrees=data_args.rotation_degrees,
+        gamma=data_args.gamma, exposure=data_args.exposure, blur=data_args.blur, noise=data_args.noise,
+        jpeg_quality=data_args.jpeg_quality,
     ) if data_args.augment else None
     class_counts = Counter(splits["train"]["label"])  # read before set_transform, which would decode every image
-    random_log = RandomStateLog(BatchTransform(spec, augmentation))
-    splits["train"].set_transform(random_log)
+    train_transform = BatchTransform(spec, augmentation, seed=training_args.seed)
+    splits["train"] = with_sample_index(splits["train"])
+    splits["train"].set_transform(train_transform)
     for name in ("validation", "test"):
         splits[name].set_transform(BatchTransform(spec))
 
     stopwatch = Stopwatch(run_args.max_train_minutes)
-    callbacks = [stopwatch]
+    callbacks = [stopwatch, AugmentationEpoch(train_transform)]
     if run_args.early_stopping_patience and training_args.load_best_model_at_end:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=run_args.early_stopping_patience))
-    trainer = CardTrainer(
+    if model_args.teacher_name_or_path:
+        trainer_class = functools.partial(
+            DistillationTrainer, teacher=AutoModelForImageClassification.from_pretrained(model_args.teacher_name_or_path),
+            weight=model_args.distillation_weight, temperature=model_args.distillation_temperature,
+        )
+    else:
+        trainer_class = StrictReloadTrainer
+    trainer = trainer_class(
         model=model,
         args=training_args,
         data_collator=collate,
@@ -196,7 +211,6 @@ def main(argv: list[str] | None = None) -> dict:
         compute_metrics=compute_metrics,
         callbacks=callbacks,
     )
-    trainer.random_log = random_log
     if trainer.is_world_process_zero():
         effective = training_args.per_device_train_batch_size * training_args.world_size * training_args.gradient_accumulation_steps
         print(
@@ -238,19 +252,19 @@ def main(argv: list[str] | None = None) -> dict:
     if trainer.is_world_process_zero():
         results["validation"] = write_report(validation_labels, validation_scores, threshold, training_args.output_dir, "validation")
         results["test"] = write_report(test_labels, test_scores, threshold, training_args.output_dir, "test")
-        trainer.card_text = model_card(
+        card = model_card(
             results=results, config=model.config, spec=spec, class_counts=class_counts,
             split_sizes={name: len(split) for name, split in splits.items()},
-            source=model_args.model_name_or_path if not model_args.from_config else None,
+            source=model_args.model_name_or_path,
             data=data_args.dataset_name or data_args.data_dir,
             command="python train_vit.py " + " ".join(sys.argv[1:] if argv is None else argv),
             training_args=training_args,
         )
+        Path(training_args.output_dir, "README.md").write_text(card)
         print(json.dumps({split: {k: v for k, v in m.items() if k != "confusion_matrix"} for split, m in results.items()}, indent=1))
     # With --push_to_hub, save_model also uploads the folder (weights, config with the threshold,
     # processor, card) through Trainer.push_to_hub, from the main process only.
     trainer.save_model()
-    trainer.create_model_card()
     return results
 
 

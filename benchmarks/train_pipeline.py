@@ -11,10 +11,10 @@ Feeds, all with batch 32 and `pneumonia_vit.data.collate`:
   `set_transform(BatchTransform(spec, Augmentation()))` in a shuffled DataLoader, as Trainer builds
   it with its default `dataloader_num_workers=0` (train_vit.py);
 - pipeline, 1 worker: the same loaded in a background process (overlaps decoding with the step;
-  the augmentations then come from the worker's random state, so not the same draws as 0 workers);
-- cached decode, 0 workers: the prepared images decoded and resized to 128 px once (uint8, 16 KiB an image),
-  then the same augmentation and normalisation per step in the main process: identical batches to
-  "pipeline, 0 workers" for the same seed (checked here), without the per-step decoding and resizing.
+  the same augmentations, each image's drawn from its own seeded generator);
+- cached decode, 0 workers: the prepared images decoded once (uint8, at their prepared size), then the
+  same augmentation and normalisation per step in the main process: identical batches to
+  "pipeline, 0 workers" for the same seed (checked here), without the per-step decoding.
 Blocks of steps alternate between the feeds so that load changes hit them alike.
 Results: benchmarks/results/train_pipeline.{json,md} (train_pipeline-quick.* with --quick).
 """
@@ -22,7 +22,6 @@ Results: benchmarks/results/train_pipeline.{json,md} (train_pipeline-quick.* wit
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import sys
 import time
@@ -35,31 +34,31 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pneumonia_vit.data import Augmentation, BatchTransform, collate, load_splits  # noqa: E402
+from pneumonia_vit.data import Augmentation, BatchTransform, collate, load_splits, with_sample_index  # noqa: E402
 from pneumonia_vit.images import LABELS, load_xray  # noqa: E402
-from pneumonia_vit.preprocess import PixelSpec, pixel_values, resize_gray  # noqa: E402
+from pneumonia_vit.preprocess import PixelSpec, pixel_values  # noqa: E402
 
 BATCH = 32
+SEED = 42
 
 
 class CachedDecode(torch.utils.data.Dataset):
-    """The train split decoded and resized once; augmentation and normalisation still per access.
+    """The train split decoded once; augmentation and normalisation still per access.
 
-    `__getitem__` does what `BatchTransform` does for one image after decoding, with the same calls
-    to `random` in the same order, so a seeded run draws the same augmentations."""
+    `__getitem__` does what `BatchTransform` does for one image after decoding (epoch 0), so it draws the
+    same augmentations."""
 
-    def __init__(self, split, spec: PixelSpec, augmentation: Augmentation | None):
-        self.spec, self.augmentation = spec, augmentation
+    def __init__(self, split, spec: PixelSpec, augmentation: Augmentation, seed: int):
+        self.spec, self.augmentation, self.seed = spec, augmentation, seed
         self.labels = torch.tensor(split["label"])
-        self.pixels = np.stack([np.asarray(resize_gray(load_xray(row["image"]), spec.size)) for row in split])
+        self.pixels = np.stack([np.asarray(load_xray(row["image"])) for row in split])
 
     def __len__(self):
         return len(self.labels)
 
     def __getitem__(self, index):
         image = Image.fromarray(self.pixels[index], mode="L")
-        if self.augmentation is not None:
-            image = self.augmentation(image)
+        image = self.augmentation(image, self.spec.size, np.random.default_rng((self.seed, 0, index)))
         return {"pixel_values": pixel_values([image], self.spec)[0], "labels": self.labels[index]}
 
 
@@ -95,18 +94,17 @@ def main(argv=None) -> int:
     if args.quick:
         train = train.shuffle(seed=0).select(range(BATCH * 12))
     print(f"train split: {len(train)} images", flush=True)
-    plain = train.with_transform(BatchTransform(spec, Augmentation()))
+    plain = with_sample_index(train).with_transform(BatchTransform(spec, Augmentation(), seed=SEED))
 
     start = time.perf_counter()
-    cached = CachedDecode(train, spec, Augmentation())
+    cached = CachedDecode(train, spec, Augmentation(), seed=SEED)
     cache_seconds = time.perf_counter() - start
-    print(f"decoded and resized {len(cached)} images once in {cache_seconds:.1f} s "
+    print(f"decoded {len(cached)} images once in {cache_seconds:.1f} s "
           f"({cached.pixels.nbytes / 2**20:.0f} MiB)", flush=True)
 
     # Same seed -> the cached feed gives exactly the pipeline's batches.
     identical = True
     for feed in (plain, cached):
-        random.seed(123)
         batches = [batch for _, batch in zip(range(2), loader(feed, 0, seed=7))]
         if feed is plain:
             reference = batches
@@ -163,7 +161,7 @@ def main(argv=None) -> int:
     markdown = (
         f"### Training input pipeline: bundled architecture, batch {BATCH}, {len(train)} training images\n\n"
         + markdown_table(["feed", "steps/s", "images/s", "cost vs memory", "one batch alone (ms)", "its CPU ms (main process)"], rows)
-        + f"\n\nCached decode: {len(cached)} images decoded and resized once in {cache_seconds:.1f} s, "
+        + f"\n\nCached decode: {len(cached)} images decoded once in {cache_seconds:.1f} s, "
           f"{cached.pixels.nbytes / 2**20:.0f} MiB; identical batches to the pipeline for the same seed: {identical}."
         + f"\n\n- Goal: pipeline costs < 10% -> Trainer default (0 workers) {default:+.1f}%: "
           f"{'PASS' if default < 10 else 'FAIL'}; best feed: {best} ({results[best]['pipeline_overhead_percent']:+.1f}%)"

@@ -19,6 +19,13 @@ def _row(name: str, metrics: dict) -> str:
     return f"| {name} ({metrics['n']}) | " + " | ".join(cells) + f" | {matrix['tn']} / {matrix['fp']} / {matrix['fn']} / {matrix['tp']} |"
 
 
+def _architecture(config, spec) -> str:
+    if config.model_type == "vit":
+        return (f"A Vision Transformer ({config.num_hidden_layers} layers, width {config.hidden_size}, "
+                f"{config.num_attention_heads} heads, patch {config.patch_size}, {spec.size}×{spec.size} input)")
+    return f"A {type(config).__name__.removesuffix('Config')} model ({spec.size}×{spec.size} input)"
+
+
 def model_card(results, config, spec, class_counts, split_sizes, source, data, command, training_args) -> str:
     front_matter = {
         "license": "cc-by-4.0",
@@ -47,8 +54,7 @@ def model_card(results, config, spec, class_counts, split_sizes, source, data, c
 
 # Pneumonia ViT: NORMAL vs PNEUMONIA on pediatric chest X-rays
 
-A Vision Transformer ({config.num_hidden_layers} layers, width {config.hidden_size}, {config.num_attention_heads} heads,
-patch {config.patch_size}, {spec.size}×{spec.size} input) {origin}, made with `train_vit.py` of the
+{_architecture(config, spec)} {origin}, made with `train_vit.py` of the
 pneumonia-vit project.
 
 **Research demo, not a medical device.** It must not be used to diagnose, triage or treat anyone.
@@ -109,4 +115,31 @@ classifier = pipeline("image-classification", model="path/or/hub-id")
 scores = {{row["label"]: row["score"] for row in classifier("xray.jpeg")}}
 is_pneumonia = scores["PNEUMONIA"] >= classifier.model.config.decision_threshold
 ```
+"""
+
+
+def encoder_card(config, images: int, folders: list[str], losses: list[float], command: str, training_args) -> str:
+    """The card of a pretrain_mae.py output: what it is for, what it saw, and how it was made."""
+    front_matter = {"license": "cc-by-4.0", "library_name": "transformers", "pipeline_tag": "image-classification",
+                    "tags": ["vision-transformer", "vit-mae", "chest-x-ray", "self-supervised", "research-only"]}
+    loss = f"{losses[-1]:.4f}" if losses else "n/a"
+    return f"""---
+{yaml.safe_dump(front_matter, sort_keys=False).strip()}
+---
+
+# ViT encoder pretrained as a masked autoencoder on chest X-rays
+
+The encoder of a `ViTMAEForPreTraining` ({config.num_hidden_layers} layers, width {config.hidden_size},
+patch {config.patch_size}, {config.image_size}×{config.image_size} input, mask ratio {config.mask_ratio}),
+saved as a `ViTForImageClassification` whose NORMAL/PNEUMONIA head is **untrained**: it is a starting point
+for `train_vit.py --model_name_or_path <this folder>`, not a classifier.
+
+Pretrained on {images} unlabeled images from {", ".join(f"`{folder}`" for folder in folders)}; final
+reconstruction loss {loss}. **Research use only, not a medical device.**
+
+```
+{command}
+```
+Learning rate {training_args.learning_rate}, {training_args.num_train_epochs} epochs, batch
+{training_args.per_device_train_batch_size} per device, seed {training_args.seed}.
 """

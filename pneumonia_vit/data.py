@@ -7,14 +7,14 @@ with the same labels.
 
 from __future__ import annotations
 
+import io
 import math
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from .images import IMAGE_SUFFIXES, LABELS, load_xray
 from .preprocess import PixelSpec, pixel_values, resize_gray
@@ -119,60 +119,128 @@ def check_prepared_folder(root: Path) -> None:
         )
 
 
+def unlabeled_images(folders: list[str]) -> tuple[list[str], list[str]]:
+    """Every file below `folders` that the project's image reader reads, and "file (why)" for every other one.
+
+    For self-supervised pretraining: a prepared folder's validation and test splits are refused, since
+    pretraining on them would leak the images that choose and score the classifier.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .images import InvalidImageError
+
+    files = []
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: no such folder")
+        for prepared_root in (folder, *folder.resolve().parents):
+            if (prepared_root / "prepared_index.csv").is_file() and not folder.resolve().is_relative_to(prepared_root.resolve() / "train"):
+                raise ValueError(f"{folder} holds a prepared dataset's validation or test split; give its train/ folder only")
+        files += sorted(path for path in folder.rglob("*") if path.is_file() and not path.name.startswith("."))
+
+    def problem(path: Path) -> str | None:
+        try:
+            load_xray(path)
+        except (InvalidImageError, OSError, ValueError) as error:
+            return f"{path} ({str(error).rstrip('.')})"
+        return None
+
+    with ThreadPoolExecutor() as pool:  # Pillow releases the GIL while decoding
+        problems = list(pool.map(problem, files))
+    readable = [str(path) for path, why in zip(files, problems) if why is None]
+    if not readable:
+        raise ValueError(f"no readable image in {', '.join(folders)}" + (f": {len(files)} file(s), none an image" if files else " (empty)"))
+    return readable, [why for why in problems if why is not None]
+
+
 @dataclass(frozen=True)
 class Augmentation:
-    """Random changes that a chest radiograph can plausibly show.
+    """Random changes that a chest radiograph can plausibly show, drawn per image from its own generator.
 
     No flips: a mirrored chest puts the heart on the right (dextrocardia), a different anatomy.
-    Small rotations and shifts: children are positioned less precisely than adults.
-    Zoom: field of view and patient size vary between exposures.
-    Brightness and contrast: exposure and detector settings vary between machines.
+    Random resized crops with aspect-ratio jitter: the Kermany PNEUMONIA originals are wider than the
+    NORMAL ones, and squashing every image to a square turns that into a geometric class cue that the
+    validation patients follow and the test patients do not; crops of varying width and height make
+    the cue carry no information. They also vary the field of view and the patient's size.
+    Small rotations: children are positioned less precisely than adults.
+    Gamma, brightness, contrast, blur, noise and JPEG quality: exposure, detector, processing and
+    compression vary between machines and hospitals (the test patients were collected separately).
     """
 
+    crop_scale: float = 0.6  # smallest crop, as a fraction of the image area
+    aspect_jitter: float = 1.45  # crop width/height drawn log-uniformly in [1/jitter, jitter]
     rotation_degrees: float = 7.0
-    zoom: float = 0.1
-    shift: float = 0.05
-    brightness: float = 0.15
-    contrast: float = 0.15
+    gamma: float = 0.4  # gamma drawn log-uniformly in [1/(1+gamma), 1+gamma]
+    exposure: float = 0.15  # brightness offset and contrast gain, as fractions
+    blur: float = 1.0  # largest Gaussian blur radius in output pixels (a quarter of the images)
+    noise: float = 0.03  # largest Gaussian noise sigma, as a fraction of full scale (a quarter of the images)
+    jpeg_quality: int = 30  # lowest JPEG quality (a quarter of the images are re-encoded)
 
-    def __call__(self, image: Image.Image) -> Image.Image:
-        # The global `random` state is what Trainer checkpoints and restores, and what DataLoader
-        # workers seed per worker: a resumed run draws the same augmentations as an unbroken one.
-        side = image.size[0]
-        angle = math.radians(random.uniform(-self.rotation_degrees, self.rotation_degrees))
-        scale = 1.0 / random.uniform(1.0 - self.zoom, 1.0 + self.zoom)
-        shift_x, shift_y = (random.uniform(-self.shift, self.shift) * side for _ in range(2))
-        # PIL maps each output pixel back to an input pixel: input = A @ (output - centre) + centre + shift
-        cos, sin = math.cos(angle) * scale, math.sin(angle) * scale
-        centre = (side - 1) / 2
-        coefficients = (
-            cos, -sin, centre - cos * centre + sin * centre + shift_x,
-            sin, cos, centre - sin * centre - cos * centre + shift_y,
-        )
-        image = image.transform(image.size, Image.Transform.AFFINE, coefficients, Image.Resampling.BILINEAR)
-        gain = random.uniform(1 - self.contrast, 1 + self.contrast)
-        offset = random.uniform(-self.brightness, self.brightness) * 255
-        pixels = np.asarray(image, dtype=np.float32)
-        pixels = (pixels - pixels.mean()) * gain + pixels.mean() + offset
-        return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="L")
+    def __call__(self, image: Image.Image, size: int, rng: np.random.Generator) -> Image.Image:
+        width, height = image.size
+        area = rng.uniform(self.crop_scale, 1.0)
+        aspect = math.exp(rng.uniform(-math.log(self.aspect_jitter), math.log(self.aspect_jitter)))
+        crop_width = min(width, width * math.sqrt(area * aspect))
+        crop_height = min(height, height * math.sqrt(area / aspect))
+        left, top = rng.uniform(0, width - crop_width), rng.uniform(0, height - crop_height)
+        image = image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + crop_width, top + crop_height))
+        image = image.rotate(rng.uniform(-self.rotation_degrees, self.rotation_degrees), Image.Resampling.BILINEAR)
+        if rng.random() < 0.25:
+            image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.2, self.blur)))
+
+        pixels = np.asarray(image, dtype=np.float32) / 255.0
+        pixels **= math.exp(rng.uniform(-math.log1p(self.gamma), math.log1p(self.gamma)))
+        mean = pixels.mean()
+        pixels = (pixels - mean) * rng.uniform(1 - self.exposure, 1 + self.exposure) + mean
+        pixels += rng.uniform(-self.exposure, self.exposure)
+        if rng.random() < 0.25:
+            pixels += rng.normal(0.0, rng.uniform(0.0, self.noise), pixels.shape).astype(np.float32)
+        image = Image.fromarray(np.clip(pixels * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+        if rng.random() < 0.25:
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=int(rng.integers(self.jpeg_quality, 96)))
+            image = Image.open(buffer)
+            image.load()
+        return image
+
+
+SAMPLE_INDEX = "sample_index"  # the training split's column that seeds each image's augmentation
 
 
 class BatchTransform:
-    """`datasets.set_transform` callable: decoded images -> pixel_values, labels."""
+    """`datasets.set_transform` callable: decoded images -> pixel_values, labels.
 
-    def __init__(self, spec: PixelSpec, augmentation: Augmentation | None = None):
+    With an augmentation, image i of epoch e is augmented by a generator seeded with (seed, e, i)
+    (i from the split's SAMPLE_INDEX column; e set by `training.AugmentationEpoch`). What an image
+    gets depends on nothing else: not the number of processes or dataloader workers, not the batch
+    it lands in, not whether the run was interrupted and resumed.
+    """
+
+    def __init__(self, spec: PixelSpec, augmentation: Augmentation | None = None, seed: int = 0):
         self.spec = spec
         self.augmentation = augmentation
+        self.seed = seed
+        self.epoch = 0
 
     def __call__(self, batch: dict) -> dict:
-        images = [resize_gray(load_xray(image), self.spec.size) for image in batch["image"]]
-        if self.augmentation is not None:
-            images = [self.augmentation(image) for image in images]
-        return {"pixel_values": pixel_values(images, self.spec), "labels": torch.tensor(batch["label"])}
+        images = [load_xray(image) for image in batch["image"]]
+        if self.augmentation is None:
+            images = [resize_gray(image, self.spec.size) for image in images]
+        else:
+            images = [
+                self.augmentation(image, self.spec.size, np.random.default_rng((self.seed, self.epoch, index)))
+                for image, index in zip(images, batch[SAMPLE_INDEX])
+            ]
+        batch_out = {"pixel_values": pixel_values(images, self.spec)}
+        if "label" in batch:
+            batch_out["labels"] = torch.tensor(batch["label"])
+        return batch_out
+
+
+def with_sample_index(split):
+    """The split with the SAMPLE_INDEX column that BatchTransform's augmentation reads."""
+    return split.add_column(SAMPLE_INDEX, list(range(len(split))))
 
 
 def collate(examples: list[dict]) -> dict:
-    return {
-        "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
-        "labels": torch.stack([example["labels"] for example in examples]),
-    }
+    return {key: torch.stack([example[key] for example in examples]) for key in examples[0]}

@@ -1,12 +1,13 @@
-"""Training machinery behind train_vit.py: the loss, the metrics logged during training, a Trainer
-that reloads checkpoints correctly, resumes reproducibly and writes this project's model card,
-a throughput/time-budget callback, and checkpoint validation for `--resume_from_checkpoint`.
+"""Training machinery behind train_vit.py and pretrain_mae.py: the loss, the metrics logged during
+training, a Trainer that reloads checkpoints correctly, the callback that tells the augmentation its
+epoch, a throughput/time-budget callback, and checkpoint validation for `--resume_from_checkpoint`.
 """
 
 from __future__ import annotations
 
 import json
-import random
+import logging
+import math
 import re
 import shutil
 import time
@@ -16,13 +17,29 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_pt_utils import safe_globals
+import yaml
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .domain import STATS_FILE
 from .images import LABELS
 from .metrics import binary_metrics
+
+logger = logging.getLogger(__name__)
+
+
+def parse_with_config_file(dataclass_types, argv: list[str], script: str):
+    """A YAML/JSON file as the first argument sets defaults; flags after it override them."""
+    parser = HfArgumentParser(dataclass_types)
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
+        config = yaml.safe_load(Path(argv[0]).read_text()) or {}  # JSON is YAML too
+        # set_defaults accepts any name: a misspelt key would otherwise surface as "too many values to unpack".
+        unknown = sorted(set(config) - {action.dest for action in parser._actions})
+        if unknown:
+            raise ValueError(f"{argv[0]}: unknown setting(s) {', '.join(unknown)}; see python {script} --help")
+        parser.set_defaults(**config)
+        argv = argv[1:]
+    return parser.parse_args_into_dataclasses(args=argv)
 
 
 def weighted_loss(class_counts: Counter, label_smoothing: float):
@@ -48,50 +65,23 @@ def compute_metrics(prediction) -> dict:
     return {key: value for key, value in metrics.items() if isinstance(value, float) and key != "threshold"}
 
 
-class RandomStateLog:
-    """Wraps the training transform; notes python's `random` state before each batch it augments.
+class StrictReloadTrainer(Trainer):
+    """Trainer that reloads checkpoints strictly, and leaves the project's model card in place.
 
-    accelerate's dataloader fetches one batch ahead, so when Trainer saves a checkpoint the
-    augmentations of the next batch have already been drawn: the checkpoint must store the state
-    from before that look-ahead fetch for a resumed run to draw the same ones (see CardTrainer).
+    transformers 5 saves a ViT under its original (`vit.encoder.layer.N.attention.attention.query`)
+    key names and maps them back to its own (`vit.layers.N.attention.q_proj`) only in
+    `from_pretrained`; Trainer's resume and `load_best_model_at_end` call `load_state_dict(strict=False)`
+    on the raw file instead, which loads the embeddings and the head and silently leaves every encoder
+    block as it was (huggingface/transformers#43701, #48805). Both go through `from_pretrained` here,
+    strictly. tests/test_train.py checks that stock Trainer still drops the weights: when that test
+    fails, upstream has fixed the bug and the two reload overrides can go.
+
+    train_vit.py writes the model card (card.py) before the final save; Trainer's push would first
+    write its generic card over it.
     """
-
-    def __init__(self, transform):
-        self.transform = transform
-        self.fetched = 0  # batches augmented in this process (stays 0 in dataloader workers' copies)
-        self.state_before_last: tuple | None = None
-
-    def __call__(self, batch: dict) -> dict:
-        self.state_before_last = random.getstate()
-        self.fetched += 1
-        return self.transform(batch)
-
-
-class CardTrainer(Trainer):
-    """Trainer whose push uploads this project's model card instead of the generic one.
-
-    It also reloads checkpoints correctly. transformers 5 saves a ViT under its original
-    (`vit.encoder.layer.N.attention.attention.query`) key names and maps them back to its own
-    (`vit.layers.N.attention.q_proj`) only in `from_pretrained`; Trainer's resume and
-    `load_best_model_at_end` call `load_state_dict(strict=False)` on the raw file instead, which
-    loads the embeddings and the head and silently leaves every encoder block as it was
-    (huggingface/transformers#43701, #48805). Both go through `from_pretrained` here, strictly.
-
-    And a resume in the middle of an epoch draws the same augmentations (python's `random`) as an
-    unbroken run, with dataloader_num_workers 0: the checkpoint stores the state from before the
-    batch fetched ahead (`random_log`), and that state is restored before the resumed run's first
-    fetch (Trainer restores RNG states only after it, then `random` is left where the fetch put it).
-    """
-
-    card_text: str | None = None
-    random_log: RandomStateLog | None = None  # the training transform, wrapped
-    _batches_used = 0  # training batches handed to the training loop by this process
-    _python_rng_pending: tuple | None = None  # checkpointed `random` state, restored at the first fetch
-    _python_rng_advanced = False  # ...and since advanced by that fetch: keep it when Trainer restores
 
     def create_model_card(self, *args, **kwargs):
-        if self.card_text is not None and self.is_world_process_zero():
-            Path(self.args.output_dir, "README.md").write_text(self.card_text)
+        pass
 
     def _plain_model(self) -> bool:
         return not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
@@ -105,10 +95,6 @@ class CardTrainer(Trainer):
         if not self._plain_model():
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         self._load_weights(resume_from_checkpoint, model)
-        name = f"rng_state_{self.args.process_index}.pth" if self.args.world_size > 1 else "rng_state.pth"
-        if Path(resume_from_checkpoint, name).is_file():
-            with safe_globals():  # the allow-list Trainer's own RNG restore uses
-                self._python_rng_pending = torch.load(Path(resume_from_checkpoint, name), weights_only=True)["python"]
 
     def _load_best_model(self):
         folder = self.state.best_model_checkpoint
@@ -116,35 +102,52 @@ class CardTrainer(Trainer):
         if not self._plain_model() or not saved:
             return super()._load_best_model()  # sharded/DeepSpeed/FSDP, or a node that lacks the folder: Trainer's own path
         if self.is_world_process_zero():
-            print(f"loading the best model from {folder} (validation {self.args.metric_for_best_model} {self.state.best_metric})")
+            logger.info("loading the best model from %s (validation %s %s)", folder, self.args.metric_for_best_model, self.state.best_metric)
         self._load_weights(folder)
 
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
-        if self._python_rng_pending is not None:
-            random.setstate(self._python_rng_pending)
-            self._python_rng_pending, self._python_rng_advanced = None, True
-        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
-        self._batches_used += len(batches)
-        return batches, num_items
 
-    def _load_rng_state(self, checkpoint):
-        self._python_rng_pending = None  # restored here before any fetch (an epoch boundary): nothing to do later
-        advanced = random.getstate() if self._python_rng_advanced else None
-        super()._load_rng_state(checkpoint)
-        if advanced is not None:
-            random.setstate(advanced)
-            self._python_rng_advanced = False
+class DistillationTrainer(StrictReloadTrainer):
+    """Adds soft knowledge distillation (Hinton et al. 2015) to the label loss: on every augmented training
+    image, the KL divergence between the frozen teacher's and the model's temperature-softened probabilities.
+    A small CNN learns from local texture what a small ViT trained from scratch on 5,000 images does not
+    find by itself; the served model stays the ViT (README: ablation)."""
 
-    def _save_rng_state(self, output_dir):
-        log = self.random_log
-        if log is None or log.fetched != self._batches_used + 1:
-            return super()._save_rng_state(output_dir)  # nothing fetched ahead (end of epoch), or workers augment
-        current = random.getstate()
-        random.setstate(log.state_before_last)  # what the batch fetched ahead started from
-        try:
-            super()._save_rng_state(output_dir)
-        finally:
-            random.setstate(current)
+    def __init__(self, *args, teacher: torch.nn.Module, weight: float, temperature: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.eval().requires_grad_(False).to(self.args.device)
+        self.weight, self.temperature = weight, temperature
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            with torch.no_grad():
+                teacher_logits = self.teacher(pixel_values=inputs["pixel_values"]).logits.float()
+            t = self.temperature
+            per_image = t * t * F.kl_div(F.log_softmax(outputs.logits.float() / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1),
+                                         log_target=True, reduction="none").sum(dim=-1)
+            # Normalised as Trainer normalises the label loss: over the whole accumulated batch of all processes.
+            if num_items_in_batch is None:
+                distillation = per_image.mean()
+            else:
+                scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+                distillation = per_image.sum() / num_items_in_batch * scale
+            loss = (1 - self.weight) * loss + self.weight * distillation
+        return (loss, outputs) if return_outputs else loss
+
+
+class AugmentationEpoch(TrainerCallback):
+    """Tells the training transform which epoch starts, so that it seeds each image's augmentation with it.
+
+    Trainer calls this before it creates the epoch's data loader iterator, whose worker processes copy
+    the transform; a resumed run starts in the checkpoint's epoch. (Persistent workers would keep the
+    first epoch's copy: train_vit.py refuses them.)
+    """
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.transform.epoch = math.floor(state.epoch + 1e-9)
 
 
 class Stopwatch(TrainerCallback):
@@ -167,7 +170,7 @@ class Stopwatch(TrainerCallback):
         if self.max_seconds is not None and time.perf_counter() - self.start > self.max_seconds and not self.out_of_time:
             self.out_of_time = control.should_training_stop = True
             if state.is_world_process_zero:
-                print(f"time budget of {self.max_seconds / 60:g} min used up at step {state.global_step}: stopping")
+                logger.info("time budget of %g min used up at step %d: stopping", self.max_seconds / 60, state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.train_seconds = time.perf_counter() - self.start - self.eval_seconds
@@ -288,11 +291,11 @@ def resume_checkpoint(training_args: TrainingArguments, overwrite_output_dir: bo
             problem = checkpoint_problem(folder, full_check)
             if problem is None:
                 if training_args.process_index == 0:
-                    print(f"resuming from {folder}" + (", the newest complete checkpoint" if broken else ""))
+                    logger.info("resuming from %s%s", folder, ", the newest complete checkpoint" if broken else "")
                 return str(folder)
             broken.append(f"{folder} ({problem})")
             if training_args.process_index == 0:
-                print(f"skipping checkpoint {folder}: {problem}; trying the one before it")
+                logger.info("skipping checkpoint %s: %s; trying the one before it", folder, problem)
         raise CheckpointError(
             f"--resume_from_checkpoint last: no usable checkpoint in {output_dir}: " + "; ".join(broken)
             + ". To start again, pass --overwrite_output_dir instead of --resume_from_checkpoint (it removes them)."
@@ -302,7 +305,7 @@ def resume_checkpoint(training_args: TrainingArguments, overwrite_output_dir: bo
         if problem is not None:
             raise CheckpointError(f"--resume_from_checkpoint {requested}: cannot resume from {requested}: {problem}")
         if training_args.process_index == 0:
-            print(f"resuming from {requested}")
+            logger.info("resuming from %s", requested)
         return requested
     if output_dir.is_dir() and get_last_checkpoint(str(output_dir)) and not overwrite_output_dir:
         raise FileExistsError(
@@ -312,5 +315,5 @@ def resume_checkpoint(training_args: TrainingArguments, overwrite_output_dir: bo
     if overwrite_output_dir and output_dir.is_dir() and training_args.process_index == 0:
         removed = clear_previous_run(output_dir)
         if removed:
-            print(f"--overwrite_output_dir: removed the previous run's {', '.join(removed)} from {output_dir}")
+            logger.info("--overwrite_output_dir: removed the previous run's %s from %s", ", ".join(removed), output_dir)
     return None

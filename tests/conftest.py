@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tiny_vit import TINY_VIT
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -78,11 +80,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from pneumonia_vit.preprocess import PixelSpec
 
     torch.manual_seed(0)
-    config = ViTConfig(
-        image_size=64, patch_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, num_labels=2, id2label=dict(enumerate(LABELS)),
-        label2id={label: i for i, label in enumerate(LABELS)},
-    )
+    config = ViTConfig(num_labels=2, id2label=dict(enumerate(LABELS)), label2id={label: i for i, label in enumerate(LABELS)})
+    config.update_from_string(TINY_VIT)
     config.decision_threshold = 0.42
     config.threshold_rule = "youden"
     folder = tmp_path_factory.mktemp("tiny_model")

@@ -37,13 +37,13 @@ import pytest
 
 from hub_standin import HubStandIn
 from real_subset import prepared_subset, split_sizes
+from tiny_vit import TINY_VIT
 
 REPO = Path(__file__).resolve().parent.parent
 SCORE_TOLERANCE = 2e-3
 AUC_TOLERANCE = 0.01
 COMMON = [
-    "--from_config", "--image_size", "64", "--patch_size", "16", "--hidden_size", "32", "--num_hidden_layers", "2",
-    "--num_attention_heads", "2", "--intermediate_size", "64", "--use_cpu", "--report_to", "none",
+    "--config_overrides", TINY_VIT, "--use_cpu", "--report_to", "none",
     "--disable_tqdm", "true", "--dataloader_num_workers", "0", "--seed", "42", "--augment", "false",
     "--max_train_samples", "128", "--num_train_epochs", "8", "--learning_rate", "0.001",
     "--gradient_accumulation_steps", "2", "--per_device_eval_batch_size", "4", "--eval_strategy", "epoch",

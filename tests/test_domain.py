@@ -53,12 +53,13 @@ def test_stats_round_trip_and_cut_off(model_with_stats, small_prepared):
 
 def test_fit_reads_images_past_a_training_transform(tiny_model_dir, small_prepared):
     """train_vit.py passes its splits with augmentation transforms set; the fit must see plain images."""
-    from pneumonia_vit.data import Augmentation, BatchTransform, load_splits
+    from pneumonia_vit.data import Augmentation, BatchTransform, load_splits, with_sample_index
     from pneumonia_vit.model import Classifier
 
     classifier = Classifier.load(str(tiny_model_dir), fast=False)
     splits = load_splits(str(small_prepared))
     plain = fit_domain_stats(classifier.model, classifier.spec, splits["train"], splits["validation"])
+    splits["train"] = with_sample_index(splits["train"])
     splits["train"].set_transform(BatchTransform(classifier.spec, Augmentation()))
     transformed = fit_domain_stats(classifier.model, classifier.spec, splits["train"], splits["validation"])
     assert np.allclose(plain.mean, transformed.mean) and plain.threshold == pytest.approx(transformed.threshold)

@@ -71,11 +71,11 @@ def test_gpu_training_configs_parse(name, parameters):
     assert training_args.bf16 and training_args.load_best_model_at_end and training_args.metric_for_best_model == "roc_auc"
     assert training_args.dataloader_num_workers >= 4
     if parameters:
-        assert model_args.from_config and model_args.image_size == 224 and run_args.max_train_minutes
+        assert model_args.model_name_or_path is None and "image_size=224" in model_args.config_overrides and run_args.max_train_minutes
         model, spec = train_vit.build_model(model_args)
         assert parameters[0] < sum(p.numel() for p in model.parameters()) < parameters[1] and spec.size == 224
     else:
-        assert model_args.model_name_or_path == "google/vit-base-patch16-224-in21k" and not model_args.from_config
+        assert model_args.model_name_or_path == "google/vit-base-patch16-224-in21k" and "hidden_dropout_prob=0.1" in model_args.config_overrides
         assert data_args.data_dir == "data/chest_xray_prepared" and training_args.output_dir == "runs/vit_base"
 
 

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from tiny_vit import TINY_VIT
+
 from hub_standin import HubStandIn
 
 REPO = Path(__file__).resolve().parent.parent
 REPO_ID = "user/pneumonia-test"
 TINY_FLAGS = [
-    "--from_config", "--image_size", "64", "--patch_size", "16", "--hidden_size", "32", "--num_hidden_layers", "2",
-    "--num_attention_heads", "2", "--intermediate_size", "64", "--use_cpu", "--per_device_train_batch_size", "8",
+    "--config_overrides", TINY_VIT, "--use_cpu", "--per_device_train_batch_size", "8",
     "--eval_strategy", "epoch", "--save_strategy", "epoch", "--load_best_model_at_end",
     "--metric_for_best_model", "roc_auc", "--report_to", "none", "--disable_tqdm", "true",
 ]
