@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import re
+import resource
 import shutil
 import time
 import zipfile
@@ -150,6 +151,12 @@ class AugmentationEpoch(TrainerCallback):
         self.transform.epoch = math.floor(state.epoch + 1e-9)
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (dataloader workers), all cores."""
+    return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+               for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+
+
 class Stopwatch(TrainerCallback):
     """Training images per second with evaluation time left out, peak GPU memory, and an optional time budget."""
 
@@ -159,7 +166,7 @@ class Stopwatch(TrainerCallback):
         self.out_of_time = False
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.start, self.start_epoch = time.perf_counter(), state.epoch or 0.0
+        self.start, self.start_epoch, self.start_cpu = time.perf_counter(), state.epoch or 0.0, _cpu_seconds()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 
@@ -174,6 +181,7 @@ class Stopwatch(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.train_seconds = time.perf_counter() - self.start - self.eval_seconds
+        self.cpu_seconds = _cpu_seconds() - self.start_cpu  # evaluation included: what the run cost the machine
         self.epochs = (state.epoch or 0.0) - self.start_epoch
 
     def stats(self, train_size: int) -> dict:
@@ -182,7 +190,8 @@ class Stopwatch(TrainerCallback):
         return {
             "train_images": images, "train_seconds": round(self.train_seconds, 2),
             "images_per_second": round(images / self.train_seconds, 1) if self.train_seconds > 0 else None,
-            "evaluation_seconds": round(self.eval_seconds, 2), "peak_gpu_memory_gib": None if peak is None else round(peak, 3),
+            "evaluation_seconds": round(self.eval_seconds, 2), "cpu_seconds": round(self.cpu_seconds, 1),
+            "peak_gpu_memory_gib": None if peak is None else round(peak, 3),
             "stopped_by_time_budget": self.out_of_time,
         }
 
