@@ -2,9 +2,9 @@
 project's serving path, for ViT-B/16 (random weights, 224 px: the cost of google/vit-base-patch16-224)
 and the bundled model (models/pneumonia-vit-tiny, 128 px).
 
-    python benchmarks/inference.py            # full run, about 6 minutes on 2 quiet cores
-    python benchmarks/inference.py --quick    # smoke run, about 2 minutes
-    python benchmarks/inference.py --bundled runs/smoke --skip-vit-base   # another trained model
+    python -m benchmarks.inference            # full run, about 6 minutes on 2 quiet cores
+    python -m benchmarks.inference --quick    # smoke run, about 2 minutes
+    python -m benchmarks.inference --bundled runs/smoke --skip-vit-base   # another trained model
 
 Timed paths, each including reading the file and all preprocessing:
 - pipeline fp32: `pipeline("image-classification", model=folder)(Image.open(path))`, what every
@@ -34,16 +34,22 @@ import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
-    ORIGINALS, PREPARED_TEST, bundled_dir, interleaved, labelled_files, markdown_table, percentiles, spread,
-    vit_base_dir, write_results,
-)
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from benchmarks._common import (  # noqa: E402
+    ORIGINALS,
+    PREPARED_TEST,
+    bundled_dir,
+    interleaved,
+    labelled_files,
+    markdown_table,
+    percentiles,
+    spread,
+    vit_base_dir,
+    write_results,
+)
 from pneumonia_vit.images import load_xray  # noqa: E402
 from pneumonia_vit.metrics import binary_metrics  # noqa: E402
 from pneumonia_vit.model import Classifier  # noqa: E402

@@ -1,10 +1,10 @@
 """Peak resident memory (RSS) of a process that serves a model: the plain fp32
 `transformers.pipeline` against this project's paths, for the bundled model and ViT-B/16.
 
-    python benchmarks/memory.py            # full run, about 3 minutes on 2 cores
-    python benchmarks/memory.py --quick    # smoke run: the bundled model only
+    python -m benchmarks.memory            # full run, about 3 minutes on 2 cores
+    python -m benchmarks.memory --quick    # smoke run: the bundled model only
 
-Each case runs in a fresh subprocess (`python benchmarks/memory.py --child MODEL PATH`): import,
+Each case runs in a fresh subprocess (`python -m benchmarks.memory --child MODEL PATH`): import,
 load the model, score 20 real X-rays one at a time, then report its RSS after the imports, after
 loading, and the peak (VmHWM, i.e. ru_maxrss). Paths:
 - pipeline fp32: `pipeline("image-classification", model=folder)(Image.open(path))`;
@@ -27,9 +27,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
 PATHS = ("pipeline fp32", "ours, torch fp32", "ours, fast, first start", "ours, fast")
 PREDICTIONS = 20
@@ -64,9 +61,9 @@ def peak_mib() -> float:
 
 def child(folder: str, path: str, images: list[str]) -> dict:
     """One case, in this (fresh) process."""
-    import _common  # noqa: F401  (offline settings, quiet transformers)
     from PIL import Image
 
+    import benchmarks._common  # noqa: F401  (offline settings, quiet transformers)
     from pneumonia_vit.images import load_xray
     from pneumonia_vit.model import Classifier
 
@@ -97,7 +94,7 @@ def child(folder: str, path: str, images: list[str]) -> dict:
 
 def run_case(folder: Path, path: str, images: list[str], cache: Path) -> dict:
     env = {**os.environ, "PNEUMONIA_VIT_CACHE": str(cache)}
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", str(folder), path, "--images", *images]
+    command = [sys.executable, "-m", "benchmarks.memory", "--child", str(folder), path, "--images", *images]
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{path} on {folder} failed:\n{result.stderr[-3000:]}")
@@ -115,7 +112,15 @@ def main(argv=None) -> int:
         print(json.dumps(child(*args.child, args.images)))
         return 0
 
-    from _common import PREPARED_TEST, bundled_dir, labelled_files, markdown_table, spread, vit_base_dir, write_results
+    from benchmarks._common import (
+        PREPARED_TEST,
+        bundled_dir,
+        labelled_files,
+        markdown_table,
+        spread,
+        vit_base_dir,
+        write_results,
+    )
 
     images = [str(path) for path, _ in spread(labelled_files(PREPARED_TEST), PREDICTIONS)]
     bundled, trained = bundled_dir(args.bundled)

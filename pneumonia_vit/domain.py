@@ -26,9 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -73,7 +73,7 @@ class DomainStats:
         return path
 
     @classmethod
-    def read(cls, path: str | Path) -> "DomainStats":
+    def read(cls, path: str | Path) -> DomainStats:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="numpy") as handle:
@@ -87,7 +87,7 @@ class DomainStats:
             )
 
     @classmethod
-    def load(cls, model_id: str | Path) -> "DomainStats | None":
+    def load(cls, model_id: str | Path) -> DomainStats | None:
         """The stats beside a model (a local folder or a Hub id), or None where there are none."""
         folder = Path(model_id)
         if folder.is_dir():
@@ -215,7 +215,7 @@ def fit_domain_stats(
 
 
 def _files(folder: Path) -> list[Path]:
-    return sorted(path for path in folder.rglob("*") if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES + (".dcm",))
+    return sorted(path for path in folder.rglob("*") if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def measure(service, folder: Path) -> dict:

@@ -14,9 +14,9 @@ Why attention rollout (Abnar & Zuidema 2020) and not Grad-CAM:
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch

@@ -13,8 +13,8 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -101,7 +101,7 @@ class Classifier:
 
     @classmethod
     def load(cls, model_id: str, fast: bool | None = None, threads: int | None = None,
-             keep_model: bool = False) -> "Classifier":
+             keep_model: bool = False) -> Classifier:
         """`fast`: serve through ONNX Runtime int8 (default; PNEUMONIA_VIT_FAST=0 turns it off);
         falls back to the fp32 PyTorch model, with a warning, where that backend is unavailable.
         `threads`: intra-op threads of the fast path (default: the cores this process may use).

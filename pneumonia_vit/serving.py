@@ -22,9 +22,9 @@ seconds that importing gradio takes.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from PIL import Image
 
@@ -104,7 +104,7 @@ class Service:
 
     @classmethod
     def load(cls, model_id: str | None = None, explain: bool = False, fast: bool | None = None,
-             max_batch: int = 1) -> "Service":
+             max_batch: int = 1) -> Service:
         """`explain`: also load the PyTorch model for heatmaps, now (the app; predict.py needs none).
         `fast`: None follows PNEUMONIA_VIT_FAST (default on). `max_batch`: see `predict`."""
         model_id = str(model_id or model_id_from_env())

@@ -14,9 +14,9 @@ import csv
 import os
 import re
 import shutil
-import threading
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -185,11 +185,11 @@ def test_bad_inputs_in_a_batch_fail_alone(app_url, classifier, odd, app_log):
 
     jobs = 2 * [EXAMPLES[0], odd["text_named.jpg"].path, *EXAMPLES[1:4], odd["truncated.jpg"].path, *EXAMPLES[4:6]]
     clients = [Client(app_url, verbose=False) for _ in jobs]
-    for attempt in range(5):  # concurrency is up to the scheduler: retry until some requests shared a forward
+    for _ in range(5):  # concurrency is up to the scheduler: retry until some requests shared a forward
         seen = len(batch_sizes(app_log))
         barrier = threading.Barrier(len(jobs))
 
-        def one(index: int):
+        def one(index: int, barrier=barrier):
             barrier.wait()
             try:
                 return confidences(call(clients[index], jobs[index]))["PNEUMONIA"]

@@ -18,9 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from pneumonia_vit.preprocess import pixel_array
 from pneumonia_vit.images import load_xray
-from pneumonia_vit.preprocess import pixel_values
+from pneumonia_vit.preprocess import pixel_array, pixel_values
 
 BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "models" / "pneumonia-vit-tiny"
 
@@ -99,8 +98,9 @@ def test_fast_features_match_the_pytorch_head_input(tiny_model_dir, real_xrays):
 def test_cache_is_reused_and_keyed_by_weights(tiny_model_dir, tmp_path):
     import shutil
 
-    from pneumonia_vit.model import Classifier
     from transformers import ViTForImageClassification
+
+    from pneumonia_vit.model import Classifier
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir, folder)

@@ -19,13 +19,11 @@ import time
 from pathlib import Path
 
 import pytest
+from real_subset import prepared_subset
 
 from pneumonia_vit.training import CheckpointError
 
-from real_subset import prepared_subset
-
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 METRIC_TOLERANCE = 1e-6
 WEIGHT_TOLERANCE = 1e-6

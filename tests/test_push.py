@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from hub_standin import HubStandIn
 
 REPO = Path(__file__).resolve().parent.parent
