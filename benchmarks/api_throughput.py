@@ -50,8 +50,8 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks._common import REPO, SCRATCH, bundled_dir, markdown_table, percentiles, write_results  # noqa: E402
-from tests.app_server import RunningApp, running_app  # noqa: E402
+from benchmarks._common import REPO, SCRATCH, bundled_dir, markdown_table, percentiles, write_results
+from tests.app_server import RunningApp, running_app
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 

@@ -20,9 +20,9 @@ import os
 import sys
 from pathlib import Path
 
-from benchmarks._common import SCRATCH, bundled_dir, markdown_table, vit_base_dir, write_results  # noqa: E402
-from benchmarks.api_throughput import EXAMPLES, App, running  # noqa: E402
-from benchmarks.memory import status_mib  # noqa: E402
+from benchmarks._common import SCRATCH, bundled_dir, markdown_table, vit_base_dir, write_results
+from benchmarks.api_throughput import EXAMPLES, App, running
+from benchmarks.memory import status_mib
 
 CONFIGS = {
     "baseline (fp32 PyTorch, unbatched)": {"PNEUMONIA_VIT_FAST": "0", "PNEUMONIA_VIT_BATCH": "0"},

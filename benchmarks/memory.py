@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -59,7 +58,7 @@ def peak_mib() -> float:
     return value
 
 
-def child(folder: str, path: str, images: list[str]) -> dict:
+def child(folder: str, path: str, images: list[str], cache: str) -> dict:
     """One case, in this (fresh) process."""
     from PIL import Image
 
@@ -77,7 +76,7 @@ def child(folder: str, path: str, images: list[str]) -> dict:
         def predict(image_path):
             return model(Image.open(image_path), top_k=2)
     else:
-        model = Classifier.load(folder, fast=path != PATHS[1])
+        model = Classifier.load(folder, fast=path != PATHS[1], cache=cache)
         if path != PATHS[1] and model.fast_model is None:
             raise SystemExit("the fast path did not load")
 
@@ -93,9 +92,9 @@ def child(folder: str, path: str, images: list[str]) -> dict:
 
 
 def run_case(folder: Path, path: str, images: list[str], cache: Path) -> dict:
-    env = {**os.environ, "PNEUMONIA_VIT_CACHE": str(cache)}
-    command = [sys.executable, "-m", "benchmarks.memory", "--child", str(folder), path, "--images", *images]
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    command = [sys.executable, "-m", "benchmarks.memory", "--child", str(folder), path, "--cache", str(cache),
+               "--images", *images]
+    result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{path} on {folder} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -107,9 +106,10 @@ def main(argv=None) -> int:
     parser.add_argument("--bundled", default=None)
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS)
     parser.add_argument("--images", nargs="*", help=argparse.SUPPRESS)
+    parser.add_argument("--cache", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(*args.child, args.images)))
+        print(json.dumps(child(*args.child, args.images, args.cache)))
         return 0
 
     from benchmarks._common import (

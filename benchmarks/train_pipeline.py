@@ -27,14 +27,14 @@ import statistics
 import sys
 import time
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import torch
+from PIL import Image
 
-from benchmarks._common import BUNDLED_CONFIG, REPO, markdown_table, write_results  # noqa: E402
-from pneumonia_vit.data import Augmentation, BatchTransform, collate, load_splits  # noqa: E402
-from pneumonia_vit.images import LABELS, load_xray  # noqa: E402
-from pneumonia_vit.preprocess import PixelSpec, pixel_values, resize_gray  # noqa: E402
+from benchmarks._common import BUNDLED_CONFIG, REPO, markdown_table, write_results
+from pneumonia_vit.data import Augmentation, BatchTransform, collate, load_splits
+from pneumonia_vit.images import LABELS, load_xray
+from pneumonia_vit.preprocess import PixelSpec, pixel_values, resize_gray
 
 BATCH = 32
 

@@ -3,8 +3,8 @@
 Runtime with a fixed number of intra-op threads.
 
 Nothing is committed to the repository: the first `load_fast_model` for a given set of weights
-exports and quantizes the model into a cache folder (~/.cache/pneumonia-vit/<fingerprint>/, or
-$PNEUMONIA_VIT_CACHE) and later loads reuse it. The fingerprint covers the weight and config files'
+exports and quantizes the model into a cache folder (~/.cache/pneumonia-vit/<fingerprint>/, or the
+caller's `cache`) and later loads reuse it. The fingerprint covers the weight and config files'
 contents, the recipe version and the onnxruntime version, so new weights or a new quantizer give a
 new artefact. The one-off cost is 2-3 s for the bundled model and 20-40 s for ViT-B/16 on a busy
 2-core machine (benchmarks/inference.py reports it); a warm start reads no PyTorch weights.
@@ -48,27 +48,15 @@ logger = logging.getLogger(__name__)
 RECIPE = "onnx-opset17-int8-dynamic-matmul-per-channel-v1"
 # The weights (single file or shards with their index), the config and the processor config.
 FINGERPRINT_PATTERNS = ("config.json", "preprocessor_config.json", "model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin")
-ENV_CACHE = "PNEUMONIA_VIT_CACHE"
-ENV_THREADS = "PNEUMONIA_VIT_THREADS"
 
 
 class FastPathUnavailable(RuntimeError):
     """The fast backend cannot be used here (package missing, export failed); callers fall back."""
 
 
-def cache_root() -> Path:
-    """$PNEUMONIA_VIT_CACHE, else $XDG_CACHE_HOME/pneumonia-vit, else ~/.cache/pneumonia-vit."""
-    if os.environ.get(ENV_CACHE):
-        return Path(os.environ[ENV_CACHE])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "pneumonia-vit"
-
-
-def default_threads() -> int:
-    """$PNEUMONIA_VIT_THREADS, else every core this process may use (`cpus.usable_cores`)."""
-    if os.environ.get(ENV_THREADS):
-        return max(1, int(os.environ[ENV_THREADS]))
-    return usable_cores()
+def default_cache() -> Path:
+    """$XDG_CACHE_HOME/pneumonia-vit, else ~/.cache/pneumonia-vit (the platform's convention)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pneumonia-vit"
 
 
 def fingerprint(model_dir: str | os.PathLike) -> str:
@@ -196,7 +184,8 @@ def load_fast_model(
     threads: int | None = None,
     cache: str | os.PathLike | None = None,
 ) -> OnnxClassifier:
-    """The int8 ONNX model for the weights in `model_dir`, exported on first use into the cache.
+    """The int8 ONNX model for the weights in `model_dir`, exported on first use into `cache` (default:
+    `default_cache()`), run with `threads` intra-op threads (default: every core this process may use).
 
     `load_torch_model` is only called on a cache miss. Raises FastPathUnavailable when onnxruntime
     or onnx is missing or the export fails; the caller then keeps the PyTorch model.
@@ -208,7 +197,7 @@ def load_fast_model(
         raise FastPathUnavailable(f"{error.name} is not installed (pip install onnxruntime onnx)") from error
     started = time.perf_counter()
     key = fingerprint(model_dir)
-    root = Path(cache) if cache is not None else cache_root()
+    root = Path(cache) if cache is not None else default_cache()
     target = root / key / "model.int8.onnx"
     startup = {"cache_hit": target.is_file(), "fingerprint_s": time.perf_counter() - started, "artefact": str(target)}
     if not startup["cache_hit"]:
@@ -230,7 +219,7 @@ def load_fast_model(
         logger.info("exported the int8 ONNX model to %s in %.1f s", target, startup["export_quantize_s"])
     begin = time.perf_counter()
     try:
-        model = OnnxClassifier(target, threads or default_threads())
+        model = OnnxClassifier(target, threads or usable_cores())
     except Exception as error:
         if not startup["cache_hit"]:
             raise FastPathUnavailable(f"ONNX Runtime cannot load the exported model: {error}") from error

@@ -2,7 +2,7 @@
 
 `Classifier.load(model_id)` serves through the fast path (pneumonia_vit.fast_inference: ONNX
 Runtime, int8 weights) when onnxruntime and onnx are installed, and through the fp32 PyTorch model
-otherwise or with `fast=False` (or PNEUMONIA_VIT_FAST=0). `.model`, the PyTorch model, stays
+otherwise or with `fast=False`. `.model`, the PyTorch model, stays
 available either way (explanations need its attention weights); with a cached fast model it is
 only read from disk when first used (or at once with `keep_model=True`).
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +22,6 @@ from PIL import Image
 from .preprocess import PixelSpec, pixel_values
 
 DEFAULT_THRESHOLD = 0.5
-ENV_FAST = "PNEUMONIA_VIT_FAST"
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +46,6 @@ def _pixel_spec_from_json(folder: Path) -> PixelSpec:
         return PixelSpec.from_settings(saved["size"], saved["image_mean"], saved["image_std"])
     except (OSError, ValueError, KeyError, TypeError):
         return load_pixel_spec(str(folder))
-
-
-def _fast_default() -> bool:
-    return os.environ.get(ENV_FAST, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def _local_folder(model_id: str) -> Path:
@@ -100,14 +94,13 @@ class Classifier:
             return self._model
 
     @classmethod
-    def load(cls, model_id: str, fast: bool | None = None, threads: int | None = None,
+    def load(cls, model_id: str, fast: bool = True, threads: int | None = None, cache: str | Path | None = None,
              keep_model: bool = False) -> Classifier:
-        """`fast`: serve through ONNX Runtime int8 (default; PNEUMONIA_VIT_FAST=0 turns it off);
-        falls back to the fp32 PyTorch model, with a warning, where that backend is unavailable.
-        `threads`: intra-op threads of the fast path (default: the cores this process may use).
+        """`fast`: serve through ONNX Runtime int8 (default), falling back to the fp32 PyTorch model, with a
+        warning, where that backend is unavailable; False: the fp32 PyTorch model.
+        `threads`, `cache`: the fast path's intra-op threads and export folder (`fast_inference.load_fast_model`).
         `keep_model`: also have the PyTorch model in memory on return (for callers that need `.model`
         anyway, such as the app's heatmaps): it is then read from disk once, even on a first export."""
-        fast = _fast_default() if fast is None else fast
         if fast:
             from . import fast_inference
 
@@ -121,7 +114,7 @@ class Classifier:
                 spec = _pixel_spec_from_json(folder)
                 classifier = cls(None, spec, threshold, model_dir=str(folder), labels=labels)
                 classifier.fast_model = fast_inference.load_fast_model(
-                    folder, spec, lambda: classifier.model, threads=threads
+                    folder, spec, lambda: classifier.model, threads=threads, cache=cache
                 )
                 if keep_model:
                     classifier.model  # noqa: B018  (loads it unless the export already did)

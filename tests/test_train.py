@@ -147,7 +147,7 @@ def test_best_checkpoint_reload_restores_every_layer(tiny_model_dir, tmp_path):
         assert torch.equal(value, saved[name]), name
 
 
-def test_saved_model_loads_in_classifier_and_pipeline_alike(trained, data_root, tmp_path, monkeypatch):
+def test_saved_model_loads_in_classifier_and_pipeline_alike(trained, data_root, tmp_path):
     from transformers import pipeline
 
     from pneumonia_vit.images import load_xray
@@ -178,8 +178,7 @@ def test_saved_model_loads_in_classifier_and_pipeline_alike(trained, data_root, 
         assert np.allclose(ours, pipeline_scores(paths), atol=tolerance), (ours, pipeline_scores(paths))
 
     # The default serving path (int8 ONNX Runtime where installed) stays close to the fp32 model.
-    monkeypatch.setenv("PNEUMONIA_VIT_CACHE", str(tmp_path / "cache"))
-    served = Classifier.load(str(output))
+    served = Classifier.load(str(output), cache=tmp_path / "cache")
     assert served.threshold == config["decision_threshold"]
     paths = prepared + originals
     ours = served.pneumonia_probability([load_xray(path) for path in paths])
