@@ -121,7 +121,9 @@ class Classifier:
                 else:
                     classifier._model = None  # loaded only for a first export; reloaded if asked for
                 return classifier
-            except Exception as error:  # any failure of the optional backend: serve with torch
+            except fast_inference.FastPathUnavailable as error:
+                # Only the fast path's expected failures (a package missing, an export this model does not
+                # support) fall back; any other error is a bug, raised rather than hidden behind fp32.
                 logger.warning("fast inference unavailable, using the fp32 PyTorch model: %s", error)
         from transformers import AutoModelForImageClassification
 

@@ -150,6 +150,18 @@ def test_fast_path_falls_back_with_a_warning(tiny_model_dir, real_xrays, monkeyp
     assert np.array_equal(classifier.pneumonia_probability(real_xrays), reference)
 
 
+def test_a_bug_in_the_fast_path_is_raised_not_served_as_fp32(tiny_model_dir, monkeypatch, tmp_path):
+    from pneumonia_vit import fast_inference
+    from pneumonia_vit.model import Classifier
+
+    def buggy(model_dir):
+        raise TypeError("a programming error inside the fast path")
+
+    monkeypatch.setattr(fast_inference, "fingerprint", buggy)
+    with pytest.raises(TypeError, match="programming error"):
+        Classifier.load(str(tiny_model_dir), cache=tmp_path)
+
+
 def test_fast_load_reads_the_same_spec_and_threshold_as_transformers(tiny_model_dir, fast_cache):
     """The fast path reads preprocessor_config.json and config.json as plain JSON (no transformers
     import on a warm start); it must agree with AutoImageProcessor / AutoConfig."""
