@@ -93,15 +93,15 @@ def load_all(folder: Path, threads: int | None) -> tuple[dict, dict]:
         start = time.perf_counter()
         cold = Classifier.load(str(folder), threads=threads, cache=cache)
         startup["fast_cold_s"] = time.perf_counter() - start
-        if cold.fast_model is None:
+        if cold.backend.name != "onnxruntime-int8":
             raise SystemExit("the fast path did not load (see the warning above): pip install onnxruntime onnx")
-        startup["fast_cold_detail"] = cold.fast_model.startup
-        startup["artefact_mb"] = Path(cold.fast_model.path).stat().st_size / 2**20
+        startup["fast_cold_detail"] = cold.backend.startup
+        startup["artefact_mb"] = Path(cold.backend.path).stat().st_size / 2**20
         del cold
         start = time.perf_counter()
         fast = Classifier.load(str(folder), threads=threads, cache=cache)
         startup["fast_warm_s"] = time.perf_counter() - start
-        startup["fast_warm_detail"] = fast.fast_model.startup
+        startup["fast_warm_detail"] = fast.backend.startup
     return {"pipeline": pipe, "torch": exact, "fast": fast}, startup
 
 
@@ -162,12 +162,12 @@ def options(folder: Path, exact: Classifier, image: Image.Image, iterations: int
                                   ("onnxruntime int8 per-tensor", "int8_tensor.onnx", default),
                                   (f"onnxruntime int8 per-channel, {default} threads (the fast path)", "int8_channel.onnx", default),
                                   ("onnxruntime int8 per-channel, 1 thread", "int8_channel.onnx", 1)):
-            sessions[name] = fast_inference.OnnxClassifier(Path(work) / file, count)
+            sessions[name] = fast_inference.OnnxBackend(Path(work) / file, count)
     candidates = {
         "torch fp32 (SDPA attention)": lambda: model(pixel_values=pixels).logits.numpy(),
         "torch bf16": lambda: bf16(pixel_values=pixels.bfloat16()).logits.float().numpy(),
         "torch dynamic int8 (torch.ao, deprecated)": lambda: dynamic_int8(pixel_values=pixels).logits.numpy(),
-        **{name: (lambda s=session: s.run(array)["logits"]) for name, session in sessions.items()},
+        **{name: (lambda s=session: s.run(array)[0]) for name, session in sessions.items()},
     }
     with torch.inference_mode():
         reference = candidates["torch fp32 (SDPA attention)"]()

@@ -77,7 +77,7 @@ def child(folder: str, path: str, images: list[str], cache: str) -> dict:
             return model(Image.open(image_path), top_k=2)
     else:
         model = Classifier.load(folder, fast=path != PATHS[1], cache=cache)
-        if path != PATHS[1] and model.fast_model is None:
+        if path != PATHS[1] and model.backend.name != "onnxruntime-int8":
             raise SystemExit("the fast path did not load")
 
         def predict(image_path):

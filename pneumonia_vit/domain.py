@@ -164,7 +164,7 @@ def _images(source, batch_size: int) -> Iterator[Image.Image]:
 
 def embed(model, spec: PixelSpec, images: Iterable, batch_size: int = 64) -> np.ndarray:
     """The head-input features of every image, (N, hidden), in order."""
-    from .explain import forward
+    from .backends import forward
 
     was_training = model.training
     model.eval()

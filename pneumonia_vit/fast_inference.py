@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .backends import head_input
 from .cpus import usable_cores
-from .explain import head_input
 from .preprocess import PixelSpec
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def fingerprint(model_dir: str | os.PathLike) -> str:
 
 class _LogitsAndFeatures(torch.nn.Module):
     """The exported graph: logits, and (where the model has a `classifier` head) the head's input,
-    the features `explain.forward` returns for the out-of-domain check."""
+    the features `backends.forward` returns for the out-of-domain check."""
 
     def __init__(self, model):
         super().__init__()
@@ -144,7 +144,7 @@ def export_int8(model, spec: PixelSpec, target: Path, per_channel: bool = True) 
 
 
 @dataclass
-class OnnxClassifier:
+class OnnxBackend:
     """An ONNX Runtime session over the int8 model; call it with `pixel_array` output.
 
     `spinning`: whether ONNX Runtime's intra-op threads busy-wait for work after each run (its
@@ -153,6 +153,7 @@ class OnnxClassifier:
     more requests per second with 8 clients), for about 1 ms less latency per single-image run.
     """
 
+    name = "onnxruntime-int8"
     path: Path
     threads: int
     startup: dict = field(default_factory=dict)  # seconds spent on export/quantize/session, cache hit
@@ -171,10 +172,11 @@ class OnnxClassifier:
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         self.output_names = [output.name for output in self.session.get_outputs()]
 
-    def run(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        """{"logits": (N, classes), "features": (N, hidden)} for pixel values (N, 3, size, size)."""
+    def run(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits (N, classes) and features (N, hidden; None where the graph has no `classifier` head)."""
         values = self.session.run(None, {"pixel_values": np.ascontiguousarray(pixels, dtype=np.float32)})
-        return dict(zip(self.output_names, values))
+        outputs = dict(zip(self.output_names, values))
+        return outputs["logits"], outputs.get("features")
 
 
 def load_fast_model(
@@ -183,7 +185,7 @@ def load_fast_model(
     load_torch_model: Callable[[], object],
     threads: int | None = None,
     cache: str | os.PathLike | None = None,
-) -> OnnxClassifier:
+) -> OnnxBackend:
     """The int8 ONNX model for the weights in `model_dir`, exported on first use into `cache` (default:
     `default_cache()`), run with `threads` intra-op threads (default: every core this process may use).
 
@@ -219,7 +221,7 @@ def load_fast_model(
         logger.info("exported the int8 ONNX model to %s in %.1f s", target, startup["export_quantize_s"])
     begin = time.perf_counter()
     try:
-        model = OnnxClassifier(target, threads or usable_cores())
+        model = OnnxBackend(target, threads or usable_cores())
     except Exception as error:
         if not startup["cache_hit"]:
             raise FastPathUnavailable(f"ONNX Runtime cannot load the exported model: {error}") from error
@@ -231,9 +233,3 @@ def load_fast_model(
     startup["total_s"] = time.perf_counter() - started
     model.startup = startup
     return model
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)

@@ -27,9 +27,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from .backends import forward
 from .batching import MicroBatcher
 from .domain import DomainCheck, DomainStats, check_domain
-from .explain import attention_rollout, forward, overlay
+from .explain import attention_rollout, overlay
 from .images import LABELS, XrayReading, read_xray
 from .model import Classifier
 from .preprocess import pixel_values
@@ -97,7 +98,7 @@ class Service:
 
     @property
     def backend(self) -> str:
-        return self.classifier.backend
+        return self.classifier.backend.name
 
     @property
     def threshold(self) -> float:

@@ -116,7 +116,7 @@ def build_demo(service: Service, examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks
     if service.explainer is None:
         raise ValueError("the page needs the explaining model: Service.load(..., explain=True)")
     patch = service.explainer.config.patch_size
-    threshold_stored = getattr(service.explainer.config, "decision_threshold", None) is not None
+    threshold_stored = service.classifier.info.threshold_stored
     with gr.Blocks(title="Pneumonia X-ray ViT (research demo)", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(
             "# Pediatric pneumonia on chest X-rays: a small Vision Transformer\n"

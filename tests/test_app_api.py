@@ -96,7 +96,7 @@ def test_examples_shipped_with_credit():
 
 
 def test_app_serves_predict_fast_and_batched_and_analyze_with_pytorch(client, classifier, app_log):
-    assert classifier.backend == "onnxruntime-int8"
+    assert classifier.backend.name == "onnxruntime-int8"
     assert "/predict with onnxruntime-int8, up to 8 requests per forward, /analyze with torch-fp32" in app_log.read_text()
 
 

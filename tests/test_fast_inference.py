@@ -63,7 +63,7 @@ def test_fast_path_matches_fp32_on_real_xrays(tiny_model_dir, real_xrays, fast_c
     for folder in _model_dirs(tiny_model_dir):
         fast = Classifier.load(str(folder), cache=fast_cache)
         exact = Classifier.load(str(folder), fast=False)
-        assert (fast.backend, exact.backend) == ("onnxruntime-int8", "torch-fp32")
+        assert (fast.backend.name, exact.backend.name) == ("onnxruntime-int8", "torch-fp32")
         assert fast.spec == exact.spec and fast.threshold == exact.threshold
         ours, reference = fast.pneumonia_probability(real_xrays), exact.pneumonia_probability(real_xrays)
         assert ours.shape == reference.shape == (len(real_xrays),) and ours.dtype == np.float32
@@ -83,15 +83,15 @@ def test_fast_features_match_the_pytorch_head_input(tiny_model_dir, real_xrays, 
     from pneumonia_vit.model import Classifier
 
     fast = Classifier.load(str(tiny_model_dir), cache=fast_cache)
-    outputs = fast.fast_model.run(pixel_array(real_xrays, fast.spec))
+    _, features = fast.backend.run(pixel_array(real_xrays, fast.spec))
     captured = []
     model = fast.model  # the fp32 model, loaded lazily
     handle = model.classifier.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
     with torch.inference_mode():
         model(pixel_values=pixel_values(real_xrays, fast.spec))
     handle.remove()
-    assert outputs["features"].shape == tuple(captured[0].shape)
-    assert np.abs(outputs["features"] - captured[0].numpy()).max() < 0.1 * np.abs(captured[0].numpy()).max()
+    assert features.shape == tuple(captured[0].shape)
+    assert np.abs(features - captured[0].numpy()).max() < 0.1 * np.abs(captured[0].numpy()).max()
 
 
 def test_cache_is_reused_and_keyed_by_weights(tiny_model_dir, tmp_path, fast_cache):
@@ -106,7 +106,7 @@ def test_cache_is_reused_and_keyed_by_weights(tiny_model_dir, tmp_path, fast_cac
     first = Classifier.load(str(folder), cache=fast_cache)
     assert first._model is None  # served without keeping the PyTorch weights in memory
     second = Classifier.load(str(folder), cache=fast_cache)
-    assert second.fast_model.startup["cache_hit"] and second.fast_model.path == first.fast_model.path
+    assert second.backend.startup["cache_hit"] and second.backend.path == first.backend.path
     assert second._model is None  # a cache hit never reads the PyTorch weights
     # New weights in the same folder: a new artefact, not the stale one.
     model = ViTForImageClassification.from_pretrained(folder)
@@ -114,14 +114,14 @@ def test_cache_is_reused_and_keyed_by_weights(tiny_model_dir, tmp_path, fast_cac
         model.classifier.bias += 1.0
     model.save_pretrained(folder)
     third = Classifier.load(str(folder), cache=fast_cache)
-    assert not third.fast_model.startup["cache_hit"] and third.fast_model.path != first.fast_model.path
+    assert not third.backend.startup["cache_hit"] and third.backend.path != first.backend.path
 
 
 def test_disabled_fast_path_uses_pytorch(tiny_model_dir, fast_cache):
     from pneumonia_vit.model import Classifier
 
-    assert Classifier.load(str(tiny_model_dir), fast=False).backend == "torch-fp32"
-    assert Classifier.load(str(tiny_model_dir), cache=fast_cache).backend == "onnxruntime-int8"
+    assert Classifier.load(str(tiny_model_dir), fast=False).backend.name == "torch-fp32"
+    assert Classifier.load(str(tiny_model_dir), cache=fast_cache).backend.name == "onnxruntime-int8"
 
 
 @pytest.mark.parametrize("failure", ["onnxruntime missing", "export fails"])
@@ -144,7 +144,7 @@ def test_fast_path_falls_back_with_a_warning(tiny_model_dir, real_xrays, monkeyp
         monkeypatch.setattr(fast_inference, "export_int8", broken)
     with caplog.at_level(logging.WARNING, logger="pneumonia_vit.model"):
         classifier = Classifier.load(str(tiny_model_dir), cache=cache)
-    assert classifier.backend == "torch-fp32"
+    assert classifier.backend.name == "torch-fp32"
     assert "fast inference unavailable" in caplog.text
     reference = Classifier.load(str(tiny_model_dir), fast=False).pneumonia_probability(real_xrays)
     assert np.array_equal(classifier.pneumonia_probability(real_xrays), reference)
@@ -167,20 +167,21 @@ def test_fast_load_reads_the_same_spec_and_threshold_as_transformers(tiny_model_
     import on a warm start); it must agree with AutoImageProcessor / AutoConfig."""
     from transformers import AutoConfig
 
-    from pneumonia_vit.model import Classifier, _pixel_spec_from_json, load_pixel_spec, stored_threshold
+    from pneumonia_vit.model import Classifier, ModelInfo, _pixel_spec_from_json, load_pixel_spec
 
     for folder in _model_dirs(tiny_model_dir):
         assert _pixel_spec_from_json(folder) == load_pixel_spec(str(folder))
     fast = Classifier.load(str(tiny_model_dir), cache=fast_cache)
-    assert fast.threshold == stored_threshold(AutoConfig.from_pretrained(tiny_model_dir)) == 0.42
+    assert fast.info == ModelInfo.from_config(AutoConfig.from_pretrained(tiny_model_dir).to_dict())
+    assert fast.threshold == 0.42 and fast.info.threshold_stored
 
 
 def test_fast_path_runs_with_the_threads_asked_for_else_every_usable_core(tiny_model_dir, fast_cache):
     from pneumonia_vit.cpus import usable_cores
     from pneumonia_vit.model import Classifier
 
-    assert Classifier.load(str(tiny_model_dir), cache=fast_cache, threads=1).fast_model.threads == 1
-    assert Classifier.load(str(tiny_model_dir), cache=fast_cache).fast_model.threads == usable_cores()
+    assert Classifier.load(str(tiny_model_dir), cache=fast_cache, threads=1).backend.threads == 1
+    assert Classifier.load(str(tiny_model_dir), cache=fast_cache).backend.threads == usable_cores()
 
 
 def test_unwritable_cache_exports_into_a_temporary_folder(tiny_model_dir, tmp_path, real_xrays):
@@ -189,8 +190,8 @@ def test_unwritable_cache_exports_into_a_temporary_folder(tiny_model_dir, tmp_pa
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the cache folder should be")
     classifier = Classifier.load(str(tiny_model_dir), cache=blocker / "cache")
-    assert classifier.backend == "onnxruntime-int8"
-    assert not str(classifier.fast_model.path).startswith(str(blocker))
+    assert classifier.backend.name == "onnxruntime-int8"
+    assert not str(classifier.backend.path).startswith(str(blocker))
     assert classifier.pneumonia_probability(real_xrays[:2]).shape == (2,)
 
 
@@ -198,8 +199,8 @@ def test_damaged_cache_entry_is_exported_again(tiny_model_dir, caplog, fast_cach
     from pneumonia_vit.model import Classifier
 
     first = Classifier.load(str(tiny_model_dir), cache=fast_cache)
-    Path(first.fast_model.path).write_bytes(b"not an onnx model")
+    Path(first.backend.path).write_bytes(b"not an onnx model")
     with caplog.at_level(logging.WARNING):
         again = Classifier.load(str(tiny_model_dir), cache=fast_cache)
-    assert again.backend == "onnxruntime-int8" and "exporting it again" in caplog.text
-    assert Path(again.fast_model.path).stat().st_size > 1000
+    assert again.backend.name == "onnxruntime-int8" and "exporting it again" in caplog.text
+    assert Path(again.backend.path).stat().st_size > 1000

@@ -171,7 +171,7 @@ def test_saved_model_loads_in_classifier_and_pipeline_alike(trained, data_root, 
     # Originals differ only by the RGB->grey conversion the pipeline skips (it feeds the RGB channels),
     # which the resize to 64 px averages away (measured: under 1e-7).
     exact = Classifier.load(str(output), fast=False)
-    assert exact.backend == "torch-fp32"
+    assert exact.backend.name == "torch-fp32"
     assert exact.threshold == config["decision_threshold"] and exact.spec.size == 64
     for paths, tolerance in ((prepared, 1e-5), (originals, 1e-4)):
         ours = exact.pneumonia_probability([load_xray(path) for path in paths])
@@ -182,7 +182,7 @@ def test_saved_model_loads_in_classifier_and_pipeline_alike(trained, data_root, 
     assert served.threshold == config["decision_threshold"]
     paths = prepared + originals
     ours = served.pneumonia_probability([load_xray(path) for path in paths])
-    assert np.allclose(ours, pipeline_scores(paths), atol=0.01), (served.backend, ours, pipeline_scores(paths))
+    assert np.allclose(ours, pipeline_scores(paths), atol=0.01), (served.backend.name, ours, pipeline_scores(paths))
 
 
 def test_evaluate_vit_reproduces_the_test_metrics(trained, tmp_path):
