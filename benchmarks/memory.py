@@ -88,7 +88,7 @@ def child(folder: str, path: str, images: list[str], cache: str) -> dict:
         predict(images[i % len(images)])
     return {"after_imports_mib": after_imports, "after_load_mib": after_load, "after_predictions_mib": rss_mib(),
             "peak_mib": peak_mib(), "load_s": load_seconds,
-            "backend": getattr(model, "backend", "transformers pipeline")}
+            "backend": "transformers pipeline" if path == PATHS[0] else model.backend.name}
 
 
 def run_case(folder: Path, path: str, images: list[str], cache: Path) -> dict:
