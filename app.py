@@ -9,7 +9,8 @@
 Models, each loaded once, at start-up:
 - the API's /predict (the label value only) scores with the fast path: the model exported to ONNX
   with int8 weights, run by ONNX Runtime (pneumonia_vit/fast_inference.py; exported into
-  ~/.cache/pneumonia-vit or $PNEUMONIA_VIT_CACHE on the first start, a few seconds). Its
+  ~/.cache/pneumonia-vit or $PNEUMONIA_VIT_CACHE on the first start, a few seconds; its threads:
+  $PNEUMONIA_VIT_THREADS, default every usable core). Its
   probabilities differ from the fp32 model's by ~1e-3;
 - the page's /analyze (probabilities, domain check, heatmap) runs the fp32 PyTorch model with eager
   attention, whose attention weights the heatmap is made of. It is loaded at start-up too (about
@@ -38,12 +39,14 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 # monitoring dashboard, which this app does not enable: 3-8 ms of CPU per API request on 2 cores.
 os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "1000")
 
-from pneumonia_vit.serving import Service, max_batch_from_env, model_id_from_env  # noqa: E402
+from pneumonia_vit.serving import Service  # noqa: E402
+from pneumonia_vit.settings import ServingSettings  # noqa: E402
 from pneumonia_vit.webapp import build_demo, launch  # noqa: E402
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up requests
-service = Service.load(model_id_from_env(), explain=True, max_batch=max_batch_from_env())
+settings = ServingSettings.from_environment(os.environ)
+service = Service.load(settings.model_id, explain=True, max_batch=settings.max_batch, **settings.fast_path())
 logging.getLogger("pneumonia_vit.app").info(
     "serving %s: /predict with %s%s, /analyze with torch-fp32 (eager attention)", service.model_id, service.backend,
     f", up to {service.max_batch} requests per forward" if service.batcher is not None else ", unbatched")

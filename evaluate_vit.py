@@ -18,7 +18,7 @@ from transformers import AutoModelForImageClassification, HfArgumentParser, Trai
 
 from pneumonia_vit.data import SPLITS, BatchTransform, collate, load_splits
 from pneumonia_vit.evaluation import predict_scores, write_report
-from pneumonia_vit.model import load_pixel_spec, stored_threshold
+from pneumonia_vit.model import ModelInfo, load_pixel_spec
 
 
 @dataclass
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
             data_collator=collate,
         )
         labels, scores = predict_scores(trainer, dataset)
-    threshold = stored_threshold(model.config) if args.threshold is None else args.threshold
+    threshold = ModelInfo.from_config(model.config.to_dict()).threshold if args.threshold is None else args.threshold
     metrics = {}
     if trainer.is_world_process_zero():
         metrics = write_report(labels, scores, threshold, args.output_dir, args.split)

@@ -11,7 +11,8 @@ listed, including files that are not images, so nothing is dropped silently.
 Scoring runs on the fast path (ONNX Runtime, int8 weights, exported into a cache on first use; see
 pneumonia_vit/fast_inference.py), whose probabilities differ from the fp32 PyTorch model's by ~1e-3;
 PNEUMONIA_VIT_FAST=0 python predict.py ... scores with the fp32 PyTorch model instead. Decisions are
-taken at the model's stored threshold either way.
+taken at the model's stored threshold either way. The environment settings are app.py's
+(pneumonia_vit/settings.py).
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ import csv
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from pneumonia_vit.images import InvalidImageError, read_xray
+from pneumonia_vit.settings import ServingSettings
 
-from pneumonia_vit.images import InvalidImageError, read_xray  # noqa: E402
-from pneumonia_vit.serving import Service, model_id_from_env  # noqa: E402
+if TYPE_CHECKING:
+    from pneumonia_vit.serving import Service
 
 COLUMNS = ("file", "p_normal", "p_pneumonia", "decision", "out_of_domain", "error")
 
@@ -83,7 +86,18 @@ def main(argv: list[str] | None = None) -> int:
     if not args.folder.is_dir():
         parser.error(f"{args.folder}: no such folder")
     output = args.output or args.folder / "predictions.csv"
-    service = Service.load(args.model or model_id_from_env())
+    if not args.recursive and not list_files(args.folder, recursive=False, skip=output) and any(
+        path.is_dir() and not path.name.startswith(".") for path in args.folder.iterdir()
+    ):
+        parser.error(f"{args.folder} holds only sub-folders: add --recursive to predict the files in them")
+    settings = ServingSettings.from_environment(os.environ)
+    model_id = args.model or settings.model_id
+    if model_id is None or Path(model_id).is_dir():
+        # A local model never needs the Hub: stay offline, so no lookup can stall on a machine without a network.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from pneumonia_vit.serving import Service  # after HF_HUB_OFFLINE: huggingface_hub reads it once, at import
+
+    service = Service.load(model_id, **settings.fast_path())
     counts = predict_folder(service, args.folder, output, args.recursive, args.batch_size)
     print(
         f"{counts['predicted']} of {counts['files']} files predicted ({counts['errors']} unreadable, "

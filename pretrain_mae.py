@@ -41,7 +41,13 @@ from pneumonia_vit.card import encoder_card
 from pneumonia_vit.data import Augmentation, BatchTransform, collate, unlabeled_images, with_sample_index
 from pneumonia_vit.images import LABELS
 from pneumonia_vit.preprocess import PixelSpec
-from pneumonia_vit.training import AugmentationEpoch, Stopwatch, StrictReloadTrainer, parse_with_config_file, resume_checkpoint
+from pneumonia_vit.training import (
+    AugmentationEpoch,
+    Stopwatch,
+    StrictReloadTrainer,
+    parse_with_config_file,
+    resume_checkpoint,
+)
 
 logger = logging.getLogger("pretrain_mae")
 

@@ -8,11 +8,10 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no per-load progress bars and notices
@@ -103,7 +102,7 @@ def interleaved(candidates: dict[str, Callable[[int], object]], iterations: int,
     """Times each candidate `iterations` times, round-robin, so load changes hit all of them alike.
 
     Each call gets the iteration number (to cycle through inputs)."""
-    for name, run in candidates.items():
+    for run in candidates.values():
         for i in range(warmup):
             run(i)
     times: dict[str, list[float]] = {name: [] for name in candidates}

@@ -1,8 +1,8 @@
 """API throughput: the real app (`python app.py`) called by concurrent gradio_client clients.
 
-    python benchmarks/api_throughput.py                 # full run, about 5 minutes on 2 quiet cores
-    python benchmarks/api_throughput.py --quick         # smoke run, about 1 minute
-    python benchmarks/api_throughput.py --model runs/smoke   # another model (default: $MODEL_ID, else the bundled one)
+    python -m benchmarks.api_throughput                 # full run, about 5 minutes on 2 quiet cores
+    python -m benchmarks.api_throughput --quick         # smoke run, about 1 minute
+    python -m benchmarks.api_throughput --model runs/smoke   # another model (default: $MODEL_ID, else the bundled one)
 
 Each configuration is the same app.py in its own process, with the switches app.py documents:
 - "unbatched, torch fp32" (the baseline of every ratio): PNEUMONIA_VIT_FAST=0 PNEUMONIA_VIT_BATCH=0,
@@ -50,10 +50,8 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, SCRATCH, bundled_dir, markdown_table, percentiles, write_results  # noqa: E402
-
-from tests.app_server import RunningApp, running_app  # noqa: E402
+from benchmarks._common import REPO, SCRATCH, bundled_dir, markdown_table, percentiles, write_results
+from tests.app_server import RunningApp, running_app
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 

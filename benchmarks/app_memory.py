@@ -1,8 +1,8 @@
 """Peak resident memory of the running app (`python app.py`, Gradio included) serving the bundled
 model and ViT-B/16, with the fast path (the default) and without it (the baseline).
 
-    python benchmarks/app_memory.py            # about 2 minutes on 2 cores
-    python benchmarks/app_memory.py --quick    # the bundled model only
+    python -m benchmarks.app_memory            # about 2 minutes on 2 cores
+    python -m benchmarks.app_memory --quick    # the bundled model only
 
 Each case starts the real app on a free port (benchmarks/api_throughput.py's `running`), sends
 20 /predict and 5 /analyze requests (the page's endpoint, with the heatmap) through gradio_client
@@ -20,10 +20,9 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SCRATCH, bundled_dir, markdown_table, vit_base_dir, write_results  # noqa: E402
-from api_throughput import EXAMPLES, App, running  # noqa: E402
-from memory import status_mib  # noqa: E402
+from benchmarks._common import SCRATCH, bundled_dir, markdown_table, vit_base_dir, write_results
+from benchmarks.api_throughput import EXAMPLES, App, running
+from benchmarks.memory import status_mib
 
 CONFIGS = {
     "baseline (fp32 PyTorch, unbatched)": {"PNEUMONIA_VIT_FAST": "0", "PNEUMONIA_VIT_BATCH": "0"},

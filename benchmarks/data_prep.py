@@ -1,8 +1,8 @@
 """Data preparation throughput: data_prep's conversion against the naive Pillow loop, on the 640
 full-resolution originals (test + val splits of /work/shared/data/chest_xray_originals).
 
-    python benchmarks/data_prep.py            # full run: 640 images, 5 rounds, about 1 minute on 2 cores
-    python benchmarks/data_prep.py --quick    # smoke run: 64 images, 1 round
+    python -m benchmarks.data_prep            # full run: 640 images, 5 rounds, about 1 minute on 2 cores
+    python -m benchmarks.data_prep --quick    # smoke run: 64 images, 1 round
 
 - naive: `Image.open(p).convert("L").resize((224, 224))` in a loop, one process, nothing saved;
 - data_prep: `data_prep.prepare.convert_all`, exactly as `prepare()` runs it: `_convert` (read,
@@ -30,20 +30,14 @@ import zlib
 from multiprocessing import Pool
 from pathlib import Path
 
-HERE = str(Path(__file__).resolve().parent)
-sys.path.insert(0, HERE)
-from _common import ORIGINALS, markdown_table, spread, write_results  # noqa: E402
+import numpy as np
+from PIL import Image
 
-# This file's name would shadow the data_prep package (a folder without __init__.py) otherwise.
-sys.path[:] = [entry for entry in sys.path if entry != HERE and Path(entry or ".").resolve() != Path(HERE)]
-
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from data_prep.prepare import PREPARED_FORMAT, _convert, convert_all  # noqa: E402
-from pneumonia_vit.cpus import usable_cores  # noqa: E402
-from pneumonia_vit.images import load_xray  # noqa: E402
-from pneumonia_vit.preprocess import resize_gray  # noqa: E402
+from benchmarks._common import ORIGINALS, markdown_table, spread, write_results
+from data_prep.prepare import PREPARED_FORMAT, _convert, convert_all
+from pneumonia_vit.cpus import usable_cores
+from pneumonia_vit.images import load_xray
+from pneumonia_vit.preprocess import resize_gray
 
 SIZE = 224
 

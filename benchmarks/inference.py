@@ -2,9 +2,9 @@
 project's serving path, for ViT-B/16 (random weights, 224 px: the cost of google/vit-base-patch16-224)
 and the bundled model (models/pneumonia-vit-tiny, 128 px).
 
-    python benchmarks/inference.py            # full run, about 6 minutes on 2 quiet cores
-    python benchmarks/inference.py --quick    # smoke run, about 2 minutes
-    python benchmarks/inference.py --bundled runs/smoke --skip-vit-base   # another trained model
+    python -m benchmarks.inference            # full run, about 6 minutes on 2 quiet cores
+    python -m benchmarks.inference --quick    # smoke run, about 2 minutes
+    python -m benchmarks.inference --bundled runs/smoke --skip-vit-base   # another trained model
 
 Timed paths, each including reading the file and all preprocessing:
 - pipeline fp32: `pipeline("image-classification", model=folder)(Image.open(path))`, what every
@@ -27,26 +27,32 @@ points). Results: benchmarks/results/inference.{json,md} (inference-quick.* with
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
-    ORIGINALS, PREPARED_TEST, bundled_dir, interleaved, labelled_files, markdown_table, percentiles, spread,
-    vit_base_dir, write_results,
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmarks._common import (
+    ORIGINALS,
+    PREPARED_TEST,
+    bundled_dir,
+    interleaved,
+    labelled_files,
+    markdown_table,
+    percentiles,
+    spread,
+    vit_base_dir,
+    write_results,
 )
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from pneumonia_vit.images import load_xray  # noqa: E402
-from pneumonia_vit.metrics import binary_metrics  # noqa: E402
-from pneumonia_vit.model import Classifier  # noqa: E402
+from pneumonia_vit.cpus import usable_cores
+from pneumonia_vit.images import load_xray
+from pneumonia_vit.metrics import binary_metrics
+from pneumonia_vit.model import Classifier
 
 PATHS = ("pipeline fp32", "ours, torch fp32", "ours, fast")
 
@@ -83,27 +89,19 @@ def load_all(folder: Path, threads: int | None) -> tuple[dict, dict]:
     start = time.perf_counter()
     exact = Classifier.load(str(folder), fast=False)
     startup["torch_s"] = time.perf_counter() - start
-    previous = os.environ.get("PNEUMONIA_VIT_CACHE")
     with tempfile.TemporaryDirectory(prefix="fast-cache-") as cache:
-        os.environ["PNEUMONIA_VIT_CACHE"] = cache
-        try:
-            start = time.perf_counter()
-            cold = Classifier.load(str(folder), threads=threads)
-            startup["fast_cold_s"] = time.perf_counter() - start
-            if cold.fast_model is None:
-                raise SystemExit("the fast path did not load (see the warning above): pip install onnxruntime onnx")
-            startup["fast_cold_detail"] = cold.fast_model.startup
-            startup["artefact_mb"] = Path(cold.fast_model.path).stat().st_size / 2**20
-            del cold
-            start = time.perf_counter()
-            fast = Classifier.load(str(folder), threads=threads)
-            startup["fast_warm_s"] = time.perf_counter() - start
-            startup["fast_warm_detail"] = fast.fast_model.startup
-        finally:
-            if previous is None:
-                os.environ.pop("PNEUMONIA_VIT_CACHE", None)
-            else:
-                os.environ["PNEUMONIA_VIT_CACHE"] = previous
+        start = time.perf_counter()
+        cold = Classifier.load(str(folder), threads=threads, cache=cache)
+        startup["fast_cold_s"] = time.perf_counter() - start
+        if cold.backend.name != "onnxruntime-int8":
+            raise SystemExit("the fast path did not load (see the warning above): pip install onnxruntime onnx")
+        startup["fast_cold_detail"] = cold.backend.startup
+        startup["artefact_mb"] = Path(cold.backend.path).stat().st_size / 2**20
+        del cold
+        start = time.perf_counter()
+        fast = Classifier.load(str(folder), threads=threads, cache=cache)
+        startup["fast_warm_s"] = time.perf_counter() - start
+        startup["fast_warm_detail"] = fast.backend.startup
     return {"pipeline": pipe, "torch": exact, "fast": fast}, startup
 
 
@@ -159,17 +157,17 @@ def options(folder: Path, exact: Classifier, image: Image.Image, iterations: int
         fast_inference.export_onnx(model, exact.spec, fp32_path)
         fast_inference.quantize_int8(fp32_path, Path(work) / "int8_tensor.onnx", per_channel=False)
         fast_inference.quantize_int8(fp32_path, Path(work) / "int8_channel.onnx", per_channel=True)
-        default = threads or fast_inference.default_threads()
+        default = threads or usable_cores()
         for name, file, count in (("onnxruntime fp32", "fp32.onnx", default),
                                   ("onnxruntime int8 per-tensor", "int8_tensor.onnx", default),
                                   (f"onnxruntime int8 per-channel, {default} threads (the fast path)", "int8_channel.onnx", default),
                                   ("onnxruntime int8 per-channel, 1 thread", "int8_channel.onnx", 1)):
-            sessions[name] = fast_inference.OnnxClassifier(Path(work) / file, count)
+            sessions[name] = fast_inference.OnnxBackend(Path(work) / file, count)
     candidates = {
         "torch fp32 (SDPA attention)": lambda: model(pixel_values=pixels).logits.numpy(),
         "torch bf16": lambda: bf16(pixel_values=pixels.bfloat16()).logits.float().numpy(),
         "torch dynamic int8 (torch.ao, deprecated)": lambda: dynamic_int8(pixel_values=pixels).logits.numpy(),
-        **{name: (lambda s=session: s.run(array)["logits"]) for name, session in sessions.items()},
+        **{name: (lambda s=session: s.run(array)[0]) for name, session in sessions.items()},
     }
     with torch.inference_mode():
         reference = candidates["torch fp32 (SDPA attention)"]()

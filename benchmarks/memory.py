@@ -1,10 +1,10 @@
 """Peak resident memory (RSS) of a process that serves a model: the plain fp32
 `transformers.pipeline` against this project's paths, for the bundled model and ViT-B/16.
 
-    python benchmarks/memory.py            # full run, about 3 minutes on 2 cores
-    python benchmarks/memory.py --quick    # smoke run: the bundled model only
+    python -m benchmarks.memory            # full run, about 3 minutes on 2 cores
+    python -m benchmarks.memory --quick    # smoke run: the bundled model only
 
-Each case runs in a fresh subprocess (`python benchmarks/memory.py --child MODEL PATH`): import,
+Each case runs in a fresh subprocess (`python -m benchmarks.memory --child MODEL PATH`): import,
 load the model, score 20 real X-rays one at a time, then report its RSS after the imports, after
 loading, and the peak (VmHWM, i.e. ru_maxrss). Paths:
 - pipeline fp32: `pipeline("image-classification", model=folder)(Image.open(path))`;
@@ -20,16 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
 PATHS = ("pipeline fp32", "ours, torch fp32", "ours, fast, first start", "ours, fast")
 PREDICTIONS = 20
@@ -62,11 +58,11 @@ def peak_mib() -> float:
     return value
 
 
-def child(folder: str, path: str, images: list[str]) -> dict:
+def child(folder: str, path: str, images: list[str], cache: str) -> dict:
     """One case, in this (fresh) process."""
-    import _common  # noqa: F401  (offline settings, quiet transformers)
     from PIL import Image
 
+    import benchmarks._common  # noqa: F401  (offline settings, quiet transformers)
     from pneumonia_vit.images import load_xray
     from pneumonia_vit.model import Classifier
 
@@ -80,8 +76,8 @@ def child(folder: str, path: str, images: list[str]) -> dict:
         def predict(image_path):
             return model(Image.open(image_path), top_k=2)
     else:
-        model = Classifier.load(folder, fast=path != PATHS[1])
-        if path != PATHS[1] and model.fast_model is None:
+        model = Classifier.load(folder, fast=path != PATHS[1], cache=cache)
+        if path != PATHS[1] and model.backend.name != "onnxruntime-int8":
             raise SystemExit("the fast path did not load")
 
         def predict(image_path):
@@ -92,13 +88,13 @@ def child(folder: str, path: str, images: list[str]) -> dict:
         predict(images[i % len(images)])
     return {"after_imports_mib": after_imports, "after_load_mib": after_load, "after_predictions_mib": rss_mib(),
             "peak_mib": peak_mib(), "load_s": load_seconds,
-            "backend": getattr(model, "backend", "transformers pipeline")}
+            "backend": "transformers pipeline" if path == PATHS[0] else model.backend.name}
 
 
 def run_case(folder: Path, path: str, images: list[str], cache: Path) -> dict:
-    env = {**os.environ, "PNEUMONIA_VIT_CACHE": str(cache)}
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", str(folder), path, "--images", *images]
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    command = [sys.executable, "-m", "benchmarks.memory", "--child", str(folder), path, "--cache", str(cache),
+               "--images", *images]
+    result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{path} on {folder} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -110,12 +106,21 @@ def main(argv=None) -> int:
     parser.add_argument("--bundled", default=None)
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS)
     parser.add_argument("--images", nargs="*", help=argparse.SUPPRESS)
+    parser.add_argument("--cache", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(*args.child, args.images)))
+        print(json.dumps(child(*args.child, args.images, args.cache)))
         return 0
 
-    from _common import PREPARED_TEST, bundled_dir, labelled_files, markdown_table, spread, vit_base_dir, write_results
+    from benchmarks._common import (
+        PREPARED_TEST,
+        bundled_dir,
+        labelled_files,
+        markdown_table,
+        spread,
+        vit_base_dir,
+        write_results,
+    )
 
     images = [str(path) for path, _ in spread(labelled_files(PREPARED_TEST), PREDICTIONS)]
     bundled, trained = bundled_dir(args.bundled)

@@ -2,8 +2,8 @@
 (configs/vit_tiny_cpu.yaml: ViT 128 px, patch 16, width 192, 6 layers, batch 32, AdamW) fed by the
 real pipeline against the same model fed from batches already in memory.
 
-    python benchmarks/train_pipeline.py            # full run, about 4 minutes on 2 cores
-    python benchmarks/train_pipeline.py --quick    # smoke run, about 1 minute
+    python -m benchmarks.train_pipeline            # full run, about 4 minutes on 2 cores
+    python -m benchmarks.train_pipeline --quick    # smoke run, about 1 minute
 
 Feeds, all with batch 32 and `pneumonia_vit.data.collate`:
 - memory: the same tensors every step (the model's cost alone: the reference);
@@ -25,18 +25,15 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BUNDLED_CONFIG, REPO, markdown_table, write_results  # noqa: E402
+import numpy as np
+import torch
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from pneumonia_vit.data import Augmentation, BatchTransform, collate, load_splits, with_sample_index  # noqa: E402
-from pneumonia_vit.images import LABELS, load_xray  # noqa: E402
-from pneumonia_vit.preprocess import PixelSpec, pixel_values  # noqa: E402
+from benchmarks._common import BUNDLED_CONFIG, REPO, markdown_table, write_results
+from pneumonia_vit.data import Augmentation, BatchTransform, collate, load_splits, with_sample_index
+from pneumonia_vit.images import LABELS, load_xray
+from pneumonia_vit.preprocess import PixelSpec, pixel_values
 
 BATCH = 32
 SEED = 42

@@ -37,19 +37,17 @@ import shutil
 import sys
 import warnings
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
-from typing import Iterator
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tqdm import tqdm
+from transformers import HfArgumentParser
 
-from tqdm import tqdm  # noqa: E402
-from transformers import HfArgumentParser  # noqa: E402
-
-from pneumonia_vit.cpus import usable_cores  # noqa: E402
-from pneumonia_vit.images import IMAGE_SUFFIXES, LABELS, InvalidImageError, patient_id, read_xray  # noqa: E402
-from pneumonia_vit.preprocess import resize_gray  # noqa: E402
+from pneumonia_vit.cpus import usable_cores
+from pneumonia_vit.images import IMAGE_SUFFIXES, LABELS, InvalidImageError, patient_id, read_xray
+from pneumonia_vit.preprocess import resize_gray
 
 MANIFEST = Path(__file__).resolve().parent / "kermany_manifest.tsv"
 OFFICIAL_SPLITS = ("train", "val", "test")
@@ -204,7 +202,7 @@ def prepare(args: PrepareArguments) -> dict:
     converted = convert_all([path for _, _, path in files], args.size, args.num_workers)
     results = list(tqdm(converted, total=len(files), desc="decode + resize", unit="img"))
 
-    check = check_against_manifest([(s, l, p, r["sha256"]) for (s, l, p), r in zip(files, results)], read_manifest())
+    check = check_against_manifest([(split, label, path, result["sha256"]) for (split, label, path), result in zip(files, results)], read_manifest())
     for kind in ("missing", "extra", "altered"):
         if check[kind]:
             hint = " (a resized or re-encoded copy? its images are used as they are)" if kind == "altered" else ""

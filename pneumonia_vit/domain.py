@@ -26,9 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -73,7 +73,7 @@ class DomainStats:
         return path
 
     @classmethod
-    def read(cls, path: str | Path) -> "DomainStats":
+    def read(cls, path: str | Path) -> DomainStats:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="numpy") as handle:
@@ -87,7 +87,7 @@ class DomainStats:
             )
 
     @classmethod
-    def load(cls, model_id: str | Path) -> "DomainStats | None":
+    def load(cls, model_id: str | Path) -> DomainStats | None:
         """The stats beside a model (a local folder or a Hub id), or None where there are none."""
         folder = Path(model_id)
         if folder.is_dir():
@@ -164,7 +164,7 @@ def _images(source, batch_size: int) -> Iterator[Image.Image]:
 
 def embed(model, spec: PixelSpec, images: Iterable, batch_size: int = 64) -> np.ndarray:
     """The head-input features of every image, (N, hidden), in order."""
-    from .explain import forward
+    from .backends import forward
 
     was_training = model.training
     model.eval()
@@ -215,7 +215,7 @@ def fit_domain_stats(
 
 
 def _files(folder: Path) -> list[Path]:
-    return sorted(path for path in folder.rglob("*") if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES + (".dcm",))
+    return sorted(path for path in folder.rglob("*") if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def measure(service, folder: Path) -> dict:

@@ -1,5 +1,5 @@
-"""One forward pass that yields what the app shows: probabilities, the classifier's input feature
-(for the out-of-domain check) and an attention-rollout heatmap.
+"""The attention-rollout heatmap the page shows over the X-ray (the forward that yields the
+attention weights is `backends.forward`).
 
 Why attention rollout (Abnar & Zuidema 2020) and not Grad-CAM:
 - It needs no backward pass: the heatmap comes from the same forward that gives the prediction
@@ -14,55 +14,11 @@ Why attention rollout (Abnar & Zuidema 2020) and not Grad-CAM:
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-
-
-@dataclass
-class ForwardResult:
-    probabilities: np.ndarray  # (N, classes), softmax of the logits
-    features: np.ndarray  # (N, hidden): what the classification head sees (final [CLS] after LayerNorm)
-    attentions: tuple[torch.Tensor, ...] | None  # per layer (N, heads, tokens, tokens)
-
-
-@contextmanager
-def head_input(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Collects the input of the model's `classifier` head at each forward inside the block.
-
-    The hook keeps this independent of how a given architecture pools its tokens: whatever the
-    head receives is the embedding the out-of-domain statistics are fitted on. The same capture
-    runs in `forward` and in the fast path's ONNX export (pneumonia_vit/fast_inference.py).
-    """
-    captured: list[torch.Tensor] = []
-    handle = model.classifier.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
-    try:
-        yield captured
-    finally:
-        handle.remove()
-
-
-@torch.inference_mode()
-def forward(model: torch.nn.Module, pixel_values: torch.Tensor, output_attentions: bool = False) -> ForwardResult:
-    """Runs the classifier once and captures the input of its `classifier` head (`head_input`)."""
-    with head_input(model) as captured:
-        device = next(model.parameters()).device
-        output = model(pixel_values=pixel_values.to(device), output_attentions=output_attentions)
-    attentions = output.attentions if output_attentions else None
-    if output_attentions and not attentions:
-        raise RuntimeError(
-            "the model returned no attention weights: load it with attn_implementation='eager' "
-            "(or call model.set_attn_implementation('eager'))"
-        )
-    return ForwardResult(
-        probabilities=output.logits.float().softmax(dim=-1).cpu().numpy(),
-        features=captured[0].float().cpu().numpy(),
-        attentions=attentions,
-    )
 
 
 def attention_rollout(attentions: Sequence[torch.Tensor], grid: int, index: int = 0, residual: float = 0.5) -> np.ndarray:

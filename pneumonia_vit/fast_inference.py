@@ -3,8 +3,8 @@
 Runtime with a fixed number of intra-op threads.
 
 Nothing is committed to the repository: the first `load_fast_model` for a given set of weights
-exports and quantizes the model into a cache folder (~/.cache/pneumonia-vit/<fingerprint>/, or
-$PNEUMONIA_VIT_CACHE) and later loads reuse it. The fingerprint covers the weight and config files'
+exports and quantizes the model into a cache folder (~/.cache/pneumonia-vit/<fingerprint>/, or the
+caller's `cache`) and later loads reuse it. The fingerprint covers the weight and config files'
 contents, the recipe version and the onnxruntime version, so new weights or a new quantizer give a
 new artefact. The one-off cost is 2-3 s for the bundled model and 20-40 s for ViT-B/16 on a busy
 2-core machine (benchmarks/inference.py reports it); a warm start reads no PyTorch weights.
@@ -31,15 +31,15 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
+from .backends import head_input
 from .cpus import usable_cores
-from .explain import head_input
 from .preprocess import PixelSpec
 
 logger = logging.getLogger(__name__)
@@ -48,27 +48,15 @@ logger = logging.getLogger(__name__)
 RECIPE = "onnx-opset17-int8-dynamic-matmul-per-channel-v1"
 # The weights (single file or shards with their index), the config and the processor config.
 FINGERPRINT_PATTERNS = ("config.json", "preprocessor_config.json", "model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin")
-ENV_CACHE = "PNEUMONIA_VIT_CACHE"
-ENV_THREADS = "PNEUMONIA_VIT_THREADS"
 
 
 class FastPathUnavailable(RuntimeError):
     """The fast backend cannot be used here (package missing, export failed); callers fall back."""
 
 
-def cache_root() -> Path:
-    """$PNEUMONIA_VIT_CACHE, else $XDG_CACHE_HOME/pneumonia-vit, else ~/.cache/pneumonia-vit."""
-    if os.environ.get(ENV_CACHE):
-        return Path(os.environ[ENV_CACHE])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "pneumonia-vit"
-
-
-def default_threads() -> int:
-    """$PNEUMONIA_VIT_THREADS, else every core this process may use (`cpus.usable_cores`)."""
-    if os.environ.get(ENV_THREADS):
-        return max(1, int(os.environ[ENV_THREADS]))
-    return usable_cores()
+def default_cache() -> Path:
+    """$XDG_CACHE_HOME/pneumonia-vit, else ~/.cache/pneumonia-vit (the platform's convention)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pneumonia-vit"
 
 
 def fingerprint(model_dir: str | os.PathLike) -> str:
@@ -92,7 +80,7 @@ def fingerprint(model_dir: str | os.PathLike) -> str:
 
 class _LogitsAndFeatures(torch.nn.Module):
     """The exported graph: logits, and (where the model has a `classifier` head) the head's input,
-    the features `explain.forward` returns for the out-of-domain check."""
+    the features `backends.forward` returns for the out-of-domain check."""
 
     def __init__(self, model):
         super().__init__()
@@ -156,7 +144,7 @@ def export_int8(model, spec: PixelSpec, target: Path, per_channel: bool = True) 
 
 
 @dataclass
-class OnnxClassifier:
+class OnnxBackend:
     """An ONNX Runtime session over the int8 model; call it with `pixel_array` output.
 
     `spinning`: whether ONNX Runtime's intra-op threads busy-wait for work after each run (its
@@ -165,6 +153,7 @@ class OnnxClassifier:
     more requests per second with 8 clients), for about 1 ms less latency per single-image run.
     """
 
+    name = "onnxruntime-int8"
     path: Path
     threads: int
     startup: dict = field(default_factory=dict)  # seconds spent on export/quantize/session, cache hit
@@ -183,10 +172,11 @@ class OnnxClassifier:
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         self.output_names = [output.name for output in self.session.get_outputs()]
 
-    def run(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        """{"logits": (N, classes), "features": (N, hidden)} for pixel values (N, 3, size, size)."""
+    def run(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits (N, classes) and features (N, hidden; None where the graph has no `classifier` head)."""
         values = self.session.run(None, {"pixel_values": np.ascontiguousarray(pixels, dtype=np.float32)})
-        return dict(zip(self.output_names, values))
+        outputs = dict(zip(self.output_names, values))
+        return outputs["logits"], outputs.get("features")
 
 
 def load_fast_model(
@@ -195,8 +185,9 @@ def load_fast_model(
     load_torch_model: Callable[[], object],
     threads: int | None = None,
     cache: str | os.PathLike | None = None,
-) -> OnnxClassifier:
-    """The int8 ONNX model for the weights in `model_dir`, exported on first use into the cache.
+) -> OnnxBackend:
+    """The int8 ONNX model for the weights in `model_dir`, exported on first use into `cache` (default:
+    `default_cache()`), run with `threads` intra-op threads (default: every core this process may use).
 
     `load_torch_model` is only called on a cache miss. Raises FastPathUnavailable when onnxruntime
     or onnx is missing or the export fails; the caller then keeps the PyTorch model.
@@ -208,7 +199,7 @@ def load_fast_model(
         raise FastPathUnavailable(f"{error.name} is not installed (pip install onnxruntime onnx)") from error
     started = time.perf_counter()
     key = fingerprint(model_dir)
-    root = Path(cache) if cache is not None else cache_root()
+    root = Path(cache) if cache is not None else default_cache()
     target = root / key / "model.int8.onnx"
     startup = {"cache_hit": target.is_file(), "fingerprint_s": time.perf_counter() - started, "artefact": str(target)}
     if not startup["cache_hit"]:
@@ -230,7 +221,7 @@ def load_fast_model(
         logger.info("exported the int8 ONNX model to %s in %.1f s", target, startup["export_quantize_s"])
     begin = time.perf_counter()
     try:
-        model = OnnxClassifier(target, threads or default_threads())
+        model = OnnxBackend(target, threads or usable_cores())
     except Exception as error:
         if not startup["cache_hit"]:
             raise FastPathUnavailable(f"ONNX Runtime cannot load the exported model: {error}") from error
@@ -242,9 +233,3 @@ def load_fast_model(
     startup["total_s"] = time.perf_counter() - started
     model.startup = startup
     return model
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)

@@ -18,8 +18,10 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 LABELS = ("NORMAL", "PNEUMONIA")
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".pgm")
 DICOM_SUFFIXES = (".dcm", ".dicom")
+# The one list of accepted file endings: the page's file picker, data_prep and the domain measure
+# use it. The raster ones are the PIL_FORMATS below (.pgm is data_prep's cached format).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".pgm", ".tif", ".tiff", ".webp") + DICOM_SUFFIXES
 
 # The largest Kermany original is about 2,900 px a side (8.4 MP); 50 MP leaves room for any
 # chest radiograph and still refuses a decompression bomb before a single pixel is decoded.

@@ -1,42 +1,34 @@
-"""Binary metrics and the decision threshold, computed with scikit-learn.
+"""Binary metrics and the decision threshold.
 
-`evaluate.load(...)` fetches metric code from the Hub at run time, which fails offline and on
-locked-down machines; scikit-learn computes the same numbers locally (see README).
-PNEUMONIA (label 1) is the positive class; `scores` are P(PNEUMONIA).
+The metrics are an `evaluate` module of their own (pneumonia_vit/binary_metrics/), loaded by path so
+it works offline; `import evaluate` takes seconds, so it happens on the first `binary_metrics` call,
+never at the app's start-up. PNEUMONIA (label 1) is the positive class; `scores` are P(PNEUMONIA).
 """
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import numpy as np
-from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
+from sklearn.metrics import roc_curve
 
 THRESHOLD_RULES = ("youden", "min_sensitivity")
+METRIC_DIR = Path(__file__).resolve().parent / "binary_metrics"
+
+
+@functools.cache
+def binary_metric():
+    """The `evaluate` module, loaded once per process (kept in memory: no cache files to lock)."""
+    import evaluate
+
+    return evaluate.load(str(METRIC_DIR), keep_in_memory=True)
 
 
 def binary_metrics(labels, scores, threshold: float) -> dict:
-    """Accuracy, sensitivity, specificity, precision, F1, ROC-AUC and the confusion matrix."""
-    labels = np.asarray(labels, dtype=int)
-    scores = np.asarray(scores, dtype=float)
-    predicted = (scores >= threshold).astype(int)
-    (tn, fp), (fn, tp) = confusion_matrix(labels, predicted, labels=[0, 1])
-
-    def ratio(numerator, denominator):
-        return float(numerator / denominator) if denominator else 0.0
-
-    sensitivity = ratio(tp, tp + fn)
-    precision = ratio(tp, tp + fp)
-    return {
-        "n": int(labels.size),
-        "threshold": float(threshold),
-        "accuracy": ratio(tp + tn, labels.size),
-        "sensitivity": sensitivity,
-        "specificity": ratio(tn, tn + fp),
-        "precision": precision,
-        "f1": ratio(2 * precision * sensitivity, precision + sensitivity),
-        # AUC is undefined with a single class present (a tiny debug subset): report NaN, not 0.
-        "roc_auc": float(roc_auc_score(labels, scores)) if len(set(labels.tolist())) == 2 else float("nan"),
-        "confusion_matrix": {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)},
-    }
+    """Accuracy, sensitivity, specificity, precision, F1, ROC-AUC and the confusion matrix at `threshold`."""
+    return binary_metric().compute(references=np.asarray(labels, dtype=int),
+                                   prediction_scores=np.asarray(scores, dtype=float), threshold=threshold)
 
 
 def choose_threshold(labels, scores, rule: str = "youden", min_sensitivity: float = 0.95) -> float:

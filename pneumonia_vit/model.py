@@ -1,8 +1,9 @@
-"""Loading a trained classifier (a local folder or a Hub id) with its preprocessing and threshold.
+"""A trained classifier (a local folder or a Hub id), ready to score: a backend, its pixel spec and
+its model info.
 
-`Classifier.load(model_id)` serves through the fast path (pneumonia_vit.fast_inference: ONNX
-Runtime, int8 weights) when onnxruntime and onnx are installed, and through the fp32 PyTorch model
-otherwise or with `fast=False` (or PNEUMONIA_VIT_FAST=0). `.model`, the PyTorch model, stays
+`Classifier.load(model_id)` scores through the fast path (`fast_inference.OnnxBackend`: ONNX Runtime,
+int8 weights) where onnxruntime and onnx are installed, and through the fp32 PyTorch model
+(`backends.TorchBackend`) otherwise or with `fast=False`. `.model`, the PyTorch model, stays
 available either way (explanations need its attention weights); with a cached fast model it is
 only read from disk when first used (or at once with `keep_model=True`).
 """
@@ -11,26 +12,39 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .preprocess import PixelSpec, pixel_values
+from .backends import Backend, TorchBackend
+from .preprocess import PixelSpec, pixel_array
 
 DEFAULT_THRESHOLD = 0.5
-ENV_FAST = "PNEUMONIA_VIT_FAST"
 
 logger = logging.getLogger(__name__)
 
 
-def stored_threshold(config) -> float:
-    """The P(PNEUMONIA) cut-off train_vit.py chose on validation and saved in the model config."""
-    return float(getattr(config, "decision_threshold", DEFAULT_THRESHOLD))
+@dataclass(frozen=True)
+class ModelInfo:
+    """What serving reads from a model's config, once: the class names in output order (`id2label`)
+    and the P(PNEUMONIA) cut-off train_vit.py chose on validation (`decision_threshold`)."""
+
+    labels: tuple[str, ...]
+    threshold: float
+    threshold_stored: bool  # False: the model has no stored cut-off and DEFAULT_THRESHOLD applies
+
+    @classmethod
+    def from_config(cls, config: dict) -> ModelInfo:
+        """`config`: config.json as a dict (or `PretrainedConfig.to_dict()`)."""
+        id2label = {int(index): label for index, label in (config.get("id2label") or {}).items()}  # JSON keys are str
+        stored = config.get("decision_threshold")
+        return cls(labels=tuple(id2label[i] for i in range(len(id2label))),
+                   threshold=float(DEFAULT_THRESHOLD if stored is None else stored), threshold_stored=stored is not None)
 
 
 def load_pixel_spec(model_id: str) -> PixelSpec:
@@ -50,10 +64,6 @@ def _pixel_spec_from_json(folder: Path) -> PixelSpec:
         return load_pixel_spec(str(folder))
 
 
-def _fast_default() -> bool:
-    return os.environ.get(ENV_FAST, "1").strip().lower() not in ("0", "false", "no", "off")
-
-
 def _local_folder(model_id: str) -> Path:
     """The folder holding the model's files: model_id itself, or its Hub snapshot in the HF cache."""
     if Path(model_id).is_dir():
@@ -64,91 +74,82 @@ def _local_folder(model_id: str) -> Path:
 
 
 class Classifier:
-    """P(PNEUMONIA) for grayscale X-rays, with the model's input spec and stored threshold.
+    """P(PNEUMONIA) for grayscale X-rays: a backend, the pixel spec it expects and the model's info."""
 
-    `backend` names what `pneumonia_probability` runs: "onnxruntime-int8" or "torch-fp32".
-    `labels`: the class names in output order (config.json `id2label`).
-    """
-
-    def __init__(self, model: torch.nn.Module | None, spec: PixelSpec, threshold: float,
-                 fast_model=None, model_dir: str | None = None, labels: tuple[str, ...] | None = None):
-        if model is None and model_dir is None:
-            raise ValueError("give the PyTorch model or the folder to load it from")
-        self._model = model
-        self._model_dir = model_dir
-        self._model_lock = threading.Lock()
+    def __init__(self, backend: Backend, spec: PixelSpec, info: ModelInfo, model_dir: str | Path,
+                 model: torch.nn.Module | None = None):
+        self.backend = backend
         self.spec = spec
-        self.threshold = threshold
-        self.fast_model = fast_model
-        if labels is None and model is not None:
-            id2label = model.config.id2label
-            labels = tuple(id2label[i] for i in range(len(id2label)))
-        self.labels = labels
+        self.info = info
+        self._model_dir = model_dir
+        self._model = backend.model if isinstance(backend, TorchBackend) else model
+        self._model_lock = threading.Lock()
 
     @property
-    def backend(self) -> str:
-        return "onnxruntime-int8" if self.fast_model is not None else "torch-fp32"
+    def labels(self) -> tuple[str, ...]:
+        return self.info.labels
+
+    @property
+    def threshold(self) -> float:
+        return self.info.threshold
 
     @property
     def model(self) -> torch.nn.Module:
         """The fp32 PyTorch model (loaded on first use when the fast path did not need it)."""
         with self._model_lock:  # two threads asking at once load it once
             if self._model is None:
-                from transformers import AutoModelForImageClassification
-
-                self._model = AutoModelForImageClassification.from_pretrained(self._model_dir).eval()
+                self._model = _torch_model(self._model_dir)
             return self._model
 
     @classmethod
-    def load(cls, model_id: str, fast: bool | None = None, threads: int | None = None,
-             keep_model: bool = False) -> "Classifier":
-        """`fast`: serve through ONNX Runtime int8 (default; PNEUMONIA_VIT_FAST=0 turns it off);
-        falls back to the fp32 PyTorch model, with a warning, where that backend is unavailable.
-        `threads`: intra-op threads of the fast path (default: the cores this process may use).
+    def load(cls, model_id: str, fast: bool = True, threads: int | None = None, cache: str | Path | None = None,
+             keep_model: bool = False) -> Classifier:
+        """`fast`: score through ONNX Runtime int8 (default), falling back to the fp32 PyTorch model, with a
+        warning, where that backend is unavailable; False: the fp32 PyTorch model.
+        `threads`, `cache`: the fast path's intra-op threads and export folder (`fast_inference.load_fast_model`).
         `keep_model`: also have the PyTorch model in memory on return (for callers that need `.model`
         anyway, such as the app's heatmaps): it is then read from disk once, even on a first export."""
-        fast = _fast_default() if fast is None else fast
+        folder = _local_folder(model_id)
+        # Plain JSON reads: a warm fast start imports neither the model classes nor the processor.
+        info = ModelInfo.from_config(json.loads((folder / "config.json").read_text()))
+        spec = _pixel_spec_from_json(folder)
+        loaded: list[torch.nn.Module] = []
+
+        def torch_model() -> torch.nn.Module:  # read from disk once, whoever asks first
+            if not loaded:
+                loaded.append(_torch_model(folder))
+            return loaded[0]
+
         if fast:
             from . import fast_inference
 
             try:
-                folder = _local_folder(model_id)
-                # Plain JSON reads: a warm start imports neither the model classes nor the processor.
-                config = json.loads((folder / "config.json").read_text())
-                threshold = float(config.get("decision_threshold", DEFAULT_THRESHOLD))
-                id2label = config.get("id2label") or {}
-                labels = tuple(id2label[str(i)] for i in range(len(id2label)))
-                spec = _pixel_spec_from_json(folder)
-                classifier = cls(None, spec, threshold, model_dir=str(folder), labels=labels)
-                classifier.fast_model = fast_inference.load_fast_model(
-                    folder, spec, lambda: classifier.model, threads=threads
-                )
-                if keep_model:
-                    classifier.model  # noqa: B018  (loads it unless the export already did)
-                else:
-                    classifier._model = None  # loaded only for a first export; reloaded if asked for
-                return classifier
-            except Exception as error:  # any failure of the optional backend: serve with torch
+                backend = fast_inference.load_fast_model(folder, spec, torch_model, threads=threads, cache=cache)
+                return cls(backend, spec, info, folder, model=torch_model() if keep_model else None)
+            except fast_inference.FastPathUnavailable as error:
+                # Only the fast path's expected failures (a package missing, an export this model does not
+                # support) fall back; any other error is a bug, raised rather than hidden behind fp32.
                 logger.warning("fast inference unavailable, using the fp32 PyTorch model: %s", error)
-        from transformers import AutoModelForImageClassification
-
-        model = AutoModelForImageClassification.from_pretrained(model_id).eval()
-        return cls(model=model, spec=load_pixel_spec(model_id), threshold=stored_threshold(model.config))
+        return cls(TorchBackend(torch_model()), spec, info, folder)
 
     def probabilities_and_features(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray | None]:
         """Class probabilities (N, classes) and the classification head's input features (N, hidden;
-        what the out-of-domain check reads, None where the fast graph does not export them)."""
-        if self.fast_model is not None:
-            from .fast_inference import softmax
-            from .preprocess import pixel_array
-
-            outputs = self.fast_model.run(pixel_array(images, self.spec))
-            return softmax(outputs["logits"]), outputs.get("features")
-        from .explain import forward
-
-        result = forward(self.model, pixel_values(images, self.spec))
-        return result.probabilities, result.features
+        what the out-of-domain check reads, None where the backend cannot give them)."""
+        logits, features = self.backend.run(pixel_array(images, self.spec))
+        return softmax(logits), features
 
     def pneumonia_probability(self, images: Sequence[Image.Image]) -> np.ndarray:
         """P(PNEUMONIA) for each grayscale image."""
         return self.probabilities_and_features(images)[0][:, 1].astype(np.float32)
+
+
+def _torch_model(folder: str | Path) -> torch.nn.Module:
+    from transformers import AutoModelForImageClassification
+
+    return AutoModelForImageClassification.from_pretrained(folder).eval()
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)

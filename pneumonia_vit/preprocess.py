@@ -8,8 +8,8 @@ checks that both agree).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ class PixelSpec:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
     @classmethod
-    def from_settings(cls, size: dict, image_mean, image_std) -> "PixelSpec":
+    def from_settings(cls, size: dict, image_mean, image_std) -> PixelSpec:
         """From a ViTImageProcessor's `size`, `image_mean` and `image_std` (object or saved JSON)."""
         side = size["height"] if "height" in size else size["shortest_edge"]
         if "height" in size and size["width"] != side:
@@ -33,7 +33,7 @@ class PixelSpec:
         return cls(size=int(side), mean=tuple(float(v) for v in image_mean), std=tuple(float(v) for v in image_std))
 
     @classmethod
-    def from_processor(cls, processor) -> "PixelSpec":
+    def from_processor(cls, processor) -> PixelSpec:
         return cls.from_settings(processor.size, processor.image_mean, processor.image_std)
 
     def processor(self):

@@ -21,45 +21,26 @@ seconds that importing gradio takes.
 
 from __future__ import annotations
 
-import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from PIL import Image
 
+from .backends import forward
 from .batching import MicroBatcher
 from .domain import DomainCheck, DomainStats, check_domain
-from .explain import attention_rollout, forward, overlay
+from .explain import attention_rollout, overlay
 from .images import LABELS, XrayReading, read_xray
 from .model import Classifier
 from .preprocess import pixel_values
 
+# The checkout the package runs from: a Space runs app.py beside the package and `pip install -e .`
+# installs it in place, so the bundled model is one folder up (a wheel install must name its model).
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "models" / "pneumonia-vit-tiny"
 PREVIEW_SIDE = 512  # the preview and heatmap the page shows, long side in pixels
-ENV_BATCH = "PNEUMONIA_VIT_BATCH"
-DEFAULT_MAX_BATCH = 8  # benchmarks/api_throughput.py
 BATCH_WORKERS = 2  # forwards at once: the 2 vCPUs of a basic Space (pneumonia_vit/batching.py)
-
-
-def model_id_from_env() -> str:
-    """$MODEL_ID (a Hub id or a local folder), else the bundled model."""
-    return os.environ.get("MODEL_ID") or str(DEFAULT_MODEL)
-
-
-def max_batch_from_env() -> int:
-    """$PNEUMONIA_VIT_BATCH: the most API requests scored in one forward (default 8); 0 (or 1): none
-    batched, each request scored on its own."""
-    value = os.environ.get(ENV_BATCH, "").strip().lower()
-    if not value:
-        return DEFAULT_MAX_BATCH
-    if value in ("false", "no", "off"):
-        return 1
-    try:
-        return max(1, int(value))
-    except ValueError:
-        raise ValueError(f"{ENV_BATCH}={value!r}: give a batch size (such as 8), or 0 to turn batching off") from None
 
 
 @dataclass
@@ -103,21 +84,21 @@ class Service:
                         if max_batch > 1 else None)
 
     @classmethod
-    def load(cls, model_id: str | None = None, explain: bool = False, fast: bool | None = None,
-             max_batch: int = 1) -> "Service":
-        """`explain`: also load the PyTorch model for heatmaps, now (the app; predict.py needs none).
-        `fast`: None follows PNEUMONIA_VIT_FAST (default on). `max_batch`: see `predict`."""
-        model_id = str(model_id or model_id_from_env())
+    def load(cls, model_id: str | Path | None = None, explain: bool = False, max_batch: int = 1,
+             fast: bool = True, cache: str | Path | None = None, threads: int | None = None) -> Service:
+        """`model_id`: None serves the bundled model. `explain`: also load the PyTorch model for heatmaps,
+        now (the app; predict.py needs none). `max_batch`: see `predict`. The rest: `Classifier.load`."""
+        model_id = str(model_id or DEFAULT_MODEL)
         if not Path(model_id).is_dir() and (model_id.startswith((".", "/")) or model_id.count("/") != 1):
             raise FileNotFoundError(
                 f"model {model_id!r} not found: give MODEL_ID as a local folder or a Hub id (owner/name)"
             )
-        classifier = Classifier.load(model_id, fast=fast, keep_model=explain)
+        classifier = Classifier.load(model_id, fast=fast, cache=cache, threads=threads, keep_model=explain)
         return cls(classifier, DomainStats.load(model_id), model_id, explain=explain, max_batch=max_batch)
 
     @property
     def backend(self) -> str:
-        return self.classifier.backend
+        return self.classifier.backend.name
 
     @property
     def threshold(self) -> float:

@@ -25,11 +25,10 @@ from pathlib import Path
 import gradio as gr
 from gradio.components.label import LabelConfidence, LabelData
 
-from .images import InvalidImageError
+from .images import IMAGE_SUFFIXES, InvalidImageError
 from .serving import REPO, Analysis, Service
 
 EXAMPLES_DIR = REPO / "examples"
-FILE_TYPES = [".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".gif", ".bmp", ".pgm", ".tif", ".tiff", ".webp"]
 MAX_FILE_SIZE = "25mb"  # a 3000x3000 16-bit DICOM is ~18 MB; Kermany JPEG originals are < 3 MB
 CONCURRENCY = 2  # a cpu-basic Space has 2 vCPUs; more parallel forwards only share them
 MAX_QUEUE = 20  # beyond this, new requests are refused at once instead of waiting minutes
@@ -117,7 +116,7 @@ def build_demo(service: Service, examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks
     if service.explainer is None:
         raise ValueError("the page needs the explaining model: Service.load(..., explain=True)")
     patch = service.explainer.config.patch_size
-    threshold_stored = getattr(service.explainer.config, "decision_threshold", None) is not None
+    threshold_stored = service.classifier.info.threshold_stored
     with gr.Blocks(title="Pneumonia X-ray ViT (research demo)", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(
             "# Pediatric pneumonia on chest X-rays: a small Vision Transformer\n"
@@ -127,7 +126,7 @@ def build_demo(service: Service, examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks
         with gr.Row():
             with gr.Column():
                 # DICOM files need their .dcm suffix here: gradio checks suffixes against file_types.
-                upload = gr.File(label="Chest X-ray (PNG, JPEG or DICOM .dcm)", file_types=FILE_TYPES,
+                upload = gr.File(label="Chest X-ray (PNG, JPEG or DICOM .dcm)", file_types=list(IMAGE_SUFFIXES),
                                  type="filepath", elem_id="upload")
                 preview = gr.Image(label="X-ray as the model reads it", type="pil", format="jpeg",
                                    interactive=False, height=360, elem_id="preview")

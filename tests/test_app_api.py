@@ -14,9 +14,9 @@ import csv
 import os
 import re
 import shutil
-import threading
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -96,7 +96,7 @@ def test_examples_shipped_with_credit():
 
 
 def test_app_serves_predict_fast_and_batched_and_analyze_with_pytorch(client, classifier, app_log):
-    assert classifier.backend == "onnxruntime-int8"
+    assert classifier.backend.name == "onnxruntime-int8"
     assert "/predict with onnxruntime-int8, up to 8 requests per forward, /analyze with torch-fp32" in app_log.read_text()
 
 
@@ -185,11 +185,11 @@ def test_bad_inputs_in_a_batch_fail_alone(app_url, classifier, odd, app_log):
 
     jobs = 2 * [EXAMPLES[0], odd["text_named.jpg"].path, *EXAMPLES[1:4], odd["truncated.jpg"].path, *EXAMPLES[4:6]]
     clients = [Client(app_url, verbose=False) for _ in jobs]
-    for attempt in range(5):  # concurrency is up to the scheduler: retry until some requests shared a forward
+    for _ in range(5):  # concurrency is up to the scheduler: retry until some requests shared a forward
         seen = len(batch_sizes(app_log))
         barrier = threading.Barrier(len(jobs))
 
-        def one(index: int):
+        def one(index: int, barrier=barrier):
             barrier.wait()
             try:
                 return confidences(call(clients[index], jobs[index]))["PNEUMONIA"]

@@ -109,14 +109,13 @@ def test_the_batcher_waits_for_requests_still_decoding():
     assert scorer.batches == [[1, 2]]
 
 
-def test_service_predict_batches_and_isolates_bad_files(tiny_model_dir, tmp_path, monkeypatch):
+def test_service_predict_batches_and_isolates_bad_files(tiny_model_dir, tmp_path):
     from pneumonia_vit.model import Classifier
     from pneumonia_vit.serving import Service
 
-    monkeypatch.setenv("PNEUMONIA_VIT_CACHE", str(tmp_path / "cache"))
-    service = Service.load(str(tiny_model_dir), max_batch=8)
+    service = Service.load(str(tiny_model_dir), max_batch=8, cache=tmp_path / "cache")
     assert service.backend == "onnxruntime-int8" and service.explainer is None
-    fast = Classifier.load(str(tiny_model_dir))
+    fast = Classifier.load(str(tiny_model_dir), cache=tmp_path / "cache")
     bad = tmp_path / "notes.jpg"
     bad.write_text("not an image")
     jobs = [*EXAMPLES, bad, *EXAMPLES]
@@ -142,13 +141,12 @@ def test_service_predict_batches_and_isolates_bad_files(tiny_model_dir, tmp_path
     assert service.predict(EXAMPLES[0]).p_pneumonia == pytest.approx(single[EXAMPLES[0]], abs=1e-6)
 
 
-def test_service_scores_like_the_classifier_and_explains_with_pytorch(tiny_model_dir, tmp_path, monkeypatch):
+def test_service_scores_like_the_classifier_and_explains_with_pytorch(tiny_model_dir, tmp_path):
     from pneumonia_vit.model import Classifier
     from pneumonia_vit.serving import Service
 
-    monkeypatch.setenv("PNEUMONIA_VIT_CACHE", str(tmp_path / "cache"))
-    service = Service.load(str(tiny_model_dir), explain=True)
-    fast, exact = Classifier.load(str(tiny_model_dir)), Classifier.load(str(tiny_model_dir), fast=False)
+    service = Service.load(str(tiny_model_dir), explain=True, cache=tmp_path / "cache")
+    fast, exact = Classifier.load(str(tiny_model_dir), cache=tmp_path / "cache"), Classifier.load(str(tiny_model_dir), fast=False)
     images = [load_xray(path) for path in EXAMPLES]
     scored = service.analyze_many([read_xray(path) for path in EXAMPLES])
     assert np.allclose([a.p_pneumonia for a in scored], fast.pneumonia_probability(images), atol=1e-6)
@@ -156,17 +154,5 @@ def test_service_scores_like_the_classifier_and_explains_with_pytorch(tiny_model
     assert explained.heatmap is not None
     assert explained.p_pneumonia == pytest.approx(float(exact.pneumonia_probability(images[:1])[0]), abs=1e-6)
     assert service.explainer.config._attn_implementation == "eager"
-    monkeypatch.setenv("PNEUMONIA_VIT_FAST", "0")
-    fp32 = Service.load(str(tiny_model_dir), explain=True)
+    fp32 = Service.load(str(tiny_model_dir), explain=True, fast=False)
     assert fp32.backend == "torch-fp32" and fp32.explainer is fp32.classifier.model, "one PyTorch model, loaded once"
-
-
-@pytest.mark.parametrize("value, expected", [(None, 8), ("", 8), ("0", 1), ("1", 1), ("off", 1), ("16", 16)])
-def test_batch_switch(monkeypatch, value, expected):
-    from pneumonia_vit.serving import max_batch_from_env
-
-    if value is None:
-        monkeypatch.delenv("PNEUMONIA_VIT_BATCH", raising=False)
-    else:
-        monkeypatch.setenv("PNEUMONIA_VIT_BATCH", value)
-    assert max_batch_from_env() == expected

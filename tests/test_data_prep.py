@@ -262,6 +262,21 @@ def test_unreadable_files_are_reported_and_skipped(data_root, tmp_path):
     assert report["prepared"]["test"] == {"NORMAL": 3, "PNEUMONIA": 3}
 
 
+def test_every_accepted_file_type_is_prepared(data_root, tmp_path):
+    """data_prep takes what the app accepts (images.IMAGE_SUFFIXES), DICOM and GIF included."""
+    from odd_files import READABLE, make_odd_files
+
+    source = copy_kaggle_tree(data_root, tmp_path / "chest_xray", {"train": 6, "val": 2, "test": 3})
+    xray = next((source / "train" / "NORMAL").iterdir())
+    odd = make_odd_files(tmp_path / "odd", xray)
+    for name in READABLE:
+        shutil.copy(odd[name].path, source / "train" / "NORMAL" / name)
+    report = run_prepare(source, tmp_path / "prepared")
+    assert report["unreadable"] == []
+    prepared = {Path(row["source_file"]).name for row in read_index(tmp_path / "prepared")}
+    assert set(READABLE) <= prepared
+
+
 @pytest.mark.parametrize("layout", ["no_test_folder", "lowercase_classes"])
 def test_wrong_layout_exits_with_a_clear_error(data_root, tmp_path, layout):
     if layout == "no_test_folder":

@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from hub_standin import HubStandIn
 from real_subset import prepared_subset, split_sizes
 from tiny_vit import TINY_VIT

@@ -18,9 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from pneumonia_vit.preprocess import pixel_array
 from pneumonia_vit.images import load_xray
-from pneumonia_vit.preprocess import pixel_values
+from pneumonia_vit.preprocess import pixel_array, pixel_values
 
 BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "models" / "pneumonia-vit-tiny"
 
@@ -35,11 +34,10 @@ except ImportError as missing:
     pytest.skip(f"{missing.name} is not installed (pip install onnxruntime onnx)", allow_module_level=True)
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory, monkeypatch):
-    """Each test session exports into its own cache folder, never into ~/.cache."""
-    monkeypatch.setenv("PNEUMONIA_VIT_CACHE", str(tmp_path_factory.getbasetemp() / "fast-cache"))
-    monkeypatch.delenv("PNEUMONIA_VIT_FAST", raising=False)
+@pytest.fixture(scope="module")
+def fast_cache(tmp_path_factory) -> Path:
+    """The test session's own export folder, never ~/.cache."""
+    return tmp_path_factory.getbasetemp() / "fast-cache"
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +57,13 @@ def _model_dirs(tiny_model_dir) -> list[Path]:
     return [tiny_model_dir] + ([BUNDLED_MODEL] if (BUNDLED_MODEL / "config.json").is_file() else [])
 
 
-def test_fast_path_matches_fp32_on_real_xrays(tiny_model_dir, real_xrays):
+def test_fast_path_matches_fp32_on_real_xrays(tiny_model_dir, real_xrays, fast_cache):
     from pneumonia_vit.model import Classifier
 
     for folder in _model_dirs(tiny_model_dir):
-        fast = Classifier.load(str(folder))
+        fast = Classifier.load(str(folder), cache=fast_cache)
         exact = Classifier.load(str(folder), fast=False)
-        assert (fast.backend, exact.backend) == ("onnxruntime-int8", "torch-fp32")
+        assert (fast.backend.name, exact.backend.name) == ("onnxruntime-int8", "torch-fp32")
         assert fast.spec == exact.spec and fast.threshold == exact.threshold
         ours, reference = fast.pneumonia_probability(real_xrays), exact.pneumonia_probability(real_xrays)
         assert ours.shape == reference.shape == (len(real_xrays),) and ours.dtype == np.float32
@@ -80,117 +78,129 @@ def test_fast_path_matches_fp32_on_real_xrays(tiny_model_dir, real_xrays):
         assert np.array_equal(single[:1], fast.pneumonia_probability(real_xrays[:1]))
 
 
-def test_fast_features_match_the_pytorch_head_input(tiny_model_dir, real_xrays):
+def test_fast_features_match_the_pytorch_head_input(tiny_model_dir, real_xrays, fast_cache):
     """The exported graph also returns what the classifier head reads (the out-of-domain features)."""
     from pneumonia_vit.model import Classifier
 
-    fast = Classifier.load(str(tiny_model_dir))
-    outputs = fast.fast_model.run(pixel_array(real_xrays, fast.spec))
+    fast = Classifier.load(str(tiny_model_dir), cache=fast_cache)
+    _, features = fast.backend.run(pixel_array(real_xrays, fast.spec))
     captured = []
     model = fast.model  # the fp32 model, loaded lazily
     handle = model.classifier.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
     with torch.inference_mode():
         model(pixel_values=pixel_values(real_xrays, fast.spec))
     handle.remove()
-    assert outputs["features"].shape == tuple(captured[0].shape)
-    assert np.abs(outputs["features"] - captured[0].numpy()).max() < 0.1 * np.abs(captured[0].numpy()).max()
+    assert features.shape == tuple(captured[0].shape)
+    assert np.abs(features - captured[0].numpy()).max() < 0.1 * np.abs(captured[0].numpy()).max()
 
 
-def test_cache_is_reused_and_keyed_by_weights(tiny_model_dir, tmp_path):
+def test_cache_is_reused_and_keyed_by_weights(tiny_model_dir, tmp_path, fast_cache):
     import shutil
 
-    from pneumonia_vit.model import Classifier
     from transformers import ViTForImageClassification
+
+    from pneumonia_vit.model import Classifier
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir, folder)
-    first = Classifier.load(str(folder))
+    first = Classifier.load(str(folder), cache=fast_cache)
     assert first._model is None  # served without keeping the PyTorch weights in memory
-    second = Classifier.load(str(folder))
-    assert second.fast_model.startup["cache_hit"] and second.fast_model.path == first.fast_model.path
+    second = Classifier.load(str(folder), cache=fast_cache)
+    assert second.backend.startup["cache_hit"] and second.backend.path == first.backend.path
     assert second._model is None  # a cache hit never reads the PyTorch weights
     # New weights in the same folder: a new artefact, not the stale one.
     model = ViTForImageClassification.from_pretrained(folder)
     with torch.no_grad():
         model.classifier.bias += 1.0
     model.save_pretrained(folder)
-    third = Classifier.load(str(folder))
-    assert not third.fast_model.startup["cache_hit"] and third.fast_model.path != first.fast_model.path
+    third = Classifier.load(str(folder), cache=fast_cache)
+    assert not third.backend.startup["cache_hit"] and third.backend.path != first.backend.path
 
 
-def test_disabled_fast_path_uses_pytorch(tiny_model_dir, monkeypatch):
+def test_disabled_fast_path_uses_pytorch(tiny_model_dir, fast_cache):
     from pneumonia_vit.model import Classifier
 
-    assert Classifier.load(str(tiny_model_dir), fast=False).backend == "torch-fp32"
-    monkeypatch.setenv("PNEUMONIA_VIT_FAST", "0")
-    assert Classifier.load(str(tiny_model_dir)).backend == "torch-fp32"
-    assert Classifier.load(str(tiny_model_dir), fast=True).backend == "onnxruntime-int8"
+    assert Classifier.load(str(tiny_model_dir), fast=False).backend.name == "torch-fp32"
+    assert Classifier.load(str(tiny_model_dir), cache=fast_cache).backend.name == "onnxruntime-int8"
 
 
 @pytest.mark.parametrize("failure", ["onnxruntime missing", "export fails"])
-def test_fast_path_falls_back_with_a_warning(tiny_model_dir, real_xrays, monkeypatch, caplog, tmp_path, failure):
+def test_fast_path_falls_back_with_a_warning(tiny_model_dir, real_xrays, monkeypatch, caplog, tmp_path, failure,
+                                             fast_cache):
     import sys
 
     from pneumonia_vit import fast_inference
     from pneumonia_vit.model import Classifier
 
+    cache = fast_cache
     if failure == "onnxruntime missing":
         monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
     else:
-        monkeypatch.setenv("PNEUMONIA_VIT_CACHE", str(tmp_path / "empty-cache"))  # force an export
+        cache = tmp_path / "empty-cache"  # forces an export
 
         def broken(*args, **kwargs):
             raise RuntimeError("exporter exploded")
 
         monkeypatch.setattr(fast_inference, "export_int8", broken)
     with caplog.at_level(logging.WARNING, logger="pneumonia_vit.model"):
-        classifier = Classifier.load(str(tiny_model_dir))
-    assert classifier.backend == "torch-fp32"
+        classifier = Classifier.load(str(tiny_model_dir), cache=cache)
+    assert classifier.backend.name == "torch-fp32"
     assert "fast inference unavailable" in caplog.text
     reference = Classifier.load(str(tiny_model_dir), fast=False).pneumonia_probability(real_xrays)
     assert np.array_equal(classifier.pneumonia_probability(real_xrays), reference)
 
 
-def test_fast_load_reads_the_same_spec_and_threshold_as_transformers(tiny_model_dir):
+def test_a_bug_in_the_fast_path_is_raised_not_served_as_fp32(tiny_model_dir, monkeypatch, tmp_path):
+    from pneumonia_vit import fast_inference
+    from pneumonia_vit.model import Classifier
+
+    def buggy(model_dir):
+        raise TypeError("a programming error inside the fast path")
+
+    monkeypatch.setattr(fast_inference, "fingerprint", buggy)
+    with pytest.raises(TypeError, match="programming error"):
+        Classifier.load(str(tiny_model_dir), cache=tmp_path)
+
+
+def test_fast_load_reads_the_same_spec_and_threshold_as_transformers(tiny_model_dir, fast_cache):
     """The fast path reads preprocessor_config.json and config.json as plain JSON (no transformers
     import on a warm start); it must agree with AutoImageProcessor / AutoConfig."""
     from transformers import AutoConfig
 
-    from pneumonia_vit.model import Classifier, _pixel_spec_from_json, load_pixel_spec, stored_threshold
+    from pneumonia_vit.model import Classifier, ModelInfo, _pixel_spec_from_json, load_pixel_spec
 
     for folder in _model_dirs(tiny_model_dir):
         assert _pixel_spec_from_json(folder) == load_pixel_spec(str(folder))
-    fast = Classifier.load(str(tiny_model_dir))
-    assert fast.threshold == stored_threshold(AutoConfig.from_pretrained(tiny_model_dir)) == 0.42
+    fast = Classifier.load(str(tiny_model_dir), cache=fast_cache)
+    assert fast.info == ModelInfo.from_config(AutoConfig.from_pretrained(tiny_model_dir).to_dict())
+    assert fast.threshold == 0.42 and fast.info.threshold_stored
 
 
-def test_thread_count_follows_the_environment(monkeypatch):
-    from pneumonia_vit.fast_inference import default_threads
+def test_fast_path_runs_with_the_threads_asked_for_else_every_usable_core(tiny_model_dir, fast_cache):
+    from pneumonia_vit.cpus import usable_cores
+    from pneumonia_vit.model import Classifier
 
-    monkeypatch.setenv("PNEUMONIA_VIT_THREADS", "1")
-    assert default_threads() == 1
-    monkeypatch.delenv("PNEUMONIA_VIT_THREADS")
-    assert 1 <= default_threads() <= (os.cpu_count() or 1)
+    assert Classifier.load(str(tiny_model_dir), cache=fast_cache, threads=1).backend.threads == 1
+    assert Classifier.load(str(tiny_model_dir), cache=fast_cache).backend.threads == usable_cores()
 
 
-def test_unwritable_cache_exports_into_a_temporary_folder(tiny_model_dir, tmp_path, monkeypatch, real_xrays):
+def test_unwritable_cache_exports_into_a_temporary_folder(tiny_model_dir, tmp_path, real_xrays):
     from pneumonia_vit.model import Classifier
 
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the cache folder should be")
-    monkeypatch.setenv("PNEUMONIA_VIT_CACHE", str(blocker / "cache"))
-    classifier = Classifier.load(str(tiny_model_dir))
-    assert classifier.backend == "onnxruntime-int8"
-    assert not str(classifier.fast_model.path).startswith(str(blocker))
+    classifier = Classifier.load(str(tiny_model_dir), cache=blocker / "cache")
+    assert classifier.backend.name == "onnxruntime-int8"
+    assert not str(classifier.backend.path).startswith(str(blocker))
     assert classifier.pneumonia_probability(real_xrays[:2]).shape == (2,)
 
 
-def test_damaged_cache_entry_is_exported_again(tiny_model_dir, caplog):
+def test_damaged_cache_entry_is_exported_again(tiny_model_dir, caplog, fast_cache):
     from pneumonia_vit.model import Classifier
 
-    first = Classifier.load(str(tiny_model_dir))
-    Path(first.fast_model.path).write_bytes(b"not an onnx model")
+    first = Classifier.load(str(tiny_model_dir), cache=fast_cache)
+    Path(first.backend.path).write_bytes(b"not an onnx model")
     with caplog.at_level(logging.WARNING):
-        again = Classifier.load(str(tiny_model_dir))
-    assert again.backend == "onnxruntime-int8" and "exporting it again" in caplog.text
-    assert Path(again.fast_model.path).stat().st_size > 1000
+        again = Classifier.load(str(tiny_model_dir), cache=fast_cache)
+    assert again.backend.name == "onnxruntime-int8" and "exporting it again" in caplog.text
+    assert Path(again.backend.path).stat().st_size > 1000

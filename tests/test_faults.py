@@ -19,14 +19,12 @@ import time
 from pathlib import Path
 
 import pytest
-
-from pneumonia_vit.training import CheckpointError
-
 from real_subset import prepared_subset
 from tiny_vit import TINY_VIT
 
+from pneumonia_vit.training import CheckpointError
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 METRIC_TOLERANCE = 1e-6
 WEIGHT_TOLERANCE = 1e-6

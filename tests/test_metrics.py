@@ -122,3 +122,43 @@ def test_invalid_rule_and_single_class_raise():
         choose_threshold(LABELS6, SCORES6, "f1")
     with pytest.raises(ValueError, match="both classes"):
         choose_threshold([1, 1, 1], [0.2, 0.5, 0.9], "youden")
+
+
+def test_evaluate_module_loaded_by_path_matches_sklearn_on_real_scores(data_root, served_model_dir):
+    """The `evaluate` module (what evaluation, evaluate_vit.py and training report) against scikit-learn
+    called directly, on the served model's scores for real test X-rays at its stored threshold."""
+    import evaluate
+    import numpy as np
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score, roc_auc_score
+
+    from pneumonia_vit.images import LABELS, load_xray
+    from pneumonia_vit.metrics import METRIC_DIR
+    from pneumonia_vit.model import Classifier
+
+    classifier = Classifier.load(str(served_model_dir), fast=False)
+    labels, images = [], []
+    for label, name in enumerate(LABELS):
+        for path in sorted((data_root / "chest_xray_224" / "test" / name).iterdir())[:40]:
+            labels.append(label)
+            images.append(load_xray(path))
+    scores = classifier.pneumonia_probability(images).astype(float)
+    labels = np.array(labels)
+    predicted = (scores >= classifier.threshold).astype(int)
+    assert 0 < predicted.sum() < len(predicted), "both decisions should occur for the comparison to mean much"
+
+    metrics = evaluate.load(str(METRIC_DIR)).compute(references=labels, prediction_scores=scores,
+                                                      threshold=classifier.threshold)
+    (tn, fp), (fn, tp) = confusion_matrix(labels, predicted)
+    assert metrics["confusion_matrix"] == {"tn": tn, "fp": fp, "fn": fn, "tp": tp}
+    assert metrics["n"] == len(labels)
+    assert metrics["threshold"] == classifier.threshold
+    expected = {
+        "accuracy": accuracy_score(labels, predicted),
+        "sensitivity": recall_score(labels, predicted),
+        "specificity": recall_score(labels, predicted, pos_label=0),
+        "precision": precision_score(labels, predicted),
+        "f1": f1_score(labels, predicted),
+        "roc_auc": roc_auc_score(labels, scores),
+    }
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value, abs=1e-12), key

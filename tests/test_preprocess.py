@@ -86,11 +86,10 @@ def test_tiny_vit_smoke():
     assert not [name for name in missing if "pooler" not in name]
 
 
-def test_tiny_model_dir_scores_real_xrays(tiny_model_dir, data_root, tmp_path, monkeypatch):
+def test_tiny_model_dir_scores_real_xrays(tiny_model_dir, data_root, tmp_path):
     from pneumonia_vit.model import Classifier
 
-    monkeypatch.setenv("PNEUMONIA_VIT_CACHE", str(tmp_path))  # the fast path's export stays out of ~/.cache
-    classifier = Classifier.load(str(tiny_model_dir))
+    classifier = Classifier.load(str(tiny_model_dir), cache=tmp_path)  # the fast path's export stays out of ~/.cache
     assert classifier.threshold == 0.42 and classifier.spec.size == 64
     grays = [load_xray(path) for path in _real_xrays(data_root)[:3]]
     probabilities = classifier.pneumonia_probability(grays)

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from odd_files import bad_files, make_odd_files, readable_files
 
 REPO = Path(__file__).resolve().parent.parent

@@ -10,10 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from tiny_vit import TINY_VIT
-
 from hub_standin import HubStandIn
+from tiny_vit import TINY_VIT
 
 REPO = Path(__file__).resolve().parent.parent
 REPO_ID = "user/pneumonia-test"

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-
 from tiny_vit import TINY_VIT
 
 REPO = Path(__file__).resolve().parent.parent
@@ -168,7 +167,7 @@ def test_stock_trainer_still_drops_encoder_weights_on_reload(tiny_model_dir, tmp
     assert stale, "stock Trainer now reloads every encoder weight: upstream fixed #43701"
 
 
-def test_saved_model_loads_in_classifier_and_pipeline_alike(trained, data_root, tmp_path, monkeypatch):
+def test_saved_model_loads_in_classifier_and_pipeline_alike(trained, data_root, tmp_path):
     from transformers import pipeline
 
     from pneumonia_vit.images import load_xray
@@ -192,19 +191,18 @@ def test_saved_model_loads_in_classifier_and_pipeline_alike(trained, data_root, 
     # Originals differ only by the RGB->grey conversion the pipeline skips (it feeds the RGB channels),
     # which the resize to 64 px averages away (measured: under 1e-7).
     exact = Classifier.load(str(output), fast=False)
-    assert exact.backend == "torch-fp32"
+    assert exact.backend.name == "torch-fp32"
     assert exact.threshold == config["decision_threshold"] and exact.spec.size == 64
     for paths, tolerance in ((prepared, 1e-5), (originals, 1e-4)):
         ours = exact.pneumonia_probability([load_xray(path) for path in paths])
         assert np.allclose(ours, pipeline_scores(paths), atol=tolerance), (ours, pipeline_scores(paths))
 
     # The default serving path (int8 ONNX Runtime where installed) stays close to the fp32 model.
-    monkeypatch.setenv("PNEUMONIA_VIT_CACHE", str(tmp_path / "cache"))
-    served = Classifier.load(str(output))
+    served = Classifier.load(str(output), cache=tmp_path / "cache")
     assert served.threshold == config["decision_threshold"]
     paths = prepared + originals
     ours = served.pneumonia_probability([load_xray(path) for path in paths])
-    assert np.allclose(ours, pipeline_scores(paths), atol=0.01), (served.backend, ours, pipeline_scores(paths))
+    assert np.allclose(ours, pipeline_scores(paths), atol=0.01), (served.backend.name, ours, pipeline_scores(paths))
 
 
 def test_evaluate_vit_reproduces_the_test_metrics(trained, tmp_path):
