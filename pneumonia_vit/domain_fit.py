@@ -48,9 +48,9 @@ log = logging.getLogger(__name__)
 
 PEDIATRIC, ADULT, ALTERED, NOT_XRAY = range(len(KINDS))
 KIND_QUANTILE = 0.01  # share of the pediatric validation split the cut-off flags
-HIDDEN = (256, 64)
-PEDIATRIC_COPIES = 3
-SYNTHETIC_COUNT = 8000
+HIDDEN = (128,)
+PEDIATRIC_COPIES = 1
+SYNTHETIC_COUNT = 6000
 SEED = 2024
 ADULT_FOLDS = (("fit", 60), ("select", 20), ("held_out", 20))  # percent of NIH patients
 
@@ -286,13 +286,14 @@ def _augmented(paths: list[Path], copies: int, rng: np.random.Generator,
 def training_set(data_dir: Path, adult_dir: Path, rng: np.random.Generator, copies: int = PEDIATRIC_COPIES,
                  synthetic_count: int = SYNTHETIC_COUNT) -> tuple[np.ndarray, np.ndarray]:
     """Inputs and KINDS indices for the fit: `copies` augmented copies of each pediatric training
-    film, as many adult inputs (more copies of fewer films), altered films, drawn images."""
+    film, as many adult inputs (more copies of fewer films), altered films (every second pediatric
+    film and every fit-fold adult film), drawn images."""
     pediatric = image_files(data_dir / "train")
     adults = adult_files(adult_dir, "fit")
     parts = [
         (_augmented(pediatric, copies, rng), PEDIATRIC),
         (_augmented(adults, max(1, round(copies * len(pediatric) / max(len(adults), 1))), rng), ADULT),
-        (_augmented(pediatric + adults, 1, rng, altered_film), ALTERED),
+        (_augmented(pediatric[::2] + adults, 1, rng, altered_film), ALTERED),  # as many as the drawn images
         ((_grey_or_colour(synthetic_image(rng)[1]) for _ in range(synthetic_count)), NOT_XRAY),
     ]
     inputs, kinds = [], []
