@@ -59,6 +59,7 @@ LOOKS_LIKE = {
     "not_an_xray": "it does not look like an X-ray (a photo, document, drawing, chart or other image)",
 }
 COLOUR, BLANK, UNFAMILIAR = "colour_image", "blank_image", "unfamiliar_to_the_model"
+RULES = ("colour", "blank", "kind", "features")
 
 
 def _read_safetensors(path: str | Path, expected_format: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -215,7 +216,8 @@ class DomainCheck:
     distance: float | None = None
     distance_threshold: float | None = None
     reasons: list[str] = field(default_factory=list)
-    looks_like: str = PEDIATRIC  # a KINDS key, COLOUR, BLANK or UNFAMILIAR: the first rule that fired
+    fired: list[str] = field(default_factory=list)  # the rules that flagged it: RULES names, in order
+    looks_like: str = PEDIATRIC  # a KINDS key, COLOUR, BLANK or UNFAMILIAR: what the first rule that fired says
 
     @property
     def in_domain(self) -> bool:
@@ -244,6 +246,7 @@ class DomainCheck:
             "in_domain": self.in_domain,
             "looks_like": self.looks_like,
             "reasons": list(self.reasons),
+            "rules_fired": list(self.fired),
             "checks": self.checks_run(),
             "p_pediatric_chest_xray": None if self.kind_probabilities is None else round(self.kind_probabilities[PEDIATRIC], 6),
         }
@@ -260,29 +263,29 @@ def check_domain(reading: XrayReading, features: np.ndarray | None, stats: Domai
     """Applies the rules: 3 where `kind_model` is given, 4 where `stats` and `features` are."""
     check = DomainCheck(chroma=reading.chroma, grey_std=grey_std(reading.image))
     looks_like = []
+
+    def flag(rule: str, reason: str, kind: str) -> None:
+        check.fired.append(rule)
+        check.reasons.append(reason)
+        looks_like.append(kind)
+
     if check.chroma > MAX_CHROMA:
-        check.reasons.append(f"it is a colour image (mean chroma {check.chroma:.0f}; X-rays are grey)")
-        looks_like.append(COLOUR)
+        flag("colour", f"it is a colour image (mean chroma {check.chroma:.0f}; X-rays are grey)", COLOUR)
     if check.grey_std < MIN_STD:
-        check.reasons.append(f"it is nearly blank (grey-level spread {check.grey_std:.1f})")
-        looks_like.append(BLANK)
+        flag("blank", f"it is nearly blank (grey-level spread {check.grey_std:.1f})", BLANK)
     if kind_model is not None:
         probabilities = kind_model.probabilities(check_input(reading.image))[0]
         check.kind_probabilities = {kind: float(p) for kind, p in zip(KINDS, probabilities)}
         check.kind_threshold = kind_model.threshold
         if probabilities[0] < kind_model.threshold:
             likeliest = KINDS[1 + int(np.argmax(probabilities[1:]))]
-            check.reasons.append(LOOKS_LIKE[likeliest])
-            looks_like.append(likeliest)
+            flag("kind", LOOKS_LIKE[likeliest], likeliest)
     if stats is not None and features is not None:
         check.distance = float(stats.distance(features)[0])
         check.distance_threshold = stats.threshold
         if check.distance > stats.threshold:
-            check.reasons.append(
-                f"the model's features are far from its training X-rays (distance {check.distance:.1f}, "
-                f"above the {stats.quantile:.1%} validation quantile {stats.threshold:.1f})"
-            )
-            looks_like.append(UNFAMILIAR)
+            flag("features", f"the model's features are far from its training X-rays (distance {check.distance:.1f}, "
+                             f"above the {stats.quantile:.1%} validation quantile {stats.threshold:.1f})", UNFAMILIAR)
     if looks_like:
         check.looks_like = looks_like[0]
     return check

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from .domain import BLANK, COLOUR, KindModel, check_input
+from .domain import RULES, KindModel, check_input
 from .domain_fit import SYNTHETIC_FAMILIES, adult_files, heavy_crop, image_files, synthetic_image
 from .images import InvalidImageError, read_xray
 from .serving import Service
@@ -92,7 +92,7 @@ def write_non_xray_corpus(folder: str | Path, films: list[Path], seed: int = COR
 
 
 def measure(service: Service, paths: list[Path], batch_size: int = 32) -> dict:
-    """How often each rule fires on `paths`; `missed` lists in-domain files where `expect_flagged`."""
+    """How often each rule fires on `paths`; `passed` lists the files no rule flagged."""
     counts = Counter()
     looks_like = Counter()
     passed = []
@@ -108,15 +108,11 @@ def measure(service: Service, paths: list[Path], batch_size: int = 32) -> dict:
             check = analysis.domain
             counts["images"] += 1
             counts["flagged"] += not check.in_domain
-            counts["colour"] += check.looks_like == COLOUR or any("colour image" in r for r in check.reasons)
-            counts["blank"] += check.looks_like == BLANK or any("nearly blank" in r for r in check.reasons)
-            counts["kind"] += check.kind_probabilities is not None and check.kind_probabilities[
-                "pediatric_chest_xray"] < check.kind_threshold
-            counts["features"] += check.distance is not None and check.distance > check.distance_threshold
+            counts.update(check.fired)
             looks_like[check.looks_like] += 1
             if check.in_domain:
                 passed.append(name)
-    result = {key: counts[key] for key in ("images", "flagged", "colour", "blank", "kind", "features", "unreadable")}
+    result = {key: counts[key] for key in ("images", "flagged", *RULES, "unreadable")}
     result["flagged_fraction"] = round(counts["flagged"] / counts["images"], 4) if counts["images"] else None
     result["looks_like"] = dict(looks_like)
     result["passed"] = passed

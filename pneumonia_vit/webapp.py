@@ -9,7 +9,8 @@ Endpoints (gradio_client):
             "threshold": t, "warning": None | plain-words text,
             "domain": {"in_domain": bool, "looks_like": "pediatric_chest_xray" | "adult_chest_xray" |
                        "altered_chest_film" | "not_an_xray" | "colour_image" | "blank_image" |
-                       "unfamiliar_to_the_model", "reasons": [...], "checks": "...",
+                       "unfamiliar_to_the_model", "reasons": [...], "rules_fired": ["colour" |
+                       "blank" | "kind" | "features", ...], "checks": "...",
                        "p_pediatric_chest_xray": p | None}}
     Client(url).predict(handle_file("x.jpeg"), api_name="/analyze")
         -> (preview image, label value, decision and domain note as Markdown, heatmap image)

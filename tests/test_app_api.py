@@ -137,6 +137,7 @@ def adult_xray(data_root) -> Path:
 def test_adult_xray_gets_the_verdict_and_the_warning(client, adult_xray):
     assessed = call(client, adult_xray, "/assess")
     assert assessed["domain"]["in_domain"] is False and assessed["domain"]["looks_like"] == "adult_chest_xray"
+    assert "kind" in assessed["domain"]["rules_fired"]
     assert assessed["decision"] is None and assessed["decision_applicable"] is False
     assert assessed["probabilities_reliable"] is False and set(assessed["probabilities"]) == {"NORMAL", "PNEUMONIA"}
     assert "adult chest X-ray" in assessed["warning"] and "children aged 1-5" in assessed["warning"]
@@ -150,6 +151,7 @@ def test_pediatric_test_image_gets_a_decision_and_no_warning(client, classifier,
     assessed = call(client, path, "/assess")
     p, decision = expected(classifier, path)
     assert assessed["domain"]["in_domain"] is True and assessed["domain"]["looks_like"] == "pediatric_chest_xray"
+    assert assessed["domain"]["rules_fired"] == [] and assessed["domain"]["checks"].count("image-kind") == 1
     assert assessed["warning"] is None and assessed["decision"] == decision and assessed["decision_applicable"]
     assert assessed["probabilities"]["PNEUMONIA"] == pytest.approx(p, abs=1e-4)
     markdown = call(client, path, "/analyze")[2]

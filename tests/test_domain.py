@@ -106,7 +106,7 @@ def test_kind_model_inputs_ignore_exposure_and_window():
 def test_bundled_check_flags_adult_turned_and_inverted_films_and_passes_the_examples(bundled_service):
     assert bundled_service.kind_model is not None, f"the bundled model ships {CHECK_FILE} (pneumonia_vit/domain_fit.py)"
     adult = bundled_service.analyze(ADULT_EXAMPLE, explain=False).domain
-    assert adult.looks_like == "adult_chest_xray" and "adult chest X-ray" in adult.message()
+    assert adult.looks_like == "adult_chest_xray" and "adult chest X-ray" in adult.message() and "kind" in adult.fired
     for path in EXAMPLES:
         check = bundled_service.analyze(path, explain=False).domain
         assert check.kind_probabilities["pediatric_chest_xray"] >= check.kind_threshold, path.name
