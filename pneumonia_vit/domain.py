@@ -2,14 +2,14 @@
 chest X-rays the model learned from?
 
 The classifier answers NORMAL or PNEUMONIA for anything, an adult X-ray or a cat photo included.
-Four rules flag an input whose answer means nothing; the app shows the reason and takes no
+Four rules (RULES) flag an input whose answer means nothing; the app shows the reason and takes no
 decision on it, predict.py writes the reason to its CSV. A flagged input is still scored: its
 probabilities are shown, marked unreliable.
 
 1. colour: a radiograph carries no colour. The file's mean chroma (max-minus-min of R, G, B,
    in grey levels) above MAX_CHROMA flags photographs, screenshots and coloured drawings.
    Radiographs stored as RGB JPEGs (99 Kermany PNEUMONIA originals are) read about 0 and pass.
-2. flat: a blank, uniform or nearly uniform image (grey-level standard deviation below MIN_STD);
+2. blank: a blank, uniform or nearly uniform image (grey-level standard deviation below MIN_STD);
    the 624 Kermany test originals have a standard deviation of at least ~32.
 3. kind: a tiny classifier of its own, independent of the pneumonia model, that tells a pediatric
    chest X-ray from an adult chest X-ray, a rotated, inverted or cropped chest film, and anything
@@ -43,8 +43,8 @@ CHECK_FORMAT = "pneumonia_vit.domain_check/1"
 MAX_CHROMA = 6.0  # grey levels; JPEG noise on a grey RGB file stays below 1
 MIN_STD = 10.0  # grey levels, on 0..255
 DEFAULT_QUANTILE = 0.995
-# The kind model's input (check_input) is made from a 64x64 thumbnail: about 1 ms from a
-# 2,000-pixel original (a reducing_gap resize).
+# The kind model's input (check_input) is made from a 64x64 thumbnail (a reducing_gap resize, the
+# check's main cost: benchmarks/results/domain_check.md times it).
 CHECK_SIDE = 32
 HISTOGRAM_BINS = 16
 CHECK_INPUTS = f"layout{CHECK_SIDE}x{CHECK_SIDE}+levels{HISTOGRAM_BINS}+texture2"  # saved with the model, checked on load
