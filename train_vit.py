@@ -38,7 +38,7 @@ from transformers import (
 
 from pneumonia_vit.card import model_card
 from pneumonia_vit.data import Augmentation, BatchTransform, collate, load_splits, with_sample_index
-from pneumonia_vit.domain import fit_domain_stats
+from pneumonia_vit.domain_fit import fit_domain_stats
 from pneumonia_vit.evaluation import predict_scores, write_report
 from pneumonia_vit.images import LABELS
 from pneumonia_vit.metrics import THRESHOLD_RULES, choose_threshold
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
             fit_domain_stats(model, spec, splits["train"], splits["validation"], output_dir=training_args.output_dir)
         except Exception as error:
             print(f"warning: out-of-domain statistics not written ({error!r}); add them later with "
-                  f"python -m pneumonia_vit.domain {training_args.output_dir} --data_dir DATA_DIR")
+                  f"python -m pneumonia_vit.domain_fit {training_args.output_dir} --data_dir DATA_DIR --feature_stats")
 
     # The one look at the test split, with the threshold fixed beforehand.
     test_labels, test_scores = predict_scores(trainer, splits["test"])

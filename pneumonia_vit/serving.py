@@ -15,8 +15,8 @@ Two models, one of each loaded once:
 With `max_batch` > 1, `predict` (the API) scores concurrent requests together in one forward
 (pneumonia_vit/batching.py); each request still decodes and checks its own file first.
 
-No gradio here: predict.py and `python -m pneumonia_vit.domain` use this module without the
-seconds that importing gradio takes.
+No gradio here: predict.py and `python -m pneumonia_vit.domain_measure` use this module without
+the seconds that importing gradio takes.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from PIL import Image
 
 from .backends import forward
 from .batching import MicroBatcher
-from .domain import DomainCheck, DomainStats, check_domain
+from .domain import DomainCheck, DomainStats, KindModel, check_domain
 from .explain import attention_rollout, overlay
 from .images import LABELS, XrayReading, read_xray
 from .model import Classifier
@@ -59,7 +59,8 @@ class Analysis:
 
 
 class Service:
-    """A loaded classifier plus its out-of-domain statistics (None: rules 1-2 only).
+    """A loaded classifier plus the out-of-domain rules its folder carries (pneumonia_vit/domain.py):
+    `kind_model` (rule 3) and `domain_stats` (rule 4), each None where the folder has no file for it.
 
     `classifier` scores (fast path by default); `explainer`, the fp32 PyTorch model with eager
     attention, makes heatmaps (None unless loaded with explain=True; the same object as
@@ -67,7 +68,8 @@ class Service:
     """
 
     def __init__(self, classifier: Classifier, domain_stats: DomainStats | None, model_id: str = "",
-                 explain: bool = False, max_batch: int = 1, batch_workers: int = BATCH_WORKERS):
+                 explain: bool = False, max_batch: int = 1, batch_workers: int = BATCH_WORKERS,
+                 kind_model: KindModel | None = None):
         labels = tuple(classifier.labels or ())
         if labels != LABELS:
             raise ValueError(f"{model_id}: model labels are {labels}; this app expects {LABELS}")
@@ -78,6 +80,7 @@ class Service:
             self.explainer = classifier.model
             self.explainer.set_attn_implementation("eager")
         self.domain_stats = domain_stats
+        self.kind_model = kind_model
         self.model_id = model_id
         self.max_batch = max_batch
         self.batcher = (MicroBatcher(self._score, max_batch, workers=batch_workers, name="predict-batcher")
@@ -94,7 +97,8 @@ class Service:
                 f"model {model_id!r} not found: give MODEL_ID as a local folder or a Hub id (owner/name)"
             )
         classifier = Classifier.load(model_id, fast=fast, cache=cache, threads=threads, keep_model=explain)
-        return cls(classifier, DomainStats.load(model_id), model_id, explain=explain, max_batch=max_batch)
+        return cls(classifier, DomainStats.load(model_id), model_id, explain=explain, max_batch=max_batch,
+                   kind_model=KindModel.load(model_id))
 
     @property
     def backend(self) -> str:
@@ -112,7 +116,7 @@ class Service:
             probabilities={LABELS[0]: 1.0 - p_pneumonia, LABELS[1]: p_pneumonia},
             decision=self.decide(p_pneumonia),
             threshold=self.threshold,
-            domain=check_domain(reading, features, self.domain_stats),
+            domain=check_domain(reading, features, self.domain_stats, self.kind_model),
             batch_size=batch_size,
         )
 

@@ -3,11 +3,26 @@
 Endpoints (gradio_client):
     Client(url).predict(handle_file("x.jpeg"), api_name="/predict")
         -> {"label": decision at the stored threshold, "confidences": [{"label", "confidence"} x 2]}
+    Client(url).predict(handle_file("x.jpeg"), api_name="/assess")
+        -> {"decision": "NORMAL" | "PNEUMONIA" | None, "decision_applicable": bool,
+            "probabilities": {"NORMAL": p, "PNEUMONIA": p}, "probabilities_reliable": bool,
+            "threshold": t, "warning": None | plain-words text,
+            "domain": {"in_domain": bool, "looks_like": "pediatric_chest_xray" | "adult_chest_xray" |
+                       "altered_chest_film" | "not_an_xray" | "colour_image" | "blank_image" |
+                       "unfamiliar_to_the_model", "reasons": [...], "rules_fired": ["colour" |
+                       "blank" | "kind" | "features", ...], "checks": "...",
+                       "p_pediatric_chest_xray": p | None}}
     Client(url).predict(handle_file("x.jpeg"), api_name="/analyze")
-        -> (preview image, the same label value, decision and domain note as Markdown, heatmap image)
+        -> (preview image, label value, decision and domain note as Markdown, heatmap image)
 
-/predict is scored by the service's scoring model (the fast path unless PNEUMONIA_VIT_FAST=0) and,
-unless PNEUMONIA_VIT_BATCH=0, concurrent /predict requests share one forward (serving.Service.predict;
+/predict answers every input as it always has (the decision at the threshold, even for an input
+outside the model's domain); /assess is the same scoring with the out-of-domain verdict
+(pneumonia_vit/domain.py): where `in_domain` is false, `decision` is None and the probabilities are
+unreliable. On the page (/analyze) such an input gets a warning, its decision is "not applicable"
+and its probabilities are labelled unreliable.
+
+/predict and /assess are scored by the service's scoring model (the fast path unless PNEUMONIA_VIT_FAST=0) and,
+unless PNEUMONIA_VIT_BATCH=0, concurrent requests to them share one forward (serving.Service.predict;
 why not gradio's `batch=True`: pneumonia_vit/batching.py). /analyze, the page, runs the fp32 PyTorch
 model, whose attention weights make the heatmap.
 
@@ -41,13 +56,26 @@ DISCLAIMER = (
 log = logging.getLogger("pneumonia_vit.webapp")
 
 
-def decision_label(**options) -> gr.Label:
+NOT_APPLICABLE = "Not applicable: outside this model's domain"
+UNRELIABLE = " (unreliable)"
+# Examples carry their known answer in their file name: normal_1.jpeg, pneumonia_2.jpeg, adult_1.jpeg.
+KNOWN_LABELS = {"normal": "NORMAL", "pneumonia": "PNEUMONIA", "adult": "adult, outside the domain"}
+# The out-of-domain warning is the decision Markdown's only block quote (_decision_markdown).
+PAGE_CSS = """
+#decision blockquote { border-left: 6px solid #c62828; background: #fdecea; color: #7f1d1d;
+                       padding: 0.6em 1em; margin: 0 0 0.8em 0; font-size: 1.1em; }
+"""
+
+
+def decision_label(mark_out_of_domain: bool = False, **options) -> gr.Label:
     """A gr.Label whose heading is the decision at the model's stored threshold.
 
     gr.Label heads with the most probable class, i.e. a 0.5 cut-off; this model's cut-off was chosen
-    on validation (config.json `decision_threshold`). The component's `postprocess` is replaced on
-    this one instance rather than in a subclass: gradio writes a .pyi stub beside the source file of
-    every Component subclass, which would litter the package at import time.
+    on validation (config.json `decision_threshold`). With `mark_out_of_domain` (the page), an input
+    outside the domain is headed "not applicable" and its probabilities are labelled unreliable.
+    The component's `postprocess` is replaced on this one instance rather than in a subclass: gradio
+    writes a .pyi stub beside the source file of every Component subclass, which would litter the
+    package at import time.
     """
     label = gr.Label(**options)
     default = label.postprocess
@@ -55,9 +83,11 @@ def decision_label(**options) -> gr.Label:
     def postprocess(value):
         if isinstance(value, Analysis):
             ranked = sorted(value.probabilities.items(), key=lambda item: item[1], reverse=True)
+            marked = mark_out_of_domain and not value.domain.in_domain
+            suffix = UNRELIABLE if marked else ""
             return LabelData(
-                label=value.decision,
-                confidences=[LabelConfidence(label=name, confidence=round(p, 6)) for name, p in ranked],
+                label=NOT_APPLICABLE if marked else value.decision,
+                confidences=[LabelConfidence(label=name + suffix, confidence=round(p, 6)) for name, p in ranked],
             )
         return default(value)
 
@@ -65,19 +95,55 @@ def decision_label(**options) -> gr.Label:
     return label
 
 
-def _decision_markdown(analysis: Analysis, threshold_stored: bool = True) -> str:
-    p = analysis.p_pneumonia
-    relation = "≥" if analysis.decision == "PNEUMONIA" else "<"
-    origin = ("chosen on the validation split and stored with the model" if threshold_stored
-              else "the default: this model stores no threshold of its own")
-    text = (
-        f"### Decision: {analysis.decision}\n"
-        f"P(pneumonia) = {p:.3f} {relation} the model's threshold {analysis.threshold:.3f} ({origin})."
-    )
+def warning_text(analysis: Analysis) -> str | None:
+    """The plain-words warning for an input outside the domain (None inside it)."""
     domain = analysis.domain
     if domain.in_domain:
-        return text + f"\n\n**In domain.** {domain.message()}"
-    return text + f"\n\n**⚠ Out of domain.** {domain.message()}"
+        return None
+    reasons = "; ".join(domain.reasons)
+    return f"Out of domain: {reasons[0].upper() + reasons[1:]}. No diagnosis is given for this image."
+
+
+def verdict(analysis: Analysis) -> dict:
+    """/assess's answer (documented at the top of this module)."""
+    applicable = analysis.domain.in_domain
+    return {
+        "decision": analysis.decision if applicable else None,
+        "decision_applicable": applicable,
+        "probabilities": {name: round(p, 6) for name, p in analysis.probabilities.items()},
+        "probabilities_reliable": applicable,
+        "threshold": analysis.threshold,
+        "warning": warning_text(analysis),
+        "domain": analysis.domain.verdict(),
+    }
+
+
+def _decision_markdown(analysis: Analysis, threshold_stored: bool = True) -> str:
+    p = analysis.p_pneumonia
+    relation = "≥" if p >= analysis.threshold else "<"
+    origin = ("chosen on the validation split and stored with the model" if threshold_stored
+              else "the default: this model stores no threshold of its own")
+    domain = analysis.domain
+    if domain.in_domain:
+        return (
+            f"### Decision: {analysis.decision}\n"
+            f"P(pneumonia) = {p:.3f} {relation} the model's threshold {analysis.threshold:.3f} ({origin})."
+            f"\n\n**In domain.** {domain.message()}"
+        )
+    return (
+        f"> ### ⚠ {warning_text(analysis)}\n\n"
+        f"### Decision: not applicable\n"
+        f"The model only knows frontal chest X-rays of children aged 1-5, so its answer here means nothing. "
+        f"Shown for the curious only, **unreliable**: P(pneumonia) = {p:.3f} {relation} the model's threshold "
+        f"{analysis.threshold:.3f}."
+    )
+
+
+def example_label(path: Path) -> str:
+    """`normal_1.jpeg` -> "normal 1 · known: NORMAL"."""
+    known = KNOWN_LABELS.get(path.stem.split("_")[0])
+    name = path.stem.replace("_", " ")
+    return f"{name} · known: {known}" if known else name
 
 
 def _model_name(model_id: str) -> str:
@@ -112,6 +178,11 @@ def build_demo(service: Service, examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks
         decision at the model's stored threshold."""
         return run(file_path, explain=False)
 
+    def assess(file_path: str | None) -> dict:
+        """/predict's scoring with the out-of-domain verdict: the decision is None, and the
+        probabilities unreliable, for an input that is not a pediatric chest X-ray."""
+        return verdict(run(file_path, explain=False))
+
     examples = sorted(str(path) for path in examples_dir.glob("*.jpeg")) if examples_dir.is_dir() else []
     if service.explainer is None:
         raise ValueError("the page needs the explaining model: Service.load(..., explain=True)")
@@ -133,28 +204,32 @@ def build_demo(service: Service, examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks
                 if examples:
                     gr.Examples(
                         examples=[[path] for path in examples], inputs=[upload],
-                        example_labels=[Path(path).stem.replace("_", " ") for path in examples],
-                        label="Examples: pediatric test-split X-rays, Kermany et al. 2018, CC BY 4.0",
+                        example_labels=[example_label(Path(path)) for path in examples],
+                        label="Examples with their known labels: pediatric test-split X-rays (Kermany et al. 2018, "
+                              "CC BY 4.0) and an adult X-ray (NIH ChestX-ray14, Wang et al. 2017)",
                     )
             with gr.Column():
-                label = decision_label(label="Decision at the model's threshold, and probabilities", num_top_classes=2,
-                                       elem_id="prediction")
+                label = decision_label(mark_out_of_domain=True, label="Decision at the model's threshold, and probabilities",
+                                       num_top_classes=2, elem_id="prediction")
                 decision = gr.Markdown(label="Decision and domain check", elem_id="decision")
                 heatmap = gr.Image(label="Attention rollout: where the model looked (not evidence of disease)",
                                    type="pil", format="jpeg", interactive=False, height=360, elem_id="heatmap")
         # The page's analyses: at most CONCURRENCY PyTorch forwards at a time.
         upload.change(analyze, inputs=upload, outputs=[preview, label, decision, heatmap], api_name="analyze",
                       concurrency_id="model")
-        # The API endpoint of issue #3, the label value only (no images). Its button is never shown:
-        # it exists so that the endpoint has gr.File in and gr.Label out, which gradio_client reads.
-        # Batched: its own group, max_batch requests in flight, one forward at a time for all of them.
-        # Unbatched (PNEUMONIA_VIT_BATCH=0): it shares the page's group, CONCURRENCY forwards in all.
+        # The API endpoints: /predict (issue #3, the label value only, no images) and /assess (the
+        # same with the domain verdict, as JSON). Their button and outputs are never shown: they
+        # exist so that the endpoints have gr.File in and gr.Label / gr.JSON out, which gradio_client
+        # reads. /predict's label is not the page's: it keeps the decision for every input.
+        # Batched: their own group, max_batch requests in flight, one forward at a time for all of them.
+        # Unbatched (PNEUMONIA_VIT_BATCH=0): they share the page's group, CONCURRENCY forwards in all.
         api_trigger = gr.Button(visible=False)
-        if service.batcher is not None:
-            api_trigger.click(predict, inputs=upload, outputs=label, api_name="predict", concurrency_id="predict",
-                              concurrency_limit=service.max_batch)
-        else:
-            api_trigger.click(predict, inputs=upload, outputs=label, api_name="predict", concurrency_id="model")
+        api_label = decision_label(visible=False)
+        api_verdict = gr.JSON(visible=False)
+        group = (dict(concurrency_id="predict", concurrency_limit=service.max_batch) if service.batcher is not None
+                 else dict(concurrency_id="model"))
+        api_trigger.click(predict, inputs=upload, outputs=api_label, api_name="predict", **group)
+        api_trigger.click(assess, inputs=upload, outputs=api_verdict, api_name="assess", **group)
         gr.Markdown(
             f"The heatmap is attention rollout (Abnar & Zuidema 2020) over the model's {patch}-pixel patches: "
             "where the [CLS] token gathers information from, for either answer. Examples and training data: "
@@ -173,6 +248,7 @@ def launch(demo: gr.Blocks, **overrides):
         allowed_paths=[str(EXAMPLES_DIR)] if EXAMPLES_DIR.is_dir() else None,
         blocked_paths=[str(REPO / name) for name in ("models", "runs", "data", ".git", ".venv")],
         ssr_mode=False,
+        css=PAGE_CSS,
         show_error=False,  # unexpected exceptions reach users as a generic error, not a traceback
     )
     settings.update(overrides)

@@ -31,7 +31,8 @@ from pneumonia_vit.model import Classifier
 from tests.app_server import REPO, running_app
 from tests.odd_files import BAD, READABLE, make_odd_files
 
-EXAMPLES = sorted((REPO / "examples").glob("*.jpeg"))
+EXAMPLES = sorted(path for path in (REPO / "examples").glob("*.jpeg") if not path.name.startswith("adult_"))  # pediatric
+ADULT_EXAMPLE = REPO / "examples" / "adult_1.jpeg"
 BATCH_TOLERANCE = 0.005  # PROBABILITY_TOLERANCE / 4 of tests/test_fast_inference.py
 DEFAULTS = {"PNEUMONIA_VIT_FAST": "1", "PNEUMONIA_VIT_BATCH": "8"}  # the app's defaults, whatever this shell sets
 
@@ -93,6 +94,7 @@ def test_examples_shipped_with_credit():
     assert "Kermany" in credit and "CC BY 4.0" in credit
     for path in EXAMPLES:
         assert path.stat().st_size < 100_000 and max(Image.open(path).size) == 512
+    assert ADULT_EXAMPLE.is_file() and "NIH" in credit and "Wang" in credit and ADULT_EXAMPLE.name in credit
 
 
 def test_app_serves_predict_fast_and_batched_and_analyze_with_pytorch(client, classifier, app_log):
@@ -122,6 +124,38 @@ def test_analyze_returns_preview_decision_note_and_heatmap(client, exact):
         image = Image.open(image_path)
         assert max(image.size) == 512
     assert Image.open(heatmap).mode == "RGB"
+
+
+@pytest.fixture(scope="module")
+def adult_xray(data_root) -> Path:
+    """An adult image of the shared folder, of a patient the kind model was not fitted on."""
+    from pneumonia_vit.domain_fit import adult_files
+
+    return adult_files(data_root / "adult_cxr_224", "held_out")[0]
+
+
+def test_adult_xray_gets_the_verdict_and_the_warning(client, adult_xray):
+    assessed = call(client, adult_xray, "/assess")
+    assert assessed["domain"]["in_domain"] is False and assessed["domain"]["looks_like"] == "adult_chest_xray"
+    assert "kind" in assessed["domain"]["rules_fired"]
+    assert assessed["decision"] is None and assessed["decision_applicable"] is False
+    assert assessed["probabilities_reliable"] is False and set(assessed["probabilities"]) == {"NORMAL", "PNEUMONIA"}
+    assert "adult chest X-ray" in assessed["warning"] and "children aged 1-5" in assessed["warning"]
+    markdown = call(client, adult_xray, "/analyze")[2]
+    assert "adult chest X-ray" in markdown and "Decision: not applicable" in markdown and "unreliable" in markdown
+    assert call(client, adult_xray, "/predict")["label"] in ("NORMAL", "PNEUMONIA"), "/predict answers as before"
+
+
+def test_pediatric_test_image_gets_a_decision_and_no_warning(client, classifier, data_root):
+    path = sorted((data_root / "chest_xray_224" / "test" / "PNEUMONIA").iterdir())[0]
+    assessed = call(client, path, "/assess")
+    p, decision = expected(classifier, path)
+    assert assessed["domain"]["in_domain"] is True and assessed["domain"]["looks_like"] == "pediatric_chest_xray"
+    assert assessed["domain"]["rules_fired"] == [] and assessed["domain"]["checks"].count("image-kind") == 1
+    assert assessed["warning"] is None and assessed["decision"] == decision and assessed["decision_applicable"]
+    assert assessed["probabilities"]["PNEUMONIA"] == pytest.approx(p, abs=1e-4)
+    markdown = call(client, path, "/analyze")[2]
+    assert "Out of domain" not in markdown and "Decision: " in markdown and "not applicable" not in markdown
 
 
 def test_colour_photo_is_flagged_out_of_domain(client, tmp_path):
@@ -235,16 +269,16 @@ def test_only_examples_are_served_from_disk(app_url):
     assert status(EXAMPLES[0]) == 200
 
 
-def test_api_lists_predict_and_analyze(client):
+def test_api_lists_predict_analyze_and_assess(client):
     info = client.view_api(print_info=False, return_format="dict")
-    assert {"/predict", "/analyze"} <= set(info["named_endpoints"])
+    assert {"/predict", "/analyze", "/assess"} <= set(info["named_endpoints"])
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "PNEUMONIA_VIT_FAST=0"])
 def test_predict_cli_writes_a_correct_csv(served_model_dir, classifier, exact, odd, tmp_path, fast):
     folder = tmp_path / "batch"
     folder.mkdir()
-    for path in EXAMPLES:
+    for path in [*EXAMPLES, ADULT_EXAMPLE]:
         shutil.copy(path, folder / path.name)
     for name in ("text_named.jpg", "empty.png", "valid16.dcm"):
         shutil.copy(odd[name].path, folder / name)
@@ -260,7 +294,7 @@ def test_predict_cli_writes_a_correct_csv(served_model_dir, classifier, exact, o
     assert set(rows) == {path.name for path in folder.iterdir()}
     # predict.py scores the readable files of a folder as one batch, in file-name order: the reference
     # is the same batch (the fast path's scores depend slightly on their batch companions).
-    readable = sorted(EXAMPLES + [folder / "valid16.dcm"], key=lambda path: path.name)
+    readable = sorted(EXAMPLES + [ADULT_EXAMPLE, folder / "valid16.dcm"], key=lambda path: path.name)
     model = classifier if fast else exact
     reference = model.pneumonia_probability([load_xray(path) for path in readable])
     for path, p in zip(readable, reference):
@@ -270,7 +304,8 @@ def test_predict_cli_writes_a_correct_csv(served_model_dir, classifier, exact, o
         assert row["decision"] == ("PNEUMONIA" if p >= model.threshold else "NORMAL") and row["error"] == ""
     assert "not a readable image" in rows["text_named.jpg"]["error"] and rows["text_named.jpg"]["p_pneumonia"] == ""
     assert "empty" in rows["empty.png"]["error"]
-    assert "7 of 9 files predicted (2 unreadable" in result.stderr
+    assert "adult chest X-ray" in rows[ADULT_EXAMPLE.name]["out_of_domain"], "the CSV says why"
+    assert "8 of 10 files predicted (2 unreadable" in result.stderr
 
 
 def test_fast_path_and_batching_can_be_turned_off(served_model_dir, exact, tmp_path):

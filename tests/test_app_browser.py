@@ -24,7 +24,8 @@ CHROMIUM_ARGS = [
     "--disable-sync", "--no-first-run",
 ]
 ARTIFACTS = REPO / "test-artifacts"
-EXAMPLES = sorted((REPO / "examples").glob("*.jpeg"))
+EXAMPLES = sorted(path for path in (REPO / "examples").glob("*.jpeg") if not path.name.startswith("adult_"))  # pediatric
+ADULT_EXAMPLE = REPO / "examples" / "adult_1.jpeg"
 TIMEOUT_MS = 30_000
 
 
@@ -79,19 +80,20 @@ def wait_for_result(page, probability_text: str) -> str:
     return page.locator("#prediction [data-testid='label-output-value']").inner_text().strip()
 
 
-def test_page_shows_disclaimer_upload_and_examples(page):
+def test_page_shows_disclaimer_upload_and_examples_with_known_labels(page):
     assert "Research demo, not a diagnostic device" in page.locator("#disclaimer").inner_text()
     assert page.locator("#upload input[type=file]").count() == 1
-    for name in ("normal 1", "pneumonia 3"):
+    for name in ("normal 1 · known: NORMAL", "pneumonia 3 · known: PNEUMONIA", "adult 1 · known: adult, outside the domain"):
         assert page.get_by_text(name, exact=True).count() == 1
 
 
 def test_clicking_an_example_shows_label_decision_and_heatmap(page, classifier):
     example = REPO / "examples" / "pneumonia_1.jpeg"
     decision, probability = expected(classifier, example)
-    page.get_by_text("pneumonia 1", exact=True).click()
+    page.get_by_text("pneumonia 1 · known: PNEUMONIA", exact=True).click()
     assert wait_for_result(page, probability) == decision
     assert f"Decision: {decision}" in page.locator("#decision").inner_text()
+    assert page.locator("#decision blockquote").count() == 0, "no out-of-domain warning for a pediatric example"
     heatmap = page.locator("#heatmap img")
     heatmap.wait_for()
     assert re.search(r"gradio_api/file=.+\.jpe?g", heatmap.get_attribute("src"))
@@ -123,3 +125,22 @@ def test_uploading_dicom_then_a_bad_file_then_a_good_one(page, classifier, tmp_p
     decision, probability = expected(classifier, example)
     upload(example)
     assert wait_for_result(page, probability) == decision
+
+
+def test_adult_example_shows_the_warning_and_no_diagnosis(page, classifier):
+    _, probability = expected(classifier, ADULT_EXAMPLE)
+    page.get_by_text("adult 1 · known: adult, outside the domain", exact=True).click()
+    heading = wait_for_result(page, probability)
+    warning = page.locator("#decision blockquote")
+    warning.wait_for(state="visible")
+    assert "adult chest X-ray" in warning.inner_text() and "children aged 1-5" in warning.inner_text()
+    box = warning.bounding_box()
+    assert box["width"] > 200 and box["height"] > 20, "the warning is a visible block, not hidden text"
+    assert heading.startswith("Not applicable"), "the page's decision is not a diagnosis"
+    decision = page.locator("#decision").inner_text()
+    assert "Decision: not applicable" in decision and "unreliable" in decision
+    assert "Decision: NORMAL" not in decision and "Decision: PNEUMONIA" not in decision
+    labels = page.locator("#prediction").inner_text()
+    assert "NORMAL (unreliable)" in labels and "PNEUMONIA (unreliable)" in labels, "probabilities visible, marked"
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "screenshot_out_of_domain.png"), full_page=True)

@@ -1,7 +1,9 @@
-"""Out-of-domain rules, the stats file and its command, on real images and a real (tiny) ViT."""
+"""Out-of-domain rules, their files and commands, on real images, a real (tiny) ViT and the bundled model."""
 
 from __future__ import annotations
 
+import csv
+import json
 import shutil
 import subprocess
 import sys
@@ -9,34 +11,71 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from data_prep.prepare import PREPARED_SUFFIX
-from pneumonia_vit.domain import MAX_CHROMA, MIN_STD, STATS_FILE, DomainStats, check_domain, fit_domain_stats
+from pneumonia_vit.domain import (
+    CHECK_FILE,
+    MAX_CHROMA,
+    MIN_STD,
+    STATS_FILE,
+    DomainStats,
+    KindModel,
+    check_domain,
+    check_input,
+)
+from pneumonia_vit.domain_fit import adult_fold, fit_domain_stats
 from pneumonia_vit.images import XrayReading
 from pneumonia_vit.serving import Service
+from tests.conftest import BUNDLED_MODEL
 
 REPO = Path(__file__).resolve().parent.parent
-EXAMPLES = sorted((REPO / "examples").glob("*.jpeg"))
+EXAMPLES = sorted(path for path in (REPO / "examples").glob("*.jpeg") if not path.name.startswith("adult_"))  # pediatric
+ADULT_EXAMPLE = REPO / "examples" / "adult_1.jpeg"
 
 
 @pytest.fixture(scope="module")
-def model_with_stats(tiny_model_dir, small_prepared, tmp_path_factory) -> Path:
-    """A copy of the tiny model with stats fitted by the command line, as a user would."""
+def small_adult_dir(data_root, tmp_path_factory) -> Path:
+    """An adult_cxr_224/ of 40 real images, with their provenance.csv rows."""
+    source = data_root / "adult_cxr_224"
+    target = tmp_path_factory.mktemp("adult")
+    with (source / "provenance.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))[:40]
+    (target / "images").mkdir()
+    for row in rows:
+        shutil.copy(source / row["file"], target / row["file"])
+    with (target / "provenance.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return target
+
+
+@pytest.fixture(scope="module")
+def model_with_stats(tiny_model_dir, small_prepared, small_adult_dir, tmp_path_factory) -> Path:
+    """A copy of the tiny model with both fitted rules, fitted by the command line as a user would
+    (a small kind model: one copy per film, 200 drawn images)."""
     folder = tmp_path_factory.mktemp("model_with_stats")
     for path in tiny_model_dir.iterdir():
         shutil.copy(path, folder / path.name)
     result = subprocess.run(
-        [sys.executable, "-m", "pneumonia_vit.domain", str(folder), "--data_dir", str(small_prepared)],
+        [sys.executable, "-m", "pneumonia_vit.domain_fit", str(folder), "--data_dir", str(small_prepared),
+         "--feature_stats", "--adult_dir", str(small_adult_dir), "--copies", "1", "--synthetic_count", "200"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (folder / STATS_FILE).is_file()
-    assert '"folder"' in result.stdout and '"flagged"' in result.stdout, "the firing rate on test/ is reported"
+    assert (folder / STATS_FILE).is_file() and (folder / CHECK_FILE).is_file()
     return folder
 
 
-def test_stats_round_trip_and_cut_off(model_with_stats, small_prepared):
+@pytest.fixture(scope="module")
+def bundled_service() -> Service:
+    if not (BUNDLED_MODEL / "config.json").is_file():
+        pytest.skip("no bundled model")
+    return Service.load(str(BUNDLED_MODEL))
+
+
+def test_feature_stats_round_trip_and_cut_off(model_with_stats, small_prepared):
     stats = DomainStats.load(model_with_stats)
     assert stats is not None and stats.quantile == 0.995
     assert stats.mean.shape == (32,) and stats.precision.shape == (32, 32)
@@ -44,11 +83,58 @@ def test_stats_round_trip_and_cut_off(model_with_stats, small_prepared):
     assert np.allclose(stats.precision, stats.precision.T)
     # By construction about 0.5 % of validation images lie beyond the cut-off; with 12 images, none or one.
     service = Service.load(str(model_with_stats))
-    flagged = [
-        not service.analyze(path, explain=False).domain.in_domain
-        for path in sorted((small_prepared / "validation").rglob("*" + PREPARED_SUFFIX))
-    ]
-    assert sum(flagged) <= 1
+    checks = [service.analyze(path, explain=False).domain
+              for path in sorted((small_prepared / "validation").rglob("*" + PREPARED_SUFFIX))]
+    assert sum(check.distance > check.distance_threshold for check in checks) <= 1
+
+
+def test_kind_model_round_trip_cut_off_and_patient_folds(model_with_stats, small_prepared, small_adult_dir):
+    kind_model = KindModel.load(model_with_stats)
+    assert kind_model is not None
+    counts = dict(item.split("=") for item in kind_model.metadata["training_inputs"].split(","))
+    assert int(counts["pediatric_chest_xray"]) == len(list((small_prepared / "train").rglob("*" + PREPARED_SUFFIX)))
+    assert int(counts["not_an_xray"]) == 200
+    with (small_adult_dir / "provenance.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    fit_patients = {row["nih_patient_id"] for row in rows if adult_fold(row["nih_patient_id"]) == "fit"}
+    assert 0 < len(fit_patients) < len({row["nih_patient_id"] for row in rows}), "some patients are held out"
+    # The cut-off is the 1 % quantile of the validation split's P(pediatric): with 12 images, none or one below it.
+    validation = sorted((small_prepared / "validation").rglob("*" + PREPARED_SUFFIX))
+    inputs = np.stack([check_input(Image.open(path)) for path in validation])
+    assert (kind_model.probabilities(inputs)[:, 0] < kind_model.threshold).sum() <= 1
+
+
+def test_kind_model_inputs_ignore_exposure_and_window():
+    """A film with another brightness and contrast (a linear grey-level change) gives the same inputs."""
+    film = np.asarray(Image.open(EXAMPLES[0]).convert("L"), dtype=np.float32)
+    other = Image.fromarray(np.round(40 + 0.6 * film).astype(np.uint8))
+    assert np.allclose(check_input(Image.fromarray(film.astype(np.uint8))), check_input(other), atol=0.05)
+
+
+def test_bundled_check_flags_adult_turned_and_inverted_films_and_passes_the_examples(bundled_service):
+    assert bundled_service.kind_model is not None, f"the bundled model ships {CHECK_FILE} (pneumonia_vit/domain_fit.py)"
+    adult = bundled_service.analyze(ADULT_EXAMPLE, explain=False).domain
+    assert adult.looks_like == "adult_chest_xray" and "adult chest X-ray" in adult.message() and "kind" in adult.fired
+    for path in EXAMPLES:
+        check = bundled_service.analyze(path, explain=False).domain
+        assert check.kind_probabilities["pediatric_chest_xray"] >= check.kind_threshold, path.name
+        film = Image.open(path).convert("L")
+        for altered in (film.transpose(Image.Transpose.ROTATE_90), ImageOps.invert(film)):
+            check = bundled_service.analyze(altered, explain=False).domain
+            assert not check.in_domain and check.looks_like in ("altered_chest_film", "not_an_xray"), path.name
+
+
+def test_measure_command_reports_flag_rates(model_with_stats, small_prepared):
+    result = subprocess.run(
+        [sys.executable, "-m", "pneumonia_vit.domain_measure", "--model", str(model_with_stats),
+         "--measure", str(small_prepared / "test")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    assert row["images"] == len(list((small_prepared / "test").rglob("*" + PREPARED_SUFFIX)))
+    assert 0 <= row["flagged"] <= row["images"] and set(row["looks_like"]) <= {
+        "pediatric_chest_xray", "adult_chest_xray", "altered_chest_film", "not_an_xray", "unfamiliar_to_the_model"}
 
 
 def test_fit_reads_images_past_a_training_transform(tiny_model_dir, small_prepared):
@@ -94,8 +180,8 @@ def test_service_flags_photo_blank_and_noise(model_with_stats):
         assert service.analyze(path, explain=False).domain.chroma == 0.0
 
 
-def test_model_without_stats_serves_with_rules_one_and_two(tiny_model_dir):
+def test_model_without_fitted_rules_serves_with_colour_and_contrast_rules(tiny_model_dir):
     service = Service.load(str(tiny_model_dir))
-    assert service.domain_stats is None
+    assert service.domain_stats is None and service.kind_model is None
     check = service.analyze(EXAMPLES[0], explain=False).domain
     assert check.distance is None and check.in_domain and "colour and contrast" in check.message()
