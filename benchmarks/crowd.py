@@ -62,12 +62,14 @@ class Tally:
     def __init__(self):
         self.lock = threading.Lock()
         self.latencies: list[float] = []
+        self.by_endpoint: dict[str, list[float]] = {}
         self.errors: dict[str, list[str]] = {}
         self.error_latencies: list[float] = []
 
-    def answered(self, seconds: float) -> None:
+    def answered(self, seconds: float, endpoint: str) -> None:
         with self.lock:
             self.latencies.append(seconds)
+            self.by_endpoint.setdefault(endpoint, []).append(seconds)
 
     def failed(self, error: BaseException, seconds: float) -> None:
         with self.lock:
@@ -81,6 +83,7 @@ class Tally:
             "error_examples": {kind: sorted(set(messages))[:3] for kind, messages in self.errors.items()},
             "wall_s": wall, "images_per_s": len(self.latencies) / wall if wall > 0 else float("nan"),
             **(percentiles(self.latencies) if self.latencies else {}),
+            "by_endpoint": {endpoint: percentiles(times) for endpoint, times in sorted(self.by_endpoint.items())},
             "slowest_refusal_ms": 1000 * max(self.error_latencies) if self.error_latencies else None,
         }
 
@@ -115,13 +118,14 @@ def run_clients(url: str, clients: int, requests: int, tally: Tally, analyze_eve
             ready.release()
         start.wait()
         for i in range(requests):
+            analyze = analyze_every > 0 and (index + i) % analyze_every == 0
             sent = time.perf_counter()
             try:
-                call(client, index + i, analyze=analyze_every > 0 and (index + i) % analyze_every == 0)
+                call(client, index + i, analyze)
             except Exception as error:  # noqa: BLE001
                 tally.failed(error, time.perf_counter() - sent)
                 continue
-            tally.answered(time.perf_counter() - sent)
+            tally.answered(time.perf_counter() - sent, "/analyze" if analyze else "/predict")
 
     threads = [threading.Thread(target=client_thread, args=(i,), daemon=True) for i in range(clients)]
     for thread in threads:
@@ -203,16 +207,23 @@ def main(argv=None) -> int:
         f"{'PASS' if not unclear and burst_result['next_request_answered'] else 'FAIL'}",
     ]
     data["verdicts"] = verdicts
+    def p95(result: dict, endpoint: str):
+        return result["by_endpoint"].get(endpoint, {}).get("p95_ms", "-")
+
     rows = [
         ["crowd", f"{clients} x {args.requests}", crowd["answered"], crowd["errors"] or 0, crowd.get("p50_ms", "-"),
-         crowd.get("p95_ms", "-"), crowd["images_per_s"]],
+         crowd.get("p95_ms", "-"), p95(crowd, "/predict"), p95(crowd, "/analyze"), crowd["images_per_s"],
+         crowd["slowest_refusal_ms"] or "-"],
         ["burst", f"{burst} x 1", burst_result["answered"], burst_result["errors"] or 0,
-         burst_result.get("p50_ms", "-"), burst_result.get("p95_ms", "-"), burst_result["images_per_s"]],
+         burst_result.get("p50_ms", "-"), burst_result.get("p95_ms", "-"), p95(burst_result, "/predict"), "-",
+         burst_result["images_per_s"], burst_result["slowest_refusal_ms"] or "-"],
     ]
     markdown = "\n\n".join([
         f"### Crowd{' (' + args.label + ')' if args.label else ''}: `python app.py`, model `{folder.name}`, "
         f"1 call in {ANALYZE_EVERY} to /analyze in the crowd\n\n"
-        + markdown_table(["phase", "clients x requests", "answered", "errors", "p50 ms", "p95 ms", "images/s"], rows),
+        + markdown_table(["phase", "clients x requests", "answered", "errors", "p50 ms", "p95 ms", "p95 /predict ms",
+                          "p95 /analyze ms", "images/s", "slowest refusal ms"], rows)
+        + "\n\nA refusal's time includes the client's upload, which gradio_client sends before it asks to join the queue.",
         "### Memory (RSS, MiB)\n\n" + markdown_table(
             ["further requests", "RSS MiB"], [[done, rss] for done, rss in samples])
         + f"\n\nAfter start {data['rss_after_start_mib']} MiB, peak {data['memory']['peak_mib']} MiB, "
