@@ -8,7 +8,8 @@ One app process (the defaults: fast path, batching), three phases in a row:
 1. crowd: --clients (100) threads, each its own `gradio_client.Client` (its own session, as a browser
    would be), all released at once, each sending --requests (10) calls one after the other, every
    fifth one to /analyze (the page's endpoint, with the heatmap), the rest to /predict. Reported:
-   answers, errors by kind, p50/p95 round trip, images/s (answers / wall time of the phase).
+   answers, errors by kind, p50/p95 round trip, images/s (answers / wall time of the phase), and the
+   server's CPU milliseconds per request, the figure that least depends on the machine's other load.
    This phase is also the warm-up of phase 2.
 2. memory: the server's RSS (/proc, VmRSS) right after phase 1, then after every 200 of
    --memory-requests (1,200) further mixed calls from 8 clients (same 1-in-5 /analyze mix).
@@ -18,7 +19,8 @@ One app process (the defaults: fast path, batching), three phases in a row:
 
 Errors are sorted by kind: "busy" (the app's refusal), "queue full" (gradio's own refusal),
 "dropped" (the connection closed mid-answer: httpx RemoteProtocolError/ReadError and the like),
-"other". The clients share the machine's CPUs with the app; the CPU busy share before the run is
+"client setup" (`Client(url)` failed: it reads the app's config before any request), "other" (such
+as gradio_client's 5 s HTTP timeout on the upload or the queue join). The clients share the machine's CPUs with the app; the CPU busy share before the run is
 recorded (benchmarks/_common.py).
 Results: benchmarks/results/crowd[_<label>].{json,md} (-quick with --quick); the app's log:
 ~/.cache/pneumonia-vit-bench/crowd-logs/.
@@ -27,6 +29,7 @@ Results: benchmarks/results/crowd[_<label>].{json,md} (-quick with --quick); the
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 import time
@@ -71,10 +74,13 @@ class Tally:
             self.latencies.append(seconds)
             self.by_endpoint.setdefault(endpoint, []).append(seconds)
 
-    def failed(self, error: BaseException, seconds: float) -> None:
+    def failed(self, error: BaseException, seconds: float | None) -> None:
+        """seconds: None for a client that failed before sending anything (Client() reads the app's config)."""
+        kind = error_kind(error) if seconds is not None else "client setup"
         with self.lock:
-            self.errors.setdefault(error_kind(error), []).append(f"{type(error).__name__}: {error}"[:300])
-            self.error_latencies.append(seconds)
+            self.errors.setdefault(kind, []).append(f"{type(error).__name__}: {error}"[:300])
+            if seconds is not None:
+                self.error_latencies.append(seconds)
 
     def summary(self, wall: float) -> dict:
         counts = {kind: len(messages) for kind, messages in self.errors.items()}
@@ -112,7 +118,7 @@ def run_clients(url: str, clients: int, requests: int, tally: Tally, analyze_eve
         try:
             client = Client(url, verbose=False, ssl_verify=False)
         except Exception as error:  # noqa: BLE001
-            tally.failed(error, 0.0)
+            tally.failed(error, None)
             return
         finally:
             ready.release()
@@ -143,6 +149,22 @@ def rss_mib(pid: int) -> float:
     return round(status_mib("VmRSS", pid), 1)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/<pid>/stat): unlike latency, the server's CPU
+    per request hardly depends on what else runs on the machine."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured_phase(pid: int, url: str, clients: int, requests: int, analyze_every: int = ANALYZE_EVERY) -> dict:
+    """`run_clients`, summarised, with the server's CPU milliseconds per request sent."""
+    tally = Tally()
+    cpu_before = cpu_seconds(pid)
+    result = tally.summary(run_clients(url, clients, requests, tally, analyze_every))
+    result["server_cpu_ms_per_request"] = 1000 * (cpu_seconds(pid) - cpu_before) / (clients * requests)
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -166,8 +188,7 @@ def main(argv=None) -> int:
         print(f"app up in {app.startup_s:.1f} s, RSS {data['rss_after_start_mib']} MiB", flush=True)
 
         print(f"crowd: {clients} clients x {args.requests} requests ...", flush=True)
-        tally = Tally()
-        crowd = tally.summary(run_clients(app.url, clients, args.requests, tally))
+        crowd = measured_phase(pid, app.url, clients, args.requests)
         data["crowd"] = crowd
         print(f"  {crowd['answered']} answered, errors {crowd['errors']}, p95 {crowd.get('p95_ms', 0):.0f} ms, "
               f"{crowd['images_per_s']:.1f} images/s", flush=True)
@@ -185,8 +206,7 @@ def main(argv=None) -> int:
                           "peak_mib": round(status_mib("VmHWM", pid), 1)}
 
         print(f"burst: {burst} clients x 1 /predict ...", flush=True)
-        burst_tally = Tally()
-        burst_result = burst_tally.summary(run_clients(app.url, burst, 1, burst_tally, analyze_every=0))
+        burst_result = measured_phase(pid, app.url, burst, 1, analyze_every=0)
         after_tally = Tally()
         run_clients(app.url, 1, 1, after_tally, analyze_every=0)
         burst_result["next_request_answered"] = len(after_tally.latencies) == 1
@@ -213,16 +233,16 @@ def main(argv=None) -> int:
     rows = [
         ["crowd", f"{clients} x {args.requests}", crowd["answered"], crowd["errors"] or 0, crowd.get("p50_ms", "-"),
          crowd.get("p95_ms", "-"), p95(crowd, "/predict"), p95(crowd, "/analyze"), crowd["images_per_s"],
-         crowd["slowest_refusal_ms"] or "-"],
+         crowd["slowest_refusal_ms"] or "-", crowd["server_cpu_ms_per_request"]],
         ["burst", f"{burst} x 1", burst_result["answered"], burst_result["errors"] or 0,
          burst_result.get("p50_ms", "-"), burst_result.get("p95_ms", "-"), p95(burst_result, "/predict"), "-",
-         burst_result["images_per_s"], burst_result["slowest_refusal_ms"] or "-"],
+         burst_result["images_per_s"], burst_result["slowest_refusal_ms"] or "-", burst_result["server_cpu_ms_per_request"]],
     ]
     markdown = "\n\n".join([
         f"### Crowd{' (' + args.label + ')' if args.label else ''}: `python app.py`, model `{folder.name}`, "
         f"1 call in {ANALYZE_EVERY} to /analyze in the crowd\n\n"
         + markdown_table(["phase", "clients x requests", "answered", "errors", "p50 ms", "p95 ms", "p95 /predict ms",
-                          "p95 /analyze ms", "images/s", "slowest refusal ms"], rows)
+                          "p95 /analyze ms", "images/s", "slowest refusal ms", "server CPU ms per request"], rows)
         + "\n\nA refusal's time includes the client's upload, which gradio_client sends before it asks to join the queue.",
         "### Memory (RSS, MiB)\n\n" + markdown_table(
             ["further requests", "RSS MiB"], [[done, rss] for done, rss in samples])

@@ -245,7 +245,9 @@ def build_demo(service: Service, examples_dir: Path = EXAMPLES_DIR, max_waiting:
             "Kermany D.S. et al., *Cell* 172(5):1122-1131, 2018, CC BY 4.0."
         )
     # No max_size: gradio's own refusal says only "Queue is full! Please try again."; `admit` bounds the queue.
-    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=None)
+    # Queue positions go out once a second: gradio's "auto" sends every waiting request a message each
+    # time any request starts, work that grows with the square of the queue under a crowd.
+    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=None, status_update_rate=1)
     return demo
 
 
