@@ -43,7 +43,7 @@ TRANSPORT_CAP_MB = 2 * MAX_UPLOAD_MB
 CONCURRENCY = 2  # a cpu-basic Space has 2 vCPUs; more parallel forwards only share them
 # Requests waiting for the model, all endpoints together; one more is refused at once with "busy".
 # Sized for 100 concurrent clients with a request each (none refused) and a wait of a few seconds
-# at the app's throughput (benchmarks/results/crowd.md). A waiting request holds only the path of
+# at the app's throughput (benchmarks/crowd.py). A waiting request holds only the path of
 # its upload, which gradio keeps on disk (at most TRANSPORT_CAP_MB each): the memory a crowd costs
 # is that of the requests being scored, CONCURRENCY + the batch size, whatever the queue holds.
 MAX_WAITING = 128
