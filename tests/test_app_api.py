@@ -187,7 +187,8 @@ def test_a_full_queue_refuses_at_once_saying_busy_and_keeps_serving(served_model
     from gradio_client.exceptions import ValidationError
 
     with running_app(served_model_dir, tmp_path / "app.log", env={**DEFAULTS, "PNEUMONIA_VIT_QUEUE": "2"}) as app:
-        clients = [Client(app.url, verbose=False) for _ in range(24)]
+        # gradio_client's own 5 s HTTP timeout would count a slow machine as a refusal.
+        clients = [Client(app.url, verbose=False, httpx_kwargs={"timeout": 60}) for _ in range(24)]
         barrier = threading.Barrier(len(clients))
 
         def one(index: int):
