@@ -5,6 +5,7 @@
     GRADIO_SERVER_NAME=0.0.0.0 GRADIO_SERVER_PORT=8080 python app.py
     PNEUMONIA_VIT_FAST=0 python app.py             # fp32 PyTorch for everything (no fast path)
     PNEUMONIA_VIT_BATCH=0 python app.py            # score each API request on its own (no batching)
+    PNEUMONIA_VIT_QUEUE=256 python app.py          # let 256 requests wait (default 128), then "busy"
 
 Models, each loaded once, at start-up:
 - the API's /predict (the label value only) scores with the fast path: the model exported to ONNX
@@ -50,7 +51,7 @@ service = Service.load(settings.model_id, explain=True, max_batch=settings.max_b
 logging.getLogger("pneumonia_vit.app").info(
     "serving %s: /predict with %s%s, /analyze with torch-fp32 (eager attention)", service.model_id, service.backend,
     f", up to {service.max_batch} requests per forward" if service.batcher is not None else ", unbatched")
-demo = build_demo(service)
+demo = build_demo(service, max_waiting=settings.max_waiting)
 
 if __name__ == "__main__":
     launch(demo)

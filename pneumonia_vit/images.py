@@ -81,13 +81,13 @@ def _to_uint8(pixels: np.ndarray) -> np.ndarray:
 def _check_size(width: int, height: int, name: str) -> None:
     if width * height > MAX_PIXELS:
         raise InvalidImageError(
-            f"{name}: image is {width}×{height} pixels ({width * height / 1e6:.0f} MP); "
-            f"the limit is {MAX_PIXELS / 1e6:.0f} MP. Downscale it before uploading."
+            f"{name}: image is {width}×{height} pixels ({width * height / 1e6:.0f} megapixels); the limit is "
+            f"{MAX_PIXELS / 1e6:.0f} megapixels. Downscale it to at most {MAX_PIXELS / 1e6:.0f} megapixels before uploading."
         )
     if min(width, height) < MIN_SIDE:
         raise InvalidImageError(
             f"{name}: image is only {width}×{height} pixels; a chest X-ray needs at least "
-            f"{MIN_SIDE} pixels a side."
+            f"{MIN_SIDE} pixels a side. Upload the full-size X-ray, not a thumbnail."
         )
 
 
@@ -148,7 +148,9 @@ def _pil_to_gray(image: Image.Image, name: str, draft_size: int | None) -> XrayR
     try:
         image.load()
     except (OSError, SyntaxError, ValueError) as error:
-        raise InvalidImageError(f"{name}: the image data is damaged or truncated ({error}).") from error
+        raise InvalidImageError(
+            f"{name}: the image data is damaged or truncated ({error}). Upload the file again, or export it anew."
+        ) from error
     if getattr(image, "n_frames", 1) > 1:
         image.seek(0)  # animated GIF/PNG: only the first frame is used
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -203,9 +205,10 @@ def read_xray(source: str | os.PathLike | bytes | Image.Image, draft_size: int |
         Image.init()  # registers every plugin; Image.open(formats=...) alone sees only the first few
         image = Image.open(io.BytesIO(data), formats=[fmt for fmt in PIL_FORMATS if fmt in Image.OPEN])
     except Image.DecompressionBombError as error:
+        # Pillow refuses far beyond MAX_PIXELS; its own text would cite a second, larger limit.
         raise InvalidImageError(
-            f"{name}: image is too large to decode safely; the limit is {MAX_PIXELS / 1e6:.0f} MP. "
-            f"Downscale it before uploading. ({error})"
+            f"{name}: image is too large: more than the limit of {MAX_PIXELS / 1e6:.0f} megapixels. "
+            f"Downscale it to at most {MAX_PIXELS / 1e6:.0f} megapixels before uploading."
         ) from error
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise InvalidImageError(

@@ -33,20 +33,32 @@ size limits). The file goes to `load_xray` as uploaded; the page previews what i
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
+import os
+import tempfile
 import time
 from pathlib import Path
 
 import gradio as gr
 from gradio.components.label import LabelConfidence, LabelData
+from gradio.data_classes import ListFiles
+from PIL import Image
 
 from .images import IMAGE_SUFFIXES, InvalidImageError
 from .serving import REPO, Analysis, Service
+from .settings import DEFAULT_MAX_WAITING
 
 EXAMPLES_DIR = REPO / "examples"
-MAX_FILE_SIZE = "25mb"  # a 3000x3000 16-bit DICOM is ~18 MB; Kermany JPEG originals are < 3 MB
+MAX_UPLOAD_MB = 25  # a 3000x3000 16-bit DICOM is ~18 MB; Kermany JPEG originals are < 3 MB
+# gradio's own upload cap, above MAX_UPLOAD_MB so that a file a little too large still reaches `run`
+# and hears the limit in MB (gradio_client states gradio's cap in bytes, naming no component).
+TRANSPORT_CAP_MB = 2 * MAX_UPLOAD_MB
 CONCURRENCY = 2  # a cpu-basic Space has 2 vCPUs; more parallel forwards only share them
-MAX_QUEUE = 20  # beyond this, new requests are refused at once instead of waiting minutes
+# A waiting request (settings.DEFAULT_MAX_WAITING of them at most) holds only the path of its upload,
+# which gradio keeps on disk (at most TRANSPORT_CAP_MB each): the memory a crowd costs is that of the
+# requests being scored, CONCURRENCY + the batch size, whatever the queue holds.
 
 DISCLAIMER = (
     "**Research demo, not a diagnostic device.** It must not be used to diagnose, treat or triage "
@@ -93,6 +105,47 @@ def decision_label(mark_out_of_domain: bool = False, **options) -> gr.Label:
 
     label.postprocess = postprocess
     return label
+
+
+def upload_file(**options) -> gr.File:
+    """A gr.File (type="filepath") whose server side hands the uploaded file's path to `run` as is.
+
+    gr.File's own preprocess refuses suffixes outside `file_types` with a message listing all of
+    them and a traceback in the log, and leaves an empty temporary file in gradio's cache on every
+    call (never deleted). `load_xray` reads the content whatever the suffix and says what to do;
+    `file_types` still filters the page's file picker. Replaced on this instance, as in
+    `decision_label`.
+    """
+    upload = gr.File(type="filepath", **options)
+
+    def preprocess(payload):
+        if payload is None:
+            return None
+        file = payload[0] if isinstance(payload, ListFiles) else payload
+        return str(file.path)
+
+    upload.preprocess = preprocess
+    return upload
+
+
+def cached_image(image: Image.Image | None, cache_dir: str) -> str | None:
+    """`image` as a JPEG in gradio's cache, named by its content; written under a temporary name and
+    renamed into place. gradio's own saving rewrites the same file in place when two answers hold the
+    same image, and a client downloading it at that moment loses its connection mid-body."""
+    if image is None:
+        return None
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG")
+    data = buffer.getvalue()
+    folder = Path(cache_dir) / hashlib.sha256(data).hexdigest()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "image.jpeg"
+    if not path.exists():
+        descriptor, staging = tempfile.mkstemp(dir=folder, prefix=".image.")
+        with os.fdopen(descriptor, "wb") as staged:
+            staged.write(data)
+        os.replace(staging, path)
+    return str(path)
 
 
 def warning_text(analysis: Analysis) -> str | None:
@@ -151,10 +204,16 @@ def _model_name(model_id: str) -> str:
     return Path(model_id).name if Path(model_id).is_dir() else model_id
 
 
-def build_demo(service: Service, examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
+def build_demo(service: Service, examples_dir: Path = EXAMPLES_DIR, max_waiting: int = DEFAULT_MAX_WAITING) -> gr.Blocks:
     def run(file_path: str | None, explain: bool) -> Analysis | None:
         if not file_path:
             raise gr.Error("No file received: upload a PNG, JPEG or DICOM (.dcm) chest X-ray.", print_exception=False)
+        megabytes = Path(file_path).stat().st_size / 2**20
+        if megabytes > MAX_UPLOAD_MB:
+            message = (f"{Path(file_path).name}: the file is {megabytes:.0f} MB; the limit is {MAX_UPLOAD_MB} MB. "
+                       "Save the X-ray as JPEG or PNG, or downscale it, before uploading.")
+            log.info("rejected upload: %s", message)
+            raise gr.Error(message, title="File too large", print_exception=False)
         started = time.perf_counter()
         try:
             analysis = service.analyze(file_path, explain=True) if explain else service.predict(file_path)
@@ -171,7 +230,16 @@ def build_demo(service: Service, examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks
         if not file_path:  # the file was cleared: clear the results
             return None, None, "", None
         analysis = run(file_path, explain=True)
-        return analysis.preview, analysis, _decision_markdown(analysis, threshold_stored), analysis.heatmap
+        return (cached_image(analysis.preview, preview.GRADIO_CACHE), analysis,
+                _decision_markdown(analysis, threshold_stored), cached_image(analysis.heatmap, heatmap.GRADIO_CACHE))
+
+    async def admit(file_path: str | None):
+        """Runs as each request joins the queue (on the event loop, no thread): a full queue refuses at
+        once, saying what to do. Requests joining at the same instant may all pass, a few over the limit."""
+        waiting = len(demo._queue)  # gradio counts its waiting events only here (no public API)
+        if waiting >= max_waiting:
+            return gr.validate(False, f"busy: {waiting} requests ahead, retry in a few seconds.")
+        return gr.validate(True, "")
 
     def predict(file_path: str | None):
         """P(NORMAL) and P(PNEUMONIA) for one chest X-ray file (PNG, JPEG or DICOM); the label is the
@@ -196,9 +264,9 @@ def build_demo(service: Service, examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks
         gr.Markdown(DISCLAIMER, elem_id="disclaimer")
         with gr.Row():
             with gr.Column():
-                # DICOM files need their .dcm suffix here: gradio checks suffixes against file_types.
-                upload = gr.File(label="Chest X-ray (PNG, JPEG or DICOM .dcm)", file_types=list(IMAGE_SUFFIXES),
-                                 type="filepath", elem_id="upload")
+                # The page's file picker offers these suffixes; DICOM files need .dcm to be offered.
+                upload = upload_file(label="Chest X-ray (PNG, JPEG or DICOM .dcm)", file_types=list(IMAGE_SUFFIXES),
+                                     elem_id="upload")
                 preview = gr.Image(label="X-ray as the model reads it", type="pil", format="jpeg",
                                    interactive=False, height=360, elem_id="preview")
                 if examples:
@@ -216,7 +284,7 @@ def build_demo(service: Service, examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks
                                    type="pil", format="jpeg", interactive=False, height=360, elem_id="heatmap")
         # The page's analyses: at most CONCURRENCY PyTorch forwards at a time.
         upload.change(analyze, inputs=upload, outputs=[preview, label, decision, heatmap], api_name="analyze",
-                      concurrency_id="model")
+                      concurrency_id="model", validator=admit)
         # The API endpoints: /predict (issue #3, the label value only, no images) and /assess (the
         # same with the domain verdict, as JSON). Their button and outputs are never shown: they
         # exist so that the endpoints have gr.File in and gr.Label / gr.JSON out, which gradio_client
@@ -228,14 +296,17 @@ def build_demo(service: Service, examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks
         api_verdict = gr.JSON(visible=False)
         group = (dict(concurrency_id="predict", concurrency_limit=service.max_batch) if service.batcher is not None
                  else dict(concurrency_id="model"))
-        api_trigger.click(predict, inputs=upload, outputs=api_label, api_name="predict", **group)
-        api_trigger.click(assess, inputs=upload, outputs=api_verdict, api_name="assess", **group)
+        api_trigger.click(predict, inputs=upload, outputs=api_label, api_name="predict", validator=admit, **group)
+        api_trigger.click(assess, inputs=upload, outputs=api_verdict, api_name="assess", validator=admit, **group)
         gr.Markdown(
             f"The heatmap is attention rollout (Abnar & Zuidema 2020) over the model's {patch}-pixel patches: "
             "where the [CLS] token gathers information from, for either answer. Examples and training data: "
             "Kermany D.S. et al., *Cell* 172(5):1122-1131, 2018, CC BY 4.0."
         )
-    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=MAX_QUEUE)
+    # No max_size: gradio's own refusal says only "Queue is full! Please try again."; `admit` bounds the queue.
+    # Queue positions go out once a second: gradio's "auto" sends every waiting request a message each
+    # time any request starts, work that grows with the square of the queue under a crowd.
+    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=None, status_update_rate=1)
     return demo
 
 
@@ -243,7 +314,7 @@ def launch(demo: gr.Blocks, **overrides):
     """Launch with this app's limits; server name and port come from GRADIO_SERVER_NAME / _PORT
     (gradio's defaults: 127.0.0.1:7860 locally, 0.0.0.0 on Spaces, where the variable is set)."""
     settings = dict(
-        max_file_size=MAX_FILE_SIZE,
+        max_file_size=f"{TRANSPORT_CAP_MB}mb",
         # Only the examples are served from disk; uploads and outputs live in gradio's cache.
         allowed_paths=[str(EXAMPLES_DIR)] if EXAMPLES_DIR.is_dir() else None,
         blocked_paths=[str(REPO / name) for name in ("models", "runs", "data", ".git", ".venv")],

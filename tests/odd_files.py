@@ -83,12 +83,14 @@ def make_odd_files(folder: Path, xray: Path) -> dict[str, OddFile]:
 
     # Unreadable: each must give a clear message.
     add("text_named.jpg", b"This is a text file with an image extension.\n" * 20, error="not a readable image")
+    add("notes.txt", b"Patient notes, not an image.\n" * 20, error="not a readable image")
+    add("report.pdf", b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\n" * 20 + b"%%EOF\n", error="not a readable image")
     jpeg = io.BytesIO()
     gray.save(jpeg, "JPEG", quality=90)
     add("truncated.jpg", jpeg.getvalue()[: len(jpeg.getvalue()) // 2], error="damaged or truncated")
     add("empty.png", b"", error="the file is empty")
     # 20000 x 20000 PNG: a few bytes on disk, 400 MP decoded (a decompression bomb).
-    add("bomb_20000.png", png_header_only(20000, 20000), error="too large")
+    add("bomb_20000.png", png_header_only(20000, 20000), error="the limit of 50 megapixels")
     add("tiny_8x8.png", image=Image.new("L", (8, 8), 128), error="only 8×8 pixels")
     add("no_pixels.dcm", dicom_bytes(None), error="no Pixel Data")
     # Odd but valid: each must come out as an 8-bit grey image of the original size.
@@ -106,7 +108,7 @@ def make_odd_files(folder: Path, xray: Path) -> dict[str, OddFile]:
     return files
 
 
-BAD = ("text_named.jpg", "truncated.jpg", "empty.png", "bomb_20000.png", "tiny_8x8.png", "no_pixels.dcm")
+BAD = ("text_named.jpg", "notes.txt", "report.pdf", "truncated.jpg", "empty.png", "bomb_20000.png", "tiny_8x8.png", "no_pixels.dcm")
 READABLE = ("gray16.png", "rgba.png", "cmyk.jpg", "animated.gif", "valid16.dcm", "monochrome1.dcm")
 
 

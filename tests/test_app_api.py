@@ -43,8 +43,14 @@ def app_log(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def app_url(served_model_dir, app_log):
-    with running_app(served_model_dir, app_log, env=DEFAULTS) as app:
+def upload_cache(tmp_path_factory) -> Path:
+    """The app's gradio cache (GRADIO_TEMP_DIR): uploads, and the images /analyze returns."""
+    return tmp_path_factory.mktemp("gradio_cache")
+
+
+@pytest.fixture(scope="module")
+def app_url(served_model_dir, app_log, upload_cache):
+    with running_app(served_model_dir, app_log, env={**DEFAULTS, "GRADIO_TEMP_DIR": str(upload_cache)}) as app:
         yield app.url
 
 
@@ -207,6 +213,35 @@ def test_four_concurrent_clients(app_url, classifier):
         assert answer == pytest.approx(expected(classifier, path)[0], abs=BATCH_TOLERANCE)
 
 
+def test_a_full_queue_refuses_at_once_saying_busy_and_keeps_serving(served_model_dir, tmp_path):
+    """An app that lets 2 requests wait, 24 clients at once on the page's endpoint (2 at a time): those
+    beyond the queue hear "busy" with the count ahead; no other error, no dropped connection; then the
+    app answers the next request."""
+    from gradio_client import Client
+    from gradio_client.exceptions import ValidationError
+
+    with running_app(served_model_dir, tmp_path / "app.log", env={**DEFAULTS, "PNEUMONIA_VIT_QUEUE": "2"}) as app:
+        # gradio_client's own 5 s HTTP timeout would count a slow machine as a refusal.
+        clients = [Client(app.url, verbose=False, httpx_kwargs={"timeout": 60}) for _ in range(24)]
+        barrier = threading.Barrier(len(clients))
+
+        def one(index: int):
+            barrier.wait()
+            try:
+                return call(clients[index], EXAMPLES[index % len(EXAMPLES)], "/analyze")
+            except Exception as error:  # noqa: BLE001 - every kind of failure is counted below
+                return error
+
+        with ThreadPoolExecutor(max_workers=len(clients)) as pool:
+            answers = list(pool.map(one, range(len(clients))))
+        refusals = [answer for answer in answers if isinstance(answer, Exception)]
+        assert refusals, "24 clients at once on a 2-request queue: some must be refused"
+        for refusal in refusals:
+            assert isinstance(refusal, ValidationError), repr(refusal)
+            assert re.search(r"busy: \d+ requests ahead, retry in a few seconds", str(refusal)), str(refusal)
+        assert "label" in call(clients[0], EXAMPLES[0])
+
+
 def batch_sizes(log: Path) -> list[int]:
     return [int(size) for size in re.findall(r"predict \S* p=.* \(batch of (\d+)\)", log.read_text())]
 
@@ -246,13 +281,38 @@ def test_bad_inputs_in_a_batch_fail_alone(app_url, classifier, odd, app_log):
         pytest.fail(f"no two of {len(jobs)} concurrent requests shared a forward in 5 tries: {batch_sizes(app_log)}")
 
 
-def test_upload_size_cap(client, app_url, tmp_path):
+def test_upload_over_the_size_limit_is_refused_naming_the_limit_in_mb(client, tmp_path):
+    from gradio_client.exceptions import AppError
+
     big = tmp_path / "huge.png"
-    big.write_bytes(b"\x89PNG" + b"\x00" * (26 * 1024 * 1024))  # over the 25 MB cap
-    with pytest.raises(Exception) as caught:
+    big.write_bytes(b"\x89PNG" + b"\x00" * (30 * 2**20))
+    with pytest.raises(AppError) as caught:
         call(client, big)
-    assert "413" in str(caught.value) or "size" in str(caught.value).lower()
+    assert str(caught.value).startswith("huge.png: the file is 30 MB; the limit is 25 MB.")
+    assert "bytes" not in str(caught.value)
     assert "label" in call(client, EXAMPLES[2])
+
+
+def test_expected_bad_input_is_one_log_line_not_a_traceback(client, odd, app_log):
+    from gradio_client.exceptions import AppError
+
+    before = len(app_log.read_text().splitlines())
+    for name in ("report.pdf", "notes.txt"):
+        for endpoint in ("/predict", "/analyze"):
+            with pytest.raises(AppError, match="not a readable image. Upload a PNG, JPEG or DICOM"):
+                call(client, odd[name].path, endpoint)
+    new_lines = app_log.read_text().splitlines()[before:]
+    assert "Traceback" not in "\n".join(new_lines)
+    assert len([line for line in new_lines if "rejected upload" in line]) == 4, new_lines
+
+
+def test_requests_leave_no_stray_files_in_the_upload_cache(client, upload_cache):
+    """Uploads and the images /analyze returns live in folders named by their content, which gradio's
+    cache clean-up deletes; nothing else may pile up (gr.File's own preprocess left an empty file at
+    the top level on every request)."""
+    call(client, EXAMPLES[3])
+    call(client, EXAMPLES[3], "/analyze")
+    assert [path.name for path in upload_cache.iterdir() if not path.is_dir()] == []
 
 
 def test_only_examples_are_served_from_disk(app_url):

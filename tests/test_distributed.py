@@ -75,6 +75,17 @@ if _folder:
 '''
 
 
+def training_env(hf_home: Path, **extra: str) -> dict:
+    """This process's environment without its Hugging Face settings (a developer's HF_DATASETS_CACHE or
+    HF_HUB_CACHE would outrank HF_HOME), one thread per process: the same for every run that is
+    compared with another."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGING_FACE"))}
+    env.update(HF_HOME=str(hf_home), HF_DATASETS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
+               HF_EVALUATE_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
 def written(audit: Path, rank: str) -> Counter:
     log = audit / f"rank-{rank}.log"
     return Counter(Path(line).name for line in log.read_text().splitlines()) if log.exists() else Counter()
@@ -98,11 +109,9 @@ def runs(data_root, tmp_path_factory):
         ):
             output, audit = folder / name, folder / f"audit-{name}"
             audit.mkdir()
-            env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGING_FACE"))}
-            env.update(
-                HF_ENDPOINT=hub.endpoint, HF_HOME=str(folder / f"hf_home_{name}"), HF_DATASETS_OFFLINE="1",
-                HF_HUB_DISABLE_TELEMETRY="1", HF_EVALUATE_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-                PYTHONPATH=os.pathsep.join([str(folder / "site"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+            env = training_env(
+                folder / f"hf_home_{name}", HF_ENDPOINT=hub.endpoint,
+                PYTHONPATH=os.pathsep.join([str(folder / "site"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                 AUDIT_DIR=str(output), AUDIT_LOG=str(audit),
             )
             result = subprocess.run(
@@ -224,8 +233,7 @@ def test_distributed_resume_matches_the_unbroken_distributed_run(runs, tmp_path)
     output.mkdir()
     for step in (16, 24, 32):
         shutil.copytree(ddp / f"checkpoint-{step}", output / f"checkpoint-{step}")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"),
-               OMP_NUM_THREADS="1")
+    env = training_env(tmp_path / "hf_home", HF_HUB_OFFLINE="1")
     result = subprocess.run(
         [accelerate(), *LAUNCH, "train_vit.py", *COMMON, "--per_device_train_batch_size", "4", "--data_dir",
          str(runs["data"]), "--output_dir", str(output), "--resume_from_checkpoint", "last"],

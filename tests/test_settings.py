@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pneumonia_vit.settings import DEFAULT_MAX_BATCH, OFF, ServingSettings
+from pneumonia_vit.settings import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAITING, OFF, ServingSettings
 
 
 def test_unset_environment_gives_the_defaults():
@@ -42,3 +42,11 @@ def test_model_cache_and_threads_reach_the_loaders():
     )
     assert settings.model_id == "you/pneumonia-vit"
     assert settings.fast_path() == {"fast": True, "cache": Path("/tmp/fast"), "threads": 1}
+
+
+def test_queue_length_is_read_and_a_bad_one_named_in_the_error():
+    assert ServingSettings.from_environment({}).max_waiting == DEFAULT_MAX_WAITING
+    assert ServingSettings.from_environment({"PNEUMONIA_VIT_QUEUE": "256"}).max_waiting == 256
+    for bad in ("0", "many"):
+        with pytest.raises(ValueError, match=f"PNEUMONIA_VIT_QUEUE='{bad}'"):
+            ServingSettings.from_environment({"PNEUMONIA_VIT_QUEUE": bad})
