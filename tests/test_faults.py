@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from hard_kill import kill_once_written
 from real_subset import prepared_subset
 from tiny_vit import TINY_VIT
 
@@ -109,12 +108,7 @@ def test_sigkill_mid_epoch_then_resume_with_other_worker_counts_matches_the_unbr
     process = subprocess.Popen([sys.executable, "train_vit.py", *args, "--dataloader_num_workers", "2"], cwd=REPO,
                                env=environment(tmp_path / "hf_home"),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 240
-    while not target.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    log = process.communicate(timeout=60)[0]
-    assert process.returncode == -signal.SIGKILL, f"training ended by itself before the kill:\n{log[-3000:]}"
+    kill_once_written(process, target)
     assert not (output / "test_metrics.json").exists() and not (output / "model.safetensors").exists()
     last = steps(output)[-1]
     assert 12 <= last < total, f"killed at checkpoint {last} of {total} steps"

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from hard_kill import kill_once_written
 from odd_files import bad_files, make_odd_files, readable_files
 
 REPO = Path(__file__).resolve().parent.parent
@@ -93,13 +92,7 @@ def test_sigkill_then_resume_matches_the_unbroken_run(image_dir, unbroken, tmp_p
     output = tmp_path / "run"
     args = RUN + ["--image_dirs", str(image_dir), "--output_dir", str(output)]
     target = output / "checkpoint-6" / "trainer_state.json"  # step 6: the 2nd of the 2nd epoch's 5 steps
-    process = run(args + ["--dataloader_num_workers", "2"], tmp_path / "hf_home")
-    deadline = time.monotonic() + 240
-    while not target.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    log = process.communicate(timeout=60)[0]
-    assert process.returncode == -signal.SIGKILL, f"pretraining ended by itself before the kill:\n{log[-3000:]}"
+    kill_once_written(run(args + ["--dataloader_num_workers", "2"], tmp_path / "hf_home"), target)
     assert not (output / "model.safetensors").exists()
 
     resumed = finished(args + ["--resume_from_checkpoint", "last"], tmp_path / "hf_home")
