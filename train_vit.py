@@ -6,15 +6,16 @@
     # the same on 4 GPUs (global batch 32 x 4; see configs/accelerate/ for one GPU and several machines)
     accelerate launch --config_file configs/accelerate/multi_gpu.yaml --num_processes 4 train_vit.py configs/vit_base_gpu.yaml
 
-    # the bundled default model: a small ViT from scratch on 2 CPU cores, no download
+    # the bundled default model: a small CNN teacher, then the ViT distilled from it, on 2 CPU cores, no download
+    python train_vit.py configs/resnet_teacher_cpu.yaml
     python train_vit.py configs/vit_tiny_cpu.yaml
 
 A YAML or JSON file given first sets defaults; any --flag after it overrides them. Every
 `TrainingArguments` flag works (`--push_to_hub --hub_model_id you/pneumonia-vit`,
 `--resume_from_checkpoint last`, `--per_device_train_batch_size`, ...).
 
-Stages: load the prepared splits -> build the model -> train with early stopping on validation
-ROC-AUC -> choose the decision threshold on validation and store it in the model config ->
+Stages: load the prepared splits -> build the model (a checkpoint, or a config with overrides) -> train
+with early stopping on validation ROC-AUC (and distillation from --teacher_name_or_path) -> choose the decision threshold on validation and store it in the model config ->
 evaluate the test split once -> write metrics, plots and the model card -> push to the Hub.
 """
 
