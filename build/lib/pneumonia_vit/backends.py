@@ -1,0 +1,78 @@
+"""What a `Classifier` runs: a backend turns pixel values (N, 3, size, size) into logits (N, classes)
+and the classification head's input features (N, hidden, what the out-of-domain check reads; None
+where a backend cannot give them).
+
+Two backends implement `Backend`: `TorchBackend` here (the fp32 PyTorch model) and
+`fast_inference.OnnxBackend` (ONNX Runtime, int8 weights).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+
+class Backend(Protocol):
+    name: str  # what the logs and the benchmarks call it, such as "torch-fp32"
+
+    def run(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]: ...
+
+
+@dataclass
+class ForwardResult:
+    logits: np.ndarray  # (N, classes)
+    probabilities: np.ndarray  # (N, classes), softmax of the logits
+    features: np.ndarray  # (N, hidden): what the classification head sees (final [CLS] after LayerNorm)
+    attentions: tuple[torch.Tensor, ...] | None  # per layer (N, heads, tokens, tokens)
+
+
+@contextmanager
+def head_input(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collects the input of the model's `classifier` head at each forward inside the block.
+
+    The hook keeps this independent of how a given architecture pools its tokens: whatever the
+    head receives is the embedding the out-of-domain statistics are fitted on. The same capture
+    runs in `forward` and in the fast path's ONNX export (pneumonia_vit/fast_inference.py).
+    """
+    captured: list[torch.Tensor] = []
+    handle = model.classifier.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+@torch.inference_mode()
+def forward(model: torch.nn.Module, pixel_values: torch.Tensor, output_attentions: bool = False) -> ForwardResult:
+    """Runs the classifier once and captures the input of its `classifier` head (`head_input`)."""
+    with head_input(model) as captured:
+        device = next(model.parameters()).device
+        output = model(pixel_values=pixel_values.to(device), output_attentions=output_attentions)
+    attentions = output.attentions if output_attentions else None
+    if output_attentions and not attentions:
+        raise RuntimeError(
+            "the model returned no attention weights: load it with attn_implementation='eager' "
+            "(or call model.set_attn_implementation('eager'))"
+        )
+    return ForwardResult(
+        logits=output.logits.float().cpu().numpy(),
+        probabilities=output.logits.float().softmax(dim=-1).cpu().numpy(),
+        features=captured[0].float().cpu().numpy(),
+        attentions=attentions,
+    )
+
+
+class TorchBackend:
+    name = "torch-fp32"
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def run(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        result = forward(self.model, torch.from_numpy(pixels))
+        return result.logits, result.features

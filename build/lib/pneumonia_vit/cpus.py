@@ -1,0 +1,37 @@
+"""How many cores this process may really use: the number behind every default thread and
+worker count (ONNX Runtime's intra-op threads, data_prep's decoding threads)."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+
+def usable_cores() -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup CPU quota (a container
+    limited to 2 CPUs, as on a basic Space, can still see every core of its host, and more threads
+    than the quota allows stall each other)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    return max(1, min(cores, quota) if quota else cores)
+
+
+def _cgroup_cpu_quota() -> int | None:
+    """CPUs allowed by the cgroup (v2 cpu.max or v1 cfs quota), rounded up; None without a limit."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            return math.ceil(int(quota) / int(period))
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return math.ceil(quota / period) if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,291 @@
+"""Out-of-domain check, as the app and predict.py run it: does an input look like the pediatric
+chest X-rays the model learned from?
+
+The classifier answers NORMAL or PNEUMONIA for anything, an adult X-ray or a cat photo included.
+Four rules (RULES) flag an input whose answer means nothing; the app shows the reason and takes no
+decision on it, predict.py writes the reason to its CSV. A flagged input is still scored: its
+probabilities are shown, marked unreliable.
+
+1. colour: a radiograph carries no colour. The file's mean chroma (max-minus-min of R, G, B,
+   in grey levels) above MAX_CHROMA flags photographs, screenshots and coloured drawings.
+   Radiographs stored as RGB JPEGs (99 Kermany PNEUMONIA originals are) read about 0 and pass.
+2. blank: a blank, uniform or nearly uniform image (grey-level standard deviation below MIN_STD);
+   the 624 Kermany test originals have a standard deviation of at least ~32.
+3. kind: a tiny classifier of its own, independent of the pneumonia model, that tells a pediatric
+   chest X-ray from an adult chest X-ray, a rotated, inverted or cropped chest film, and anything
+   that is not an X-ray (KINDS). It reads a thumbnail of the image with its brightness and contrast
+   normalised away (check_input), and flags the input where P(pediatric chest X-ray)
+   falls below a cut-off set on the pediatric validation split. It is stored as
+   domain_check.safetensors in the model folder; pneumonia_vit/domain_fit.py fits it (its
+   training data and why) and pneumonia_vit/domain_measure.py measures it.
+4. features: the Mahalanobis distance of the pneumonia model's final [CLS] embedding (what the
+   classification head sees) to the training-set embeddings, above the `quantile` (99.5 %) of the
+   validation-set distances. It catches inputs the classifier itself finds unlike its training
+   images. Stored as domain_stats.safetensors, written by train_vit.py at the end of training.
+
+A model folder without either file is served with the rules it has (at least 1 and 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .images import XrayReading
+
+STATS_FILE = "domain_stats.safetensors"
+STATS_FORMAT = "pneumonia_vit.domain/1"
+CHECK_FILE = "domain_check.safetensors"
+CHECK_FORMAT = "pneumonia_vit.domain_check/1"
+MAX_CHROMA = 6.0  # grey levels; JPEG noise on a grey RGB file stays below 1
+MIN_STD = 10.0  # grey levels, on 0..255
+DEFAULT_QUANTILE = 0.995
+# The kind model's input (check_input) is made from a 64x64 thumbnail (a reducing_gap resize, the
+# check's main cost: benchmarks/results/domain_check.md times it).
+CHECK_SIDE = 32
+HISTOGRAM_BINS = 16
+CHECK_INPUTS = f"layout{CHECK_SIDE}x{CHECK_SIDE}+levels{HISTOGRAM_BINS}+texture2"  # saved with the model, checked on load
+
+# What the kind model tells apart (its output order) and how the app says each in plain words.
+PEDIATRIC = "pediatric_chest_xray"
+KINDS = (PEDIATRIC, "adult_chest_xray", "altered_chest_film", "not_an_xray")
+LOOKS_LIKE = {
+    "adult_chest_xray": "it looks like an adult chest X-ray; this model only knows children aged 1-5",
+    "altered_chest_film": "it looks like a chest film that is rotated, inverted (a negative) or cropped; "
+                          "the model only knows whole frontal films, upright, with bones bright",
+    "not_an_xray": "it does not look like an X-ray (a photo, document, drawing, chart or other image)",
+}
+COLOUR, BLANK, UNFAMILIAR = "colour_image", "blank_image", "unfamiliar_to_the_model"
+RULES = ("colour", "blank", "kind", "features")
+
+
+def _read_safetensors(path: str | Path, expected_format: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as handle:
+        metadata = handle.metadata() or {}
+        if metadata.get("format") != expected_format:
+            raise ValueError(f"{path}: not a {expected_format} file (format {metadata.get('format')!r})")
+        return {name: handle.get_tensor(name) for name in handle.keys()}, metadata
+
+
+def _model_file(model_id: str | Path, name: str) -> str | None:
+    """`name` beside a model (a local folder or a Hub id), or None where there is none."""
+    folder = Path(model_id)
+    if folder.is_dir():
+        return str(folder / name) if (folder / name).is_file() else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(str(model_id), name)
+    except Exception:  # no such file in the repo, offline, private repo: serve without this rule
+        return None
+
+
+@dataclass
+class DomainStats:
+    """Gaussian model of the training embeddings and the distance beyond which an input is flagged."""
+
+    mean: np.ndarray  # (hidden,)
+    precision: np.ndarray  # (hidden, hidden), inverse of the shrunk covariance
+    threshold: float  # Mahalanobis distance cut-off
+    quantile: float  # the validation quantile the cut-off was taken at
+    train_count: int
+    validation_count: int
+
+    def distance(self, features: np.ndarray) -> np.ndarray:
+        """Mahalanobis distance of each row of `features` (N, hidden) to the training mean."""
+        centred = np.atleast_2d(np.asarray(features, dtype=np.float64)) - self.mean
+        squared = np.einsum("nd,de,ne->n", centred, self.precision, centred)
+        return np.sqrt(np.maximum(squared, 0.0))
+
+    def save(self, folder: str | Path) -> Path:
+        from safetensors.numpy import save_file
+
+        path = Path(folder) / STATS_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        metadata = {
+            "format": STATS_FORMAT, "threshold": repr(self.threshold), "quantile": repr(self.quantile),
+            "train_count": str(self.train_count), "validation_count": str(self.validation_count),
+        }
+        save_file({"mean": self.mean.astype(np.float64), "precision": self.precision.astype(np.float64)}, str(path), metadata)
+        return path
+
+    @classmethod
+    def read(cls, path: str | Path) -> DomainStats:
+        tensors, metadata = _read_safetensors(path, STATS_FORMAT)
+        return cls(
+            mean=tensors["mean"], precision=tensors["precision"],
+            threshold=float(metadata["threshold"]), quantile=float(metadata["quantile"]),
+            train_count=int(metadata["train_count"]), validation_count=int(metadata["validation_count"]),
+        )
+
+    @classmethod
+    def load(cls, model_id: str | Path) -> DomainStats | None:
+        """The stats beside a model (a local folder or a Hub id), or None where there are none."""
+        path = _model_file(model_id, STATS_FILE)
+        return cls.read(path) if path else None
+
+
+def check_input(image: Image.Image) -> np.ndarray:
+    """The kind model's input for one grey image (CHECK_INPUTS numbers). The fit
+    (pneumonia_vit/domain_fit.py) and the app both call this.
+
+    - the image at CHECK_SIDE x CHECK_SIDE pixels (the layout: where lungs, arms, labels are);
+    - a HISTOGRAM_BINS-bin histogram of a 2 x CHECK_SIDE thumbnail's grey levels (a film's levels
+      spread smoothly; drawings, documents and screens sit on a few levels);
+    - the mean absolute difference between neighbouring pixels of that thumbnail (texture).
+    The image's own mean and spread are removed first: a film's exposure and window say which
+    hospital it came from, not what it shows.
+    """
+    thumbnail = image.convert("L").resize((2 * CHECK_SIDE, 2 * CHECK_SIDE), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    pixels = np.asarray(thumbnail, dtype=np.float32)
+    pixels = (pixels - pixels.mean()) / max(float(pixels.std()), 1.0)
+    layout = pixels.reshape(CHECK_SIDE, 2, CHECK_SIDE, 2).mean(axis=(1, 3)).ravel()
+    low, high = float(pixels.min()), float(pixels.max())
+    levels = np.histogram(pixels, bins=HISTOGRAM_BINS, range=(low, max(high, low + 1e-3)))[0] / pixels.size
+    texture = [np.abs(np.diff(pixels, axis=0)).mean(), np.abs(np.diff(pixels, axis=1)).mean()]
+    return np.concatenate([layout, 4.0 * levels, texture]).astype(np.float32)
+
+
+@dataclass
+class KindModel:
+    """A small multilayer perceptron (ReLU hidden layers, softmax over KINDS) on `check_input`."""
+
+    weights: list[np.ndarray]  # (inputs, outputs) per layer
+    biases: list[np.ndarray]
+    threshold: float  # an input is flagged when P(pediatric chest X-ray) is below this
+    metadata: dict[str, str] = field(default_factory=dict)  # how it was fitted (domain_fit.py)
+
+    def probabilities(self, inputs: np.ndarray) -> np.ndarray:
+        """(N, len(KINDS)) probabilities for (N, inputs) `check_input` rows."""
+        activation = np.atleast_2d(np.asarray(inputs, dtype=np.float32))
+        for index, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            activation = activation @ weight + bias
+            if index < len(self.weights) - 1:
+                activation = np.maximum(activation, 0.0)
+        activation = activation - activation.max(axis=1, keepdims=True)
+        exp = np.exp(activation)
+        return exp / exp.sum(axis=1, keepdims=True)
+
+    def save(self, folder: str | Path) -> Path:
+        from safetensors.numpy import save_file
+
+        path = Path(folder) / CHECK_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for index, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            tensors[f"layer{index}.weight"] = weight.astype(np.float32)
+            tensors[f"layer{index}.bias"] = bias.astype(np.float32)
+        metadata = {**self.metadata, "format": CHECK_FORMAT, "threshold": repr(self.threshold),
+                    "kinds": ",".join(KINDS), "inputs": CHECK_INPUTS}
+        save_file(tensors, str(path), metadata)
+        return path
+
+    @classmethod
+    def read(cls, path: str | Path) -> KindModel:
+        tensors, metadata = _read_safetensors(path, CHECK_FORMAT)
+        if metadata.get("kinds") != ",".join(KINDS) or metadata.get("inputs") != CHECK_INPUTS:
+            raise ValueError(f"{path}: fitted for kinds {metadata.get('kinds')!r} on inputs {metadata.get('inputs')!r}; "
+                             f"this code reads {','.join(KINDS)!r} on {CHECK_INPUTS!r}: refit it (domain_fit.py)")
+        layers = sorted({int(name.split(".")[0][len("layer"):]) for name in tensors})
+        return cls(
+            weights=[tensors[f"layer{i}.weight"] for i in layers], biases=[tensors[f"layer{i}.bias"] for i in layers],
+            threshold=float(metadata["threshold"]),
+            metadata={k: v for k, v in metadata.items() if k not in ("format", "threshold", "kinds", "inputs")},
+        )
+
+    @classmethod
+    def load(cls, model_id: str | Path) -> KindModel | None:
+        """The kind model beside a model (a local folder or a Hub id), or None where there is none."""
+        path = _model_file(model_id, CHECK_FILE)
+        return cls.read(path) if path else None
+
+
+@dataclass
+class DomainCheck:
+    """The verdict on one input; `reasons` is empty when it looks in-domain."""
+
+    chroma: float
+    grey_std: float
+    kind_probabilities: dict[str, float] | None = None  # rule 3's output, where the model has it
+    kind_threshold: float | None = None
+    distance: float | None = None
+    distance_threshold: float | None = None
+    reasons: list[str] = field(default_factory=list)
+    fired: list[str] = field(default_factory=list)  # the rules that flagged it: RULES names, in order
+    looks_like: str = PEDIATRIC  # a KINDS key, COLOUR, BLANK or UNFAMILIAR: what the first rule that fired says
+
+    @property
+    def in_domain(self) -> bool:
+        return not self.reasons
+
+    def checks_run(self) -> str:
+        names = ["colour", "contrast"]
+        if self.kind_probabilities is not None:
+            names.append("image-kind")
+        if self.distance is not None:
+            names.append("feature-distance")
+        return ", ".join(names[:-1]) + " and " + names[-1]
+
+    def message(self) -> str:
+        if self.in_domain:
+            return f"The input passed the {self.checks_run()} checks for a pediatric chest X-ray like the training images."
+        return (
+            "This does not look like a pediatric chest X-ray like the ones the model was trained on: "
+            + "; ".join(self.reasons)
+            + ". The model's answer is not meaningful for it."
+        )
+
+    def verdict(self) -> dict:
+        """The machine-readable form the API returns (webapp.py documents it)."""
+        return {
+            "in_domain": self.in_domain,
+            "looks_like": self.looks_like,
+            "reasons": list(self.reasons),
+            "rules_fired": list(self.fired),
+            "checks": self.checks_run(),
+            "p_pediatric_chest_xray": None if self.kind_probabilities is None else round(self.kind_probabilities[PEDIATRIC], 6),
+        }
+
+
+def grey_std(image: Image.Image) -> float:
+    pixels = np.asarray(image)
+    step = max(1, max(pixels.shape) // 256)
+    return float(pixels[::step, ::step].std())
+
+
+def check_domain(reading: XrayReading, features: np.ndarray | None, stats: DomainStats | None,
+                 kind_model: KindModel | None = None) -> DomainCheck:
+    """Applies the rules: 3 where `kind_model` is given, 4 where `stats` and `features` are."""
+    check = DomainCheck(chroma=reading.chroma, grey_std=grey_std(reading.image))
+    looks_like = []
+
+    def flag(rule: str, reason: str, kind: str) -> None:
+        check.fired.append(rule)
+        check.reasons.append(reason)
+        looks_like.append(kind)
+
+    if check.chroma > MAX_CHROMA:
+        flag("colour", f"it is a colour image (mean chroma {check.chroma:.0f}; X-rays are grey)", COLOUR)
+    if check.grey_std < MIN_STD:
+        flag("blank", f"it is nearly blank (grey-level spread {check.grey_std:.1f})", BLANK)
+    if kind_model is not None:
+        probabilities = kind_model.probabilities(check_input(reading.image))[0]
+        check.kind_probabilities = {kind: float(p) for kind, p in zip(KINDS, probabilities)}
+        check.kind_threshold = kind_model.threshold
+        if probabilities[0] < kind_model.threshold:
+            likeliest = KINDS[1 + int(np.argmax(probabilities[1:]))]
+            flag("kind", LOOKS_LIKE[likeliest], likeliest)
+    if stats is not None and features is not None:
+        check.distance = float(stats.distance(features)[0])
+        check.distance_threshold = stats.threshold
+        if check.distance > stats.threshold:
+            flag("features", f"the model's features are far from its training X-rays (distance {check.distance:.1f}, "
+                             f"above the {stats.quantile:.1%} validation quantile {stats.threshold:.1f})", UNFAMILIAR)
+    if looks_like:
+        check.looks_like = looks_like[0]
+    return check

@@ -1,0 +1,328 @@
+"""Training machinery behind train_vit.py and pretrain_mae.py: the loss, the metrics logged during
+training, a Trainer that reloads checkpoints correctly, the callback that tells the augmentation its
+epoch, a throughput/time-budget callback, and checkpoint validation for `--resume_from_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import resource
+import shutil
+import time
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+from .domain import STATS_FILE
+from .images import LABELS
+from .metrics import binary_metrics
+
+logger = logging.getLogger(__name__)
+
+
+def parse_with_config_file(dataclass_types, argv: list[str], script: str):
+    """A YAML/JSON file as the first argument sets defaults; flags after it override them."""
+    parser = HfArgumentParser(dataclass_types)
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
+        config = yaml.safe_load(Path(argv[0]).read_text()) or {}  # JSON is YAML too
+        # set_defaults accepts any name: a misspelt key would otherwise surface as "too many values to unpack".
+        unknown = sorted(set(config) - {action.dest for action in parser._actions})
+        if unknown:
+            raise ValueError(f"{argv[0]}: unknown setting(s) {', '.join(unknown)}; see python {script} --help")
+        parser.set_defaults(**config)
+        argv = argv[1:]
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def weighted_loss(class_counts: Counter, label_smoothing: float):
+    """Cross-entropy with each class weighted by total / (classes x its count)."""
+    total = sum(class_counts.values())
+    weight = torch.tensor([total / (len(LABELS) * class_counts[i]) for i in range(len(LABELS))])
+
+    def loss(outputs, labels, num_items_in_batch=None):
+        logits = outputs.logits
+        per_image = F.cross_entropy(
+            logits.float(), labels, weight=weight.to(logits.device), label_smoothing=label_smoothing, reduction="none"
+        )
+        # Trainer passes the image count of the whole accumulated batch so that accumulation is exact.
+        return per_image.mean() if num_items_in_batch is None else per_image.sum() / num_items_in_batch
+
+    return loss
+
+
+def compute_metrics(prediction) -> dict:
+    """Validation metrics during training, at the neutral cut-off 0.5 (the real one is chosen after)."""
+    scores = torch.from_numpy(prediction.predictions).float().softmax(dim=-1)[:, 1].numpy()
+    metrics = binary_metrics(prediction.label_ids, scores, threshold=0.5)
+    return {key: value for key, value in metrics.items() if isinstance(value, float) and key != "threshold"}
+
+
+class StrictReloadTrainer(Trainer):
+    """Trainer that reloads checkpoints strictly, and leaves the project's model card in place.
+
+    transformers 5 saves a ViT under its original (`vit.encoder.layer.N.attention.attention.query`)
+    key names and maps them back to its own (`vit.layers.N.attention.q_proj`) only in
+    `from_pretrained`; Trainer's resume and `load_best_model_at_end` call `load_state_dict(strict=False)`
+    on the raw file instead, which loads the embeddings and the head and silently leaves every encoder
+    block as it was (huggingface/transformers#43701, #48805). Both go through `from_pretrained` here,
+    strictly. tests/test_train.py checks that stock Trainer still drops the weights: when that test
+    fails, upstream has fixed the bug and the two reload overrides can go.
+
+    train_vit.py writes the model card (card.py) before the final save; Trainer's push would first
+    write its generic card over it.
+    """
+
+    def create_model_card(self, *args, **kwargs):
+        pass
+
+    def _plain_model(self) -> bool:
+        return not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+
+    def _load_weights(self, folder: str, model=None) -> None:
+        target = self.accelerator.unwrap_model(self.model if model is None else model)
+        saved = type(target).from_pretrained(folder)
+        target.load_state_dict(saved.state_dict(), strict=True)  # copies into target's own device and dtype
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if not self._plain_model():
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._load_weights(resume_from_checkpoint, model)
+
+    def _load_best_model(self):
+        folder = self.state.best_model_checkpoint
+        saved = Path(folder, "model.safetensors").is_file() or Path(folder, "model.safetensors.index.json").is_file()
+        if not self._plain_model() or not saved:
+            return super()._load_best_model()  # sharded/DeepSpeed/FSDP, or a node that lacks the folder: Trainer's own path
+        if self.is_world_process_zero():
+            logger.info("loading the best model from %s (validation %s %s)", folder, self.args.metric_for_best_model, self.state.best_metric)
+        self._load_weights(folder)
+
+
+class DistillationTrainer(StrictReloadTrainer):
+    """Adds soft knowledge distillation (Hinton et al. 2015) to the label loss: on every augmented training
+    image, the KL divergence between the frozen teacher's and the model's temperature-softened probabilities.
+    A small CNN learns from local texture what a small ViT trained from scratch on 5,000 images does not
+    find by itself; the served model stays the ViT (README: ablation)."""
+
+    def __init__(self, *args, teacher: torch.nn.Module, weight: float, temperature: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.eval().requires_grad_(False).to(self.args.device)
+        self.weight, self.temperature = weight, temperature
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            with torch.no_grad():
+                teacher_logits = self.teacher(pixel_values=inputs["pixel_values"]).logits.float()
+            t = self.temperature
+            per_image = t * t * F.kl_div(F.log_softmax(outputs.logits.float() / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1),
+                                         log_target=True, reduction="none").sum(dim=-1)
+            # Normalised as Trainer normalises the label loss: over the whole accumulated batch of all processes.
+            if num_items_in_batch is None:
+                distillation = per_image.mean()
+            else:
+                scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+                distillation = per_image.sum() / num_items_in_batch * scale
+            loss = (1 - self.weight) * loss + self.weight * distillation
+        return (loss, outputs) if return_outputs else loss
+
+
+class AugmentationEpoch(TrainerCallback):
+    """Tells the training transform which epoch starts, so that it seeds each image's augmentation with it.
+
+    Trainer calls this before it creates the epoch's data loader iterator, whose worker processes copy
+    the transform; a resumed run starts in the checkpoint's epoch. (Persistent workers would keep the
+    first epoch's copy: train_vit.py refuses them.)
+    """
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.transform.epoch = math.floor(state.epoch + 1e-9)
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (dataloader workers), all cores."""
+    return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+               for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+
+
+class Stopwatch(TrainerCallback):
+    """Training images per second with evaluation time left out, peak GPU memory, and an optional time budget."""
+
+    def __init__(self, max_minutes: float | None = None):
+        self.max_seconds = None if max_minutes is None else 60 * max_minutes
+        self.eval_seconds = 0.0
+        self.out_of_time = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start, self.start_epoch, self.start_cpu = time.perf_counter(), state.epoch or 0.0, _cpu_seconds()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.eval_seconds += (metrics or {}).get("eval_runtime", 0.0)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.max_seconds is not None and time.perf_counter() - self.start > self.max_seconds and not self.out_of_time:
+            self.out_of_time = control.should_training_stop = True
+            if state.is_world_process_zero:
+                logger.info("time budget of %g min used up at step %d: stopping", self.max_seconds / 60, state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.train_seconds = time.perf_counter() - self.start - self.eval_seconds
+        self.cpu_seconds = _cpu_seconds() - self.start_cpu  # evaluation included: what the run cost the machine
+        self.epochs = (state.epoch or 0.0) - self.start_epoch
+
+    def stats(self, train_size: int) -> dict:
+        images = round(self.epochs * train_size)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        return {
+            "train_images": images, "train_seconds": round(self.train_seconds, 2),
+            "images_per_second": round(images / self.train_seconds, 1) if self.train_seconds > 0 else None,
+            "evaluation_seconds": round(self.eval_seconds, 2), "cpu_seconds": round(self.cpu_seconds, 1),
+            "peak_gpu_memory_gib": None if peak is None else round(peak, 3),
+            "stopped_by_time_budget": self.out_of_time,
+        }
+
+
+CHECKPOINT_FILES = ("trainer_state.json", "model.safetensors", "optimizer.pt", "scheduler.pt")
+CHECKPOINT_FOLDER = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")  # Trainer's checkpoint-<global step>
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder that cannot be resumed from (missing, truncated or corrupt files)."""
+
+
+def checkpoint_problem(folder: Path, weights_and_optimizer: bool = True) -> str | None:
+    """What makes `folder` unusable for a resume, or None when its files are complete.
+
+    Checks that the files Trainer reads exist, that trainer_state.json parses, that the safetensors
+    header loads and covers the whole file, and that optimizer.pt and scheduler.pt are intact zip
+    archives (torch.save's format; CRCs included). A file cut short by a kill during the save, or
+    emptied by a full disk, fails one of these.
+    """
+    from safetensors import safe_open
+
+    if not folder.is_dir():
+        return "no such folder"
+    required = CHECKPOINT_FILES if weights_and_optimizer else CHECKPOINT_FILES[:1]
+    sharded = (folder / "model.safetensors.index.json").is_file()
+    missing = [name for name in required if not (folder / name).is_file() and not (name == "model.safetensors" and sharded)]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    try:
+        int(json.loads((folder / "trainer_state.json").read_text())["global_step"])
+    except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return f"trainer_state.json is truncated or corrupt ({type(error).__name__}: {error})"
+    if not weights_and_optimizer:
+        return None
+    weight_files = ["model.safetensors"]
+    if sharded:
+        try:
+            weight_files = sorted(set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            return f"model.safetensors.index.json is truncated or corrupt ({type(error).__name__}: {error})"
+    for name in weight_files:
+        try:
+            with safe_open(str(folder / name), framework="pt") as weights:
+                if not list(weights.keys()):
+                    return f"{name} holds no tensors"
+        except Exception as error:  # safetensors raises SafetensorError; a missing shard, OSError
+            return f"{name} is truncated or corrupt ({error})"
+    for name in CHECKPOINT_FILES[2:]:
+        try:
+            with zipfile.ZipFile(folder / name) as archive:
+                damaged = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as error:
+            return f"{name} is truncated or corrupt ({error})"
+        if damaged:
+            return f"{name} is corrupt (bad CRC in {damaged})"
+    return None
+
+
+# What a training run writes at the top of its output folder (weights, configs, card, reports).
+RUN_FILE_PATTERNS = (
+    "README.md", "config.json", "preprocessor_config.json", "training_args.bin", "model*.safetensors",
+    "model.safetensors.index.json", "run_stats.json", STATS_FILE, "*_metrics.json",
+    "*_confusion_matrix.png", "*_roc.png",
+)
+
+
+def clear_previous_run(output_dir: Path) -> list[str]:
+    """Removes an earlier run's checkpoint-N folders and RUN_FILE_PATTERNS files from `output_dir`
+    (anything else is left alone); returns their names. Kept, they would mix two runs: `last` could
+    resume the old run's newest checkpoint, and a push at each save would upload the old card and
+    test report beside the new weights."""
+    removed = []
+    for path in sorted(output_dir.iterdir()):
+        if path.is_dir() and CHECKPOINT_FOLDER.match(path.name):
+            shutil.rmtree(path)
+        elif path.is_file() and any(path.match(glob) for glob in RUN_FILE_PATTERNS):
+            path.unlink()
+        else:
+            continue
+        removed.append(path.name)
+    return removed
+
+
+def resume_checkpoint(training_args: TrainingArguments, overwrite_output_dir: bool = False) -> str | None:
+    """Explicit resume: `--resume_from_checkpoint last|PATH`; leftover checkpoints without it are an error.
+
+    `last` takes the newest checkpoint-N folder whose files are complete, printing each newer one it
+    skips and why (a kill while saving leaves a partial folder); if none is complete it stops with
+    an error that names them. An explicit PATH must be complete. Never silently starts from scratch.
+    Starting again with `overwrite_output_dir` first clears the earlier run (`clear_previous_run`).
+    """
+    output_dir = Path(training_args.output_dir)
+    requested = training_args.resume_from_checkpoint
+    # DeepSpeed and FSDP keep weights and optimizer in their own layout: only trainer_state.json is checked.
+    full_check = not (training_args.deepspeed or training_args.fsdp)
+    if requested == "last":
+        found = sorted(
+            (path for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if CHECKPOINT_FOLDER.match(path.name) and path.is_dir()),
+            key=lambda path: int(CHECKPOINT_FOLDER.match(path.name).group(1)), reverse=True,
+        ) if output_dir.is_dir() else []
+        if not found:
+            raise FileNotFoundError(f"--resume_from_checkpoint last: no checkpoint-* folder in {output_dir}")
+        broken = []
+        for folder in found:
+            problem = checkpoint_problem(folder, full_check)
+            if problem is None:
+                if training_args.process_index == 0:
+                    logger.info("resuming from %s%s", folder, ", the newest complete checkpoint" if broken else "")
+                return str(folder)
+            broken.append(f"{folder} ({problem})")
+            if training_args.process_index == 0:
+                logger.info("skipping checkpoint %s: %s; trying the one before it", folder, problem)
+        raise CheckpointError(
+            f"--resume_from_checkpoint last: no usable checkpoint in {output_dir}: " + "; ".join(broken)
+            + ". To start again, pass --overwrite_output_dir instead of --resume_from_checkpoint (it removes them)."
+        )
+    if requested:
+        problem = checkpoint_problem(Path(requested), full_check)
+        if problem is not None:
+            raise CheckpointError(f"--resume_from_checkpoint {requested}: cannot resume from {requested}: {problem}")
+        if training_args.process_index == 0:
+            logger.info("resuming from %s", requested)
+        return requested
+    if output_dir.is_dir() and get_last_checkpoint(str(output_dir)) and not overwrite_output_dir:
+        raise FileExistsError(
+            f"{output_dir} holds checkpoints: pass --resume_from_checkpoint last to continue, "
+            "or --overwrite_output_dir to start again"
+        )
+    if overwrite_output_dir and output_dir.is_dir() and training_args.process_index == 0:
+        removed = clear_previous_run(output_dir)
+        if removed:
+            logger.info("--overwrite_output_dir: removed the previous run's %s from %s", ", ".join(removed), output_dir)
+    return None
