@@ -95,17 +95,10 @@ class MaskedBatches:
     def __init__(self, transform: BatchTransform, patches: int):
         self.transform, self.patches = transform, patches
 
-    @property
-    def epoch(self) -> int:
-        return self.transform.epoch
-
-    @epoch.setter
-    def epoch(self, value: int) -> None:
-        self.transform.epoch = value
-
     def __call__(self, batch: dict) -> dict:
         out = self.transform(batch)
-        noise = [np.random.default_rng((self.transform.seed, self.epoch, index, 1)).random(self.patches, dtype=np.float32)
+        seed, epoch = self.transform.seed, self.transform.epoch
+        noise = [np.random.default_rng((seed, epoch, index, 1)).random(self.patches, dtype=np.float32)
                  for index in batch["sample_index"]]
         out["noise"] = torch.from_numpy(np.stack(noise))
         return out
@@ -142,8 +135,6 @@ def main(argv: list[str] | None = None) -> Path:
         (ModelArguments, DataArguments, RunArguments, TrainingArguments), argv, "pretrain_mae.py")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     training_args.remove_unused_columns = False  # the transform reads the image paths and indices
-    if training_args.dataloader_persistent_workers:
-        raise ValueError("--dataloader_persistent_workers is not supported: the workers would keep augmenting as in the first epoch")
     checkpoint = resume_checkpoint(training_args, run_args.overwrite_output_dir)
     set_seed(training_args.seed)
 
@@ -171,7 +162,7 @@ def main(argv: list[str] | None = None) -> Path:
     stopwatch = Stopwatch(run_args.max_train_minutes)
     trainer = StrictReloadTrainer(
         model=model, args=training_args, train_dataset=dataset, data_collator=collate,
-        processing_class=spec.processor(), callbacks=[stopwatch, AugmentationEpoch(transform)],
+        processing_class=spec.processor(), callbacks=[stopwatch, AugmentationEpoch(transform.transform)],
     )
     result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.log_metrics("train", result.metrics)

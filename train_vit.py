@@ -14,8 +14,9 @@ A YAML or JSON file given first sets defaults; any --flag after it overrides the
 `TrainingArguments` flag works (`--push_to_hub --hub_model_id you/pneumonia-vit`,
 `--resume_from_checkpoint last`, `--per_device_train_batch_size`, ...).
 
-Stages: load the prepared splits -> build the model (a checkpoint, or a config with overrides) -> train
-with early stopping on validation ROC-AUC (and distillation from --teacher_name_or_path) -> choose the decision threshold on validation and store it in the model config ->
+Stages: load the prepared splits -> build the model (a checkpoint, or a config with overrides) ->
+train with early stopping on validation ROC-AUC (and distillation from --teacher_name_or_path) ->
+choose the decision threshold on validation and store it in the model config ->
 evaluate the test split once -> write metrics, plots and the model card -> push to the Hub.
 """
 
@@ -161,9 +162,6 @@ def main(argv: list[str] | None = None) -> dict:
     training_args.remove_unused_columns = False  # the transforms read the "image" column
     training_args.restore_callback_states_from_checkpoint = True  # a resumed run keeps its early-stopping patience count
     checkpoint = resume_checkpoint(training_args, run_args.overwrite_output_dir)
-    if training_args.dataloader_persistent_workers:
-        raise ValueError("--dataloader_persistent_workers is not supported: the workers would keep augmenting as in "
-                         "the first epoch (see training.AugmentationEpoch)")
     set_seed(training_args.seed)
 
     # Data: prepared imagefolder (or Hub dataset), optionally cut down for quick runs.

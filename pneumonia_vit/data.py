@@ -133,8 +133,9 @@ def unlabeled_images(folders: list[str]) -> tuple[list[str], list[str]]:
     for folder in map(Path, folders):
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: no such folder")
-        for prepared_root in (folder, *folder.resolve().parents):
-            if (prepared_root / "prepared_index.csv").is_file() and not folder.resolve().is_relative_to(prepared_root.resolve() / "train"):
+        resolved = folder.resolve()
+        for prepared_root in (resolved, *resolved.parents):
+            if (prepared_root / "prepared_index.csv").is_file() and not resolved.is_relative_to(prepared_root / "train"):
                 raise ValueError(f"{folder} holds a prepared dataset's validation or test split; give its train/ folder only")
         files += sorted(path for path in folder.rglob("*") if path.is_file() and not path.name.startswith("."))
 

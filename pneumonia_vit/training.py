@@ -140,12 +140,17 @@ class AugmentationEpoch(TrainerCallback):
     """Tells the training transform which epoch starts, so that it seeds each image's augmentation with it.
 
     Trainer calls this before it creates the epoch's data loader iterator, whose worker processes copy
-    the transform; a resumed run starts in the checkpoint's epoch. (Persistent workers would keep the
-    first epoch's copy: train_vit.py refuses them.)
+    the transform; a resumed run starts in the checkpoint's epoch. Persistent workers would keep the
+    first epoch's copy, so they are refused.
     """
 
     def __init__(self, transform):
         self.transform = transform
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.dataloader_persistent_workers:
+            raise ValueError("--dataloader_persistent_workers is not supported: the workers would keep augmenting "
+                             "as in the first epoch (see training.AugmentationEpoch)")
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.transform.epoch = math.floor(state.epoch + 1e-9)

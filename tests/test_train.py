@@ -280,3 +280,12 @@ def test_config_files_yaml_json_and_typos(tmp_path):
     (tmp_path / "typo.yaml").write_text("model_type: vit\nlearnin_rate: 0.01\n")
     with pytest.raises(ValueError, match="unknown setting\\(s\\) learnin_rate"):
         train_vit.parse_arguments([str(tmp_path / "typo.yaml")])
+
+
+def test_persistent_workers_are_refused_since_they_would_repeat_the_first_epochs_augmentation(small_prepared, tmp_path):
+    import train_vit
+
+    with pytest.raises(ValueError, match="dataloader_persistent_workers is not supported"):
+        train_vit.main(["--config_overrides", TINY_VIT, "--data_dir", str(small_prepared), "--output_dir", str(tmp_path),
+                        "--use_cpu", "--report_to", "none", "--dataloader_num_workers", "1",
+                        "--dataloader_persistent_workers", "true"])
