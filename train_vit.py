@@ -87,6 +87,12 @@ class ModelArguments:
     )
     distillation_weight: float = field(default=0.5, metadata={"help": "With a teacher: the loss is (1 - w) x label loss + w x distillation loss."})
     distillation_temperature: float = field(default=2.0, metadata={"help": "With a teacher: softmax temperature of both models' logits."})
+    token_distillation_weight: float = field(
+        default=0.0,
+        metadata={"help": "With a teacher: weight of a second distillation term, added to the label loss, in which the "
+                  "ViT's patch tokens match the similarities between the teacher's feature-map cells "
+                  "(training.token_similarity_loss). 0 = off."},
+    )
 
 
 @dataclass
@@ -194,6 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
         trainer_class = functools.partial(
             DistillationTrainer, teacher=AutoModelForImageClassification.from_pretrained(model_args.teacher_name_or_path),
             weight=model_args.distillation_weight, temperature=model_args.distillation_temperature,
+            token_weight=model_args.token_distillation_weight,
         )
     else:
         trainer_class = StrictReloadTrainer

@@ -108,32 +108,70 @@ class StrictReloadTrainer(Trainer):
 
 
 class DistillationTrainer(StrictReloadTrainer):
-    """Adds soft knowledge distillation (Hinton et al. 2015) to the label loss: on every augmented training
-    image, the KL divergence between the frozen teacher's and the model's temperature-softened probabilities.
+    """Adds knowledge distillation from a frozen teacher to the label loss, on every augmented training image.
+
+    - Soft labels (Hinton et al. 2015): the KL divergence between the teacher's and the model's
+      temperature-softened probabilities, weighted by `weight` against the label loss.
+    - Token similarity (`token_weight`): for two classes the probabilities carry one number per image, so the
+      model may also match where the teacher sees similar things. Per image, the cosine similarities between
+      all pairs of the model's patch tokens (those the last block's [CLS] reads) should equal those between the
+      teacher's feature-map cells at the same positions (Tung & Mori 2019, "Similarity-preserving knowledge
+      distillation"). It has no parameters, so nothing is added to the saved model.
+
     A small CNN learns from local texture what a small ViT trained from scratch on 5,000 images does not
     find by itself; the served model stays the ViT (README: ablation)."""
 
-    def __init__(self, *args, teacher: torch.nn.Module, weight: float, temperature: float, **kwargs):
+    def __init__(self, *args, teacher: torch.nn.Module, weight: float, temperature: float, token_weight: float = 0.0,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.teacher = teacher.eval().requires_grad_(False).to(self.args.device)
-        self.weight, self.temperature = weight, temperature
+        self.weight, self.temperature, self.token_weight = weight, temperature, token_weight
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        distilling_tokens = model.training and self.token_weight > 0
+        if distilling_tokens:
+            inputs = {**inputs, "output_hidden_states": True}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if model.training:
             with torch.no_grad():
-                teacher_logits = self.teacher(pixel_values=inputs["pixel_values"]).logits.float()
+                teacher_outputs = self.teacher(pixel_values=inputs["pixel_values"], output_hidden_states=distilling_tokens)
             t = self.temperature
-            per_image = t * t * F.kl_div(F.log_softmax(outputs.logits.float() / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1),
-                                         log_target=True, reduction="none").sum(dim=-1)
+            per_image = self.weight * t * t * F.kl_div(
+                F.log_softmax(outputs.logits.float() / t, dim=-1), F.log_softmax(teacher_outputs.logits.float() / t, dim=-1),
+                log_target=True, reduction="none").sum(dim=-1)
+            if distilling_tokens:
+                per_image = per_image + self.token_weight * token_similarity_loss(
+                    outputs.hidden_states[-2], teacher_outputs.hidden_states)
             # Normalised as Trainer normalises the label loss: over the whole accumulated batch of all processes.
             if num_items_in_batch is None:
                 distillation = per_image.mean()
             else:
                 scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
                 distillation = per_image.sum() / num_items_in_batch * scale
-            loss = (1 - self.weight) * loss + self.weight * distillation
+            loss = (1 - self.weight) * loss + distillation
         return (loss, outputs) if return_outputs else loss
+
+
+def token_similarity_loss(tokens: torch.Tensor, teacher_maps: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Per image: mean squared difference between the pairwise cosine similarities of a ViT's patch tokens
+    (batch, 1 + side², dim; [CLS] first) and of the teacher's feature-map cells (batch, channels, h, w).
+
+    The teacher's map is its deepest one still at least `side` cells wide, average-pooled to side x side.
+    Features are centred over positions first, so that the similarities compare positions with each other,
+    not with a shared offset (a CNN's ReLU features are all positive).
+    """
+    side = math.isqrt(tokens.shape[1] - 1)
+    fine_enough = [m for m in teacher_maps if m.dim() == 4 and min(m.shape[-2:]) >= side]
+    if side * side != tokens.shape[1] - 1 or not fine_enough:
+        raise ValueError(f"token distillation needs a square token grid and a teacher feature map at least as fine; "
+                         f"got {tokens.shape[1]} tokens and maps {[tuple(m.shape) for m in teacher_maps]}")
+    cells = F.adaptive_avg_pool2d(fine_enough[-1].float(), side).flatten(2).transpose(1, 2)
+
+    def similarities(features):
+        features = F.normalize(features - features.mean(dim=1, keepdim=True), dim=-1)
+        return features @ features.transpose(1, 2)
+
+    return (similarities(tokens[:, 1:].float()) - similarities(cells)).pow(2).mean(dim=(1, 2))
 
 
 class AugmentationEpoch(TrainerCallback):

@@ -1,0 +1,117 @@
+"""Knowledge distillation from a CNN teacher (training.DistillationTrainer): the token-similarity term on
+random tensors, the loss as the sum of its parts on a real batch, and train_vit.py with a teacher folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_vit import TINY_VIT
+
+from pneumonia_vit.training import token_similarity_loss
+
+REPO = Path(__file__).resolve().parent.parent
+TEACHER_CONFIG = REPO / "configs" / "resnet_teacher"
+
+
+def _tokens_from(cells: torch.Tensor, width: int, seed: int) -> torch.Tensor:
+    """ViT-shaped tokens (a [CLS] token, then one per cell) that are the cells rotated into `width`
+    dimensions, scaled and shifted: the same pairwise similarities as the cells."""
+    generator = torch.Generator().manual_seed(seed)
+    rotation = torch.linalg.qr(torch.randn(width, cells.shape[1], generator=generator))[0].T  # orthonormal rows
+    patch_tokens = 3.0 * cells.flatten(2).transpose(1, 2) @ rotation + 5.0
+    return torch.cat([torch.randn(cells.shape[0], 1, width, generator=generator), patch_tokens], dim=1)
+
+
+def test_token_similarity_loss_ignores_rotation_and_scale_but_not_layout():
+    cells = torch.randn(3, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    tokens = _tokens_from(cells, width=16, seed=1)
+    matched = token_similarity_loss(tokens, (cells,))
+    assert matched.shape == (3,)
+    assert matched.max() < 1e-6
+
+    shuffled = torch.cat([tokens[:, :1], tokens[:, 1:][:, torch.randperm(16, generator=torch.Generator().manual_seed(2))]], dim=1)
+    assert token_similarity_loss(shuffled, (cells,)).min() > 0.05
+
+
+def test_token_similarity_loss_pools_the_deepest_map_at_least_as_fine_as_the_tokens():
+    generator = torch.Generator().manual_seed(0)
+    fine, coarse = torch.randn(2, 8, 8, 8, generator=generator), torch.randn(2, 16, 2, 2, generator=generator)
+    tokens = _tokens_from(F.adaptive_avg_pool2d(fine, 4), width=16, seed=1)  # a 4 x 4 grid
+    assert token_similarity_loss(tokens, (fine, coarse)).max() < 1e-6  # the 2 x 2 map is too coarse: unused
+    with pytest.raises(ValueError, match="at least as fine"):
+        token_similarity_loss(tokens, (coarse,))
+    with pytest.raises(ValueError, match="square token grid"):
+        token_similarity_loss(tokens[:, :-1], (fine,))
+
+
+@pytest.fixture(scope="module")
+def student_and_teacher():
+    from transformers import AutoConfig, AutoModelForImageClassification, ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    student_config = ViTConfig(num_labels=2)
+    student_config.update_from_string(TINY_VIT)
+    teacher = AutoModelForImageClassification.from_config(AutoConfig.from_pretrained(TEACHER_CONFIG, num_labels=2))
+    return ViTForImageClassification(student_config), teacher
+
+
+def test_distillation_loss_is_the_weighted_sum_of_label_soft_label_and_token_terms(student_and_teacher, tmp_path):
+    from transformers import TrainingArguments
+
+    from pneumonia_vit.training import DistillationTrainer
+
+    student, teacher = student_and_teacher
+    weight, temperature, token_weight = 0.7, 2.0, 1.5
+    trainer = DistillationTrainer(model=student, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"),
+                                  teacher=teacher, weight=weight, temperature=temperature, token_weight=token_weight)
+    inputs = {"pixel_values": torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(3)),
+              "labels": torch.tensor([0, 1, 1, 0])}
+    student.train()
+    loss = trainer.compute_loss(student, dict(inputs))
+
+    with torch.no_grad():
+        student_out = student(pixel_values=inputs["pixel_values"], output_hidden_states=True)
+        teacher_out = teacher.eval()(pixel_values=inputs["pixel_values"], output_hidden_states=True)
+    label = F.cross_entropy(student_out.logits, inputs["labels"])
+    soft = temperature ** 2 * F.kl_div(F.log_softmax(student_out.logits / temperature, -1),
+                                       F.log_softmax(teacher_out.logits / temperature, -1), log_target=True,
+                                       reduction="none").sum(-1)
+    tokens = token_similarity_loss(student_out.hidden_states[-2], teacher_out.hidden_states)
+    expected = (1 - weight) * label + (weight * soft + token_weight * tokens).mean()
+    assert tokens.min() > 0
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+    student.eval()  # evaluation: the label loss alone
+    assert trainer.compute_loss(student, dict(inputs)).item() == pytest.approx(label.item(), rel=1e-5)
+
+
+def test_train_vit_distils_from_a_teacher_folder_and_saves_only_the_vit(small_prepared, tmp_path):
+    """A tiny CNN teacher trained by train_vit.py from the teacher config folder, then a tiny ViT distilled
+    from it: the saved model holds exactly a ViT classifier's weights, none of the teacher's."""
+    from safetensors import safe_open
+    from transformers import ViTConfig, ViTForImageClassification
+
+    import train_vit
+
+    common = ["--data_dir", str(small_prepared), "--use_cpu", "--report_to", "none", "--num_train_epochs", "1",
+              "--per_device_train_batch_size", "8", "--eval_strategy", "epoch", "--save_strategy", "no",
+              "--disable_tqdm", "true"]
+    teacher_dir = tmp_path / "teacher"
+    train_vit.main(["--config_name", str(TEACHER_CONFIG), "--image_size", "64", "--output_dir", str(teacher_dir), *common])
+    student_dir = tmp_path / "student"
+    train_vit.main(["--config_overrides", TINY_VIT, "--teacher_name_or_path", str(teacher_dir),
+                              "--distillation_weight", "0.9", "--token_distillation_weight", "1.0",
+                              "--output_dir", str(student_dir), *common])
+
+    assert json.loads((student_dir / "config.json").read_text())["model_type"] == "vit"
+    with safe_open(str(student_dir / "model.safetensors"), "pt") as saved:
+        saved_count = len(list(saved.keys()))
+    config = ViTConfig(num_labels=2)
+    config.update_from_string(TINY_VIT)
+    _, loading = ViTForImageClassification.from_pretrained(student_dir, output_loading_info=True)
+    assert not any(loading[problem] for problem in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    assert saved_count == len(ViTForImageClassification(config).state_dict())
