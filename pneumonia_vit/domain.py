@@ -18,6 +18,13 @@ probabilities are shown, marked unreliable.
    falls below a cut-off set on the pediatric validation split. It is stored as
    domain_check.safetensors in the model folder; pneumonia_vit/domain_fit.py fits it (its
    training data and why) and pneumonia_vit/domain_measure.py measures it.
+   Where the pneumonia model has one, a second opinion joins it: a linear score on the model's own
+   [CLS] features, high for pediatric films and low for adult and altered ones (`child_score`,
+   stored with rule 4's statistics, as it belongs to one trained classifier). The two err on
+   different images (domain_measure.py's `kind model alone` column shows what the second opinion
+   changes). The rule then flags where logit P(pediatric) + child_score falls below that sum's
+   cut-off on the validation split; the child score's weight in the sum is fitted on films
+   neither opinion was fitted on (domain_fit.fit_child_score).
 4. features: the Mahalanobis distance of the pneumonia model's final [CLS] embedding (what the
    classification head sees) to the training-set embeddings, above the `quantile` (99.9 %) of the
    validation-set distances. It catches inputs the classifier itself finds unlike its training
@@ -30,6 +37,8 @@ A model folder without either file is served with the rules it has (at least 1 a
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,12 +106,26 @@ class DomainStats:
     quantile: float  # the validation quantile the cut-off was taken at
     train_count: int
     validation_count: int
+    # Rule 3's second opinion (module docstring; domain_fit.fit_child_score), absent where not fitted.
+    child_weight: np.ndarray | None = None  # (hidden,)
+    child_bias: float = 0.0
+    kind_cutoff: float | None = None  # flag where logit P(pediatric) + child_score is below this
+    kind_model_fingerprint: str = ""  # the kind model that cut-off was set with
 
     def distance(self, features: np.ndarray) -> np.ndarray:
         """Mahalanobis distance of each row of `features` (N, hidden) to the training mean."""
         centred = np.atleast_2d(np.asarray(features, dtype=np.float64)) - self.mean
         squared = np.einsum("nd,de,ne->n", centred, self.precision, centred)
         return np.sqrt(np.maximum(squared, 0.0))
+
+    def child_score(self, features: np.ndarray) -> np.ndarray:
+        """The features' evidence for a pediatric chest film (a logit), one per row of `features`."""
+        return np.atleast_2d(np.asarray(features, dtype=np.float64)) @ self.child_weight + self.child_bias
+
+    def combines_with(self, kind_model: KindModel | None) -> bool:
+        """Whether rule 3 adds child_score to `kind_model`'s: only to the kind model its cut-off was set with."""
+        return (self.child_weight is not None and kind_model is not None
+                and kind_model.fingerprint == self.kind_model_fingerprint)
 
     def save(self, folder: str | Path) -> Path:
         from safetensors.numpy import save_file
@@ -113,7 +136,12 @@ class DomainStats:
             "format": STATS_FORMAT, "threshold": repr(self.threshold), "quantile": repr(self.quantile),
             "train_count": str(self.train_count), "validation_count": str(self.validation_count),
         }
-        save_file({"mean": self.mean.astype(np.float64), "precision": self.precision.astype(np.float64)}, str(path), metadata)
+        tensors = {"mean": self.mean.astype(np.float64), "precision": self.precision.astype(np.float64)}
+        if self.child_weight is not None:
+            tensors["child_weight"] = self.child_weight.astype(np.float64)
+            metadata.update(child_bias=repr(self.child_bias), kind_cutoff=repr(self.kind_cutoff),
+                            kind_model_fingerprint=self.kind_model_fingerprint)
+        save_file(tensors, str(path), metadata)
         return path
 
     @classmethod
@@ -123,6 +151,9 @@ class DomainStats:
             mean=tensors["mean"], precision=tensors["precision"],
             threshold=float(metadata["threshold"]), quantile=float(metadata["quantile"]),
             train_count=int(metadata["train_count"]), validation_count=int(metadata["validation_count"]),
+            child_weight=tensors.get("child_weight"), child_bias=float(metadata.get("child_bias", 0.0)),
+            kind_cutoff=float(metadata["kind_cutoff"]) if "kind_cutoff" in metadata else None,
+            kind_model_fingerprint=metadata.get("kind_model_fingerprint", ""),
         )
 
     @classmethod
@@ -173,6 +204,14 @@ class KindModel:
         exp = np.exp(activation)
         return exp / exp.sum(axis=1, keepdims=True)
 
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A hash of the weights: which kind model a combined cut-off belongs to."""
+        digest = hashlib.sha256()
+        for array in (*self.weights, *self.biases):
+            digest.update(np.ascontiguousarray(array, dtype=np.float32).tobytes())
+        return digest.hexdigest()[:16]
+
     def save(self, folder: str | Path) -> Path:
         from safetensors.numpy import save_file
 
@@ -213,8 +252,9 @@ class DomainCheck:
 
     chroma: float
     grey_std: float
-    kind_probabilities: dict[str, float] | None = None  # rule 3's output, where the model has it
-    kind_threshold: float | None = None
+    kind_probabilities: dict[str, float] | None = None  # the kind model's output, where the model has it
+    kind_score: float | None = None  # rule 3's score: P(pediatric), or the combined score (kind_score)
+    kind_threshold: float | None = None  # rule 3 flags below it
     distance: float | None = None
     distance_threshold: float | None = None
     reasons: list[str] = field(default_factory=list)
@@ -254,6 +294,12 @@ class DomainCheck:
         }
 
 
+def kind_score(p_pediatric: np.ndarray, child_score: np.ndarray) -> np.ndarray:
+    """Rule 3's combined score: the kind model's logit P(pediatric) plus the features' child_score."""
+    p = np.clip(np.asarray(p_pediatric, dtype=np.float64), 1e-7, 1 - 1e-7)  # a saturated softmax stays finite
+    return np.log(p) - np.log1p(-p) + child_score
+
+
 def grey_std(image: Image.Image) -> float:
     pixels = np.asarray(image)
     step = max(1, max(pixels.shape) // 256)
@@ -278,8 +324,12 @@ def check_domain(reading: XrayReading, features: np.ndarray | None, stats: Domai
     if kind_model is not None:
         probabilities = kind_model.probabilities(check_input(reading.image))[0]
         check.kind_probabilities = {kind: float(p) for kind, p in zip(KINDS, probabilities)}
-        check.kind_threshold = kind_model.threshold
-        if probabilities[0] < kind_model.threshold:
+        if features is not None and stats is not None and stats.combines_with(kind_model):
+            check.kind_score = float(kind_score(probabilities[0], stats.child_score(features))[0])
+            check.kind_threshold = stats.kind_cutoff
+        else:
+            check.kind_score, check.kind_threshold = float(probabilities[0]), kind_model.threshold
+        if check.kind_score < check.kind_threshold:
             likeliest = KINDS[1 + int(np.argmax(probabilities[1:]))]
             flag("kind", LOOKS_LIKE[likeliest], likeliest)
     if stats is not None and features is not None:

@@ -3,18 +3,20 @@
 - the kind model (rule 3), independent of the pneumonia model, so a retrained classifier keeps it:
 
       python -m pneumonia_vit.domain_fit MODEL_DIR --data_dir data/chest_xray_prepared \\
-          --adult_dir ../shared/data/adult_cxr_224
+          --adult_dir ../shared/data/adult_cxr_224 --kind_model
 
-- the feature statistics (rule 4), which belong to one trained classifier (train_vit.py fits them at
-  the end of training; this refits them):
+- what belongs to one trained classifier: the feature statistics (rule 4; train_vit.py fits them at
+  the end of training) and, given the adult images, the child score on the same features that rule 3
+  adds to the kind model's (`fit_child_score`; it needs the kind model in MODEL_DIR):
 
-      python -m pneumonia_vit.domain_fit MODEL_DIR --data_dir data/chest_xray_prepared --feature_stats
+      python -m pneumonia_vit.domain_fit MODEL_DIR --data_dir data/chest_xray_prepared \\
+          --adult_dir ../shared/data/adult_cxr_224 --feature_stats
 
 The kind model learns four kinds of image (domain.KINDS), never from the test split:
 - pediatric chest X-rays: the prepared train split;
 - adult chest X-rays: NIH ChestX-ray14 images (adult_cxr_224/) of the patients in the "fit" part of
-  `adult_fold` (60 % of patients; "select", 20 %, was looked at while choosing the design, and
-  "held_out", 20 %, only by domain_measure.py);
+  `adult_fold` (60 % of patients; "select", 20 %, was looked at while choosing the design and sets
+  the child score's weight, and "held_out", 20 %, is read only by domain_measure.py);
 - altered chest films: train-split and fit-part adult films rotated 90/180/270 degrees, inverted
   or cropped to a small part;
 - not an X-ray: images drawn here (`synthetic_image`): noise, gradients, text pages, charts,
@@ -40,8 +42,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 
-from .domain import DEFAULT_QUANTILE, KINDS, DomainStats, KindModel, check_input
-from .images import IMAGE_SUFFIXES, load_xray
+from .domain import DEFAULT_QUANTILE, KINDS, DomainStats, KindModel, check_input, kind_score
+from .images import IMAGE_SUFFIXES, MIN_SIDE, load_xray
 from .preprocess import PixelSpec, pixel_values
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,10 @@ HIDDEN = (128,)
 PEDIATRIC_COPIES = 1
 SYNTHETIC_COUNT = 6000
 SEED = 2024
+# The child score's fit: augmented copies of each pediatric training film (the other kinds in proportion);
+# with one copy, the adult-fold recall moved with the random draw of augmentations.
+CHILD_SCORE_COPIES = 2
+CHILD_SCORE_SEED = SEED + 1  # not the kind model's draws: the two opinions should not share their errors
 ADULT_FOLDS = (("fit", 60), ("select", 20), ("held_out", 20))  # percent of NIH patients
 
 
@@ -344,7 +350,7 @@ def fit_kind_model(data_dir: str | Path, adult_dir: str | Path, output_dir: str 
     return model
 
 
-# ---- the feature statistics (rule 4) ---------------------------------------------------------------
+# ---- what belongs to one classifier: rule 4's statistics, rule 3's child score ---------------------
 
 def _split_images(source, batch_size: int) -> Iterator[Image.Image]:
     """Grey images from a `datasets` split (its "image" column, ignoring any transform set on it),
@@ -408,6 +414,66 @@ def fit_domain_stats(
     return stats
 
 
+def _readable(images: Iterable[Image.Image]) -> Iterator[Image.Image]:
+    """source_augment stores some films smaller than the image reader accepts (MIN_SIDE); those are
+    enlarged to it, the others go to the classifier as they are."""
+    for image in images:
+        scale = MIN_SIDE / min(image.size)
+        yield image if scale <= 1 else image.resize((round(image.width * scale), round(image.height * scale)),
+                                                    Image.Resampling.BICUBIC)
+
+
+def fit_child_score(model, spec: PixelSpec, stats: DomainStats, kind_model: KindModel, data_dir: str | Path,
+                    adult_dir: str | Path, copies: int = CHILD_SCORE_COPIES, seed: int = CHILD_SCORE_SEED,
+                    batch_size: int = 64) -> DomainStats:
+    """Fits rule 3's second opinion into `stats` (domain.py's docstring): a logistic regression on the
+    classifier's features of source-augmented films, pediatric training films against fit-fold adult
+    films and altered films (turned, inverted, cropped), as the kind model sees them; its weight beside
+    the kind model; the cut-off on the combined score at the kind model's validation quantile."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    data_dir, adult_dir = Path(data_dir), Path(adult_dir)
+    rng = np.random.default_rng(seed)
+    pediatric = image_files(data_dir / "train")
+    adults = adult_files(adult_dir, "fit")
+    adult_copies = max(1, round(0.6 * copies * len(pediatric) / max(len(adults), 1)))
+    children = embed(model, spec, _readable(_augmented(pediatric, copies, rng)), batch_size)
+    others = np.concatenate([
+        embed(model, spec, _readable(_augmented(adults, adult_copies, rng)), batch_size),
+        embed(model, spec, _readable(_augmented(pediatric[::2] + adults, copies, rng, altered_film)), batch_size),
+    ])
+    features = np.concatenate([children, others])
+    is_child = np.r_[np.ones(len(children)), np.zeros(len(others))]
+    scaler = StandardScaler().fit(features)
+    regression = LogisticRegression(C=1.0, max_iter=3000, class_weight="balanced").fit(scaler.transform(features), is_child)
+    stats.child_weight = regression.coef_[0] / scaler.scale_  # the standardisation folded into the weights
+    stats.child_bias = float(regression.intercept_[0] - stats.child_weight @ scaler.mean_)
+
+    # The weight of the child score beside the kind model's logit, from films neither was fitted on
+    # (validation children, select-fold adults): the regression's scale follows the draw of augmentations.
+    def scores(paths: list[Path]) -> np.ndarray:
+        p_pediatric = kind_model.probabilities(_inputs(load_xray(path) for path in paths))[:, PEDIATRIC]
+        return np.c_[kind_score(p_pediatric, 0.0), stats.child_score(embed(model, spec, paths, batch_size))]
+
+    validation, select = image_files(data_dir / "validation"), adult_files(adult_dir, "select")
+    if not select:
+        raise ValueError(f"{adult_dir}: no adult images in the select fold, which sets the child score's weight")
+    validation_scores, select_scores = scores(validation), scores(select)
+    balance = LogisticRegression(class_weight="balanced").fit(
+        np.r_[validation_scores, select_scores], np.r_[np.ones(len(validation)), np.zeros(len(select))])
+    weight = max(float(balance.coef_[0][1]), 0.0) / max(float(balance.coef_[0][0]), 1e-6)
+    stats.child_weight, stats.child_bias = weight * stats.child_weight, weight * stats.child_bias
+    combined = validation_scores[:, 0] + weight * validation_scores[:, 1]
+    quantile = float(kind_model.metadata.get("quantile", KIND_QUANTILE))
+    stats.kind_cutoff = float(np.quantile(combined, quantile))
+    stats.kind_model_fingerprint = kind_model.fingerprint
+    log.info("child score: %d pediatric and %d adult or altered films, weight %.3f beside the kind model; combined "
+             "cut-off %.3f = %.1f%% quantile of %d validation images", len(children), len(others), weight,
+             stats.kind_cutoff, 100 * quantile, len(validation))
+    return stats
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pneumonia_vit.domain_fit",
@@ -416,9 +482,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("model_dir", help="the model folder to save into")
     parser.add_argument("--data_dir", required=True, help="prepared data (train/ and validation/ folders)")
-    parser.add_argument("--adult_dir", help="adult_cxr_224/ (images/ and provenance.csv): fit the kind model")
+    parser.add_argument("--adult_dir", help="adult_cxr_224/ (images/ and provenance.csv): for --kind_model, and for "
+                                            "--feature_stats the child score rule 3 adds to the kind model's")
+    parser.add_argument("--kind_model", action="store_true", help="fit the kind model (rule 3; needs --adult_dir)")
     parser.add_argument("--feature_stats", action="store_true",
-                        help="fit the Mahalanobis statistics of the classifier in model_dir")
+                        help="fit the Mahalanobis statistics of the classifier in model_dir (rule 4) and, with "
+                             "--adult_dir, its child score (rule 3, with the kind model in model_dir)")
     parser.add_argument("--quantile", type=float, default=None,
                         help=f"validation quantile of the cut-off (default {KIND_QUANTILE} for the kind model, "
                              f"{DEFAULT_QUANTILE} for the feature statistics)")
@@ -428,22 +497,38 @@ def main(argv: list[str] | None = None) -> int:
                         help="drawn non-X-ray images in the kind model's fit")
     parser.add_argument("--batch_size", type=int, default=64, help="images per forward for --feature_stats")
     args = parser.parse_args(argv)
-    if not args.adult_dir and not args.feature_stats:
-        parser.error("give --adult_dir (the kind model), --feature_stats, or both")
+    if not args.kind_model and not args.feature_stats:
+        parser.error("give --kind_model, --feature_stats, or both")
+    if args.kind_model and not args.adult_dir:
+        parser.error("--kind_model needs --adult_dir (the adult chest X-rays it learns to tell apart)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if args.adult_dir:
+    if args.kind_model:
         fit_kind_model(args.data_dir, args.adult_dir, args.model_dir,
                        quantile=KIND_QUANTILE if args.quantile is None else args.quantile,
                        copies=args.copies, synthetic_count=args.synthetic_count)
+        previous = DomainStats.load(args.model_dir)
+        if not args.feature_stats and previous is not None and previous.child_weight is not None:
+            log.warning("the child score in %s was set with the previous kind model: rule 3 uses the new kind model "
+                        "alone until you refit it (--feature_stats --adult_dir)", args.model_dir)
     if args.feature_stats:
         from .data import load_splits
         from .model import Classifier
 
         classifier = Classifier.load(args.model_dir, fast=False)  # the features the app computes: fp32 PyTorch
         splits = load_splits(args.data_dir)
-        fit_domain_stats(classifier.model, classifier.spec, splits["train"], splits["validation"],
-                         output_dir=args.model_dir, batch_size=args.batch_size,
-                         quantile=DEFAULT_QUANTILE if args.quantile is None else args.quantile)
+        stats = fit_domain_stats(classifier.model, classifier.spec, splits["train"], splits["validation"],
+                                 batch_size=args.batch_size,
+                                 quantile=DEFAULT_QUANTILE if args.quantile is None else args.quantile)
+        if args.adult_dir:
+            kind_model = KindModel.load(args.model_dir)
+            if kind_model is None:
+                parser.error(f"the child score is added to the kind model's, and {args.model_dir} has none: "
+                             "fit it first (--kind_model) or copy domain_check.safetensors there")
+            fit_child_score(classifier.model, classifier.spec, stats, kind_model, args.data_dir, args.adult_dir,
+                            batch_size=args.batch_size)
+        else:
+            log.info("no --adult_dir: rule 3 uses the kind model alone")
+        log.info("domain stats saved to %s", stats.save(args.model_dir))
     return 0
 
 

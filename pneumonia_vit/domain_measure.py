@@ -7,7 +7,7 @@ model folder has, through `serving.Service`):
     python -m pneumonia_vit.domain_measure --model MODEL_DIR --measure FOLDER [FOLDER ...]
 
 Sets: the pediatric validation and test splits (prepared), the full-resolution test originals, the
-adult images per patient fold of domain_fit.adult_fold (held_out: patients the kind model was
+adult images per patient fold of domain_fit.adult_fold (held_out: patients the check was
 neither fitted nor chosen on), and a corpus of non-X-rays written to --corpus_dir
 (`write_non_xray_corpus`). Prints one JSON line per set; --output also writes a Markdown table.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from .domain import RULES, KindModel, check_input
+from .domain import PEDIATRIC, RULES, KindModel, check_input
 from .domain_fit import SYNTHETIC_FAMILIES, adult_files, heavy_crop, image_files, synthetic_image
 from .images import InvalidImageError, read_xray
 from .serving import Service
@@ -110,10 +110,12 @@ def measure(service: Service, paths: list[Path], batch_size: int = 32) -> dict:
             counts["flagged"] += not check.in_domain
             counts.update(check.fired)
             counts["features_only"] += check.fired == ["features"]
+            if check.kind_probabilities is not None:  # what rule 3 would say without the child score
+                counts["kind_model_alone"] += check.kind_probabilities[PEDIATRIC] < service.kind_model.threshold
             looks_like[check.looks_like] += 1
             if check.in_domain:
                 passed.append(name)
-    result = {key: counts[key] for key in ("images", "flagged", *RULES, "features_only", "unreadable")}
+    result = {key: counts[key] for key in ("images", "flagged", *RULES, "features_only", "kind_model_alone", "unreadable")}
     result["flagged_fraction"] = round(counts["flagged"] / counts["images"], 4) if counts["images"] else None
     result["looks_like"] = dict(looks_like)
     result["passed"] = passed
@@ -138,20 +140,22 @@ def _table(rows: list[dict], model: str, milliseconds: float | None) -> str:
         "",
         f"Model folder: `{model}`. Measured with `python -m pneumonia_vit.domain_measure` on "
         f"{platform.machine()} Linux, {platform.python_version()}, {time.strftime('%Y-%m-%d', time.gmtime())}.",
-        "Flagged: any rule fired (colour, blank, kind model, feature distance); the columns after it "
-        "count each rule on its own, and `features only` the images that rule 4 alone flagged. The kind model was fitted on the pediatric train split and the "
-        "adult `fit` fold, its cut-off set on the pediatric validation split; the adult `select` fold was "
-        "looked at while choosing its design; the `held_out` fold and the test split were not used to fit "
-        "it or set its cut-off. The non-X-ray corpus is drawn with another seed than the fit's drawn images "
+        "Flagged: any rule fired (colour, blank, kind, feature distance); the columns after it "
+        "count each rule on its own, `features only` the images that rule 4 alone flagged, and `kind model alone` "
+        "what rule 3 flags without the classifier's child score. The kind model and the child score were fitted on the "
+        "pediatric train split and the adult `fit` fold, their cut-offs set on the pediatric validation split; the adult "
+        "`select` fold was looked at while choosing their design; the `held_out` fold and the test split were not used to "
+        "fit them or set their cut-offs. The non-X-ray corpus is drawn with another seed than the fit's drawn images "
         "(same families), plus matplotlib's sample images and altered test-split films.",
         "",
-        "| Set | Images | Flagged | Rate | Goal | colour | blank | kind | features | features only |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| Set | Images | Flagged | Rate | Goal | colour | blank | kind | features | features only | kind model alone |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         lines.append(
             f"| {row['set']} | {row['images']} | {row['flagged']} | {100 * row['flagged_fraction']:.1f}% | {row.get('goal', '')} "
-            f"| {row['colour']} | {row['blank']} | {row['kind']} | {row['features']} | {row['features_only']} |"
+            f"| {row['colour']} | {row['blank']} | {row['kind']} | {row['features']} | {row['features_only']} "
+            f"| {row['kind_model_alone']} |"
         )
     if milliseconds is not None:
         lines += ["", f"Kind model (rule 3) time per decoded image, median over the test originals: {milliseconds:.2f} ms."]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -25,7 +26,7 @@ from pneumonia_vit.domain import (
     check_input,
 )
 from pneumonia_vit.domain_fit import adult_fold, fit_domain_stats
-from pneumonia_vit.images import XrayReading
+from pneumonia_vit.images import XrayReading, read_xray
 from pneumonia_vit.serving import Service
 from tests.conftest import BUNDLED_MODEL
 
@@ -60,7 +61,7 @@ def model_with_stats(tiny_model_dir, small_prepared, small_adult_dir, tmp_path_f
         shutil.copy(path, folder / path.name)
     result = subprocess.run(
         [sys.executable, "-m", "pneumonia_vit.domain_fit", str(folder), "--data_dir", str(small_prepared),
-         "--feature_stats", "--adult_dir", str(small_adult_dir), "--copies", "1", "--synthetic_count", "200"],
+         "--feature_stats", "--kind_model", "--adult_dir", str(small_adult_dir), "--copies", "1", "--synthetic_count", "200"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -104,6 +105,46 @@ def test_kind_model_round_trip_cut_off_and_patient_folds(model_with_stats, small
     assert (kind_model.probabilities(inputs)[:, 0] < kind_model.threshold).sum() <= 1
 
 
+def test_rule_three_adds_the_classifiers_child_score_set_with_this_kind_model(model_with_stats, small_prepared):
+    stats, kind_model = DomainStats.load(model_with_stats), KindModel.load(model_with_stats)
+    assert stats.child_weight.shape == (32,) and stats.combines_with(kind_model)
+    service = Service.load(str(model_with_stats))
+    validation = sorted((small_prepared / "validation").rglob("*" + PREPARED_SUFFIX))
+    checks = [service.analyze(path, explain=False).domain for path in validation]
+    # The combined cut-off is the validation split's 1 % quantile: with 12 images, none or one below it.
+    assert all(check.kind_threshold == stats.kind_cutoff for check in checks)
+    assert sum("kind" in check.fired for check in checks) <= 1
+
+    # The score is the kind model's logit plus the child score: move the latter and the verdict follows.
+    reading = read_xray(validation[0])
+    _, features = service.classifier.probabilities_and_features([reading.image])
+    p_pediatric = check_domain(reading, features, stats, kind_model).kind_probabilities["pediatric_chest_xray"]
+    for shift, flagged in ((-1000.0, True), (1000.0, False)):
+        moved = dataclasses.replace(stats, child_bias=stats.child_bias + shift)
+        check = check_domain(reading, features, moved, kind_model)
+        p = min(max(p_pediatric, 1e-7), 1 - 1e-7)  # kept finite where the softmax saturates
+        assert check.kind_score == pytest.approx(np.log(p / (1 - p)) + moved.child_score(features)[0])
+        assert ("kind" in check.fired) is flagged
+    # Set with another kind model (one refitted since): rule 3 falls back to the kind model's own cut-off.
+    stale = dataclasses.replace(stats, kind_model_fingerprint="another kind model")
+    check = check_domain(reading, features, stale, kind_model)
+    assert check.kind_score == p_pediatric and check.kind_threshold == kind_model.threshold
+
+
+def test_fit_command_says_what_is_missing_and_writes_nothing(tiny_model_dir, small_prepared, small_adult_dir, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    before = sorted(path.name for path in folder.iterdir())
+    for extra, message in (
+        (["--feature_stats", "--adult_dir", str(small_adult_dir)], "has none: fit it first (--kind_model)"),
+        (["--kind_model"], "--kind_model needs --adult_dir"),
+    ):
+        result = subprocess.run([sys.executable, "-m", "pneumonia_vit.domain_fit", str(folder), "--data_dir",
+                                 str(small_prepared), *extra], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+    assert sorted(path.name for path in folder.iterdir()) == before
+
+
 def test_kind_model_inputs_ignore_exposure_and_window():
     """A film with another brightness and contrast (a linear grey-level change) gives the same inputs."""
     film = np.asarray(Image.open(EXAMPLES[0]).convert("L"), dtype=np.float32)
@@ -117,7 +158,7 @@ def test_bundled_check_flags_adult_turned_and_inverted_films_and_passes_the_exam
     assert adult.looks_like == "adult_chest_xray" and "adult chest X-ray" in adult.message() and "kind" in adult.fired
     for path in EXAMPLES:
         check = bundled_service.analyze(path, explain=False).domain
-        assert check.kind_probabilities["pediatric_chest_xray"] >= check.kind_threshold, path.name
+        assert check.kind_score >= check.kind_threshold and check.in_domain, path.name
         film = Image.open(path).convert("L")
         for altered in (film.transpose(Image.Transpose.ROTATE_90), ImageOps.invert(film)):
             check = bundled_service.analyze(altered, explain=False).domain
