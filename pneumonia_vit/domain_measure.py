@@ -144,7 +144,7 @@ def _table(rows: list[dict], model: str, milliseconds: float | None) -> str:
         "count each rule on its own, `features only` the images that rule 4 alone flagged, and `kind model alone` "
         "what rule 3 flags without the classifier's child score. The kind model and the child score were fitted on the "
         "pediatric train split and the adult `fit` fold, their cut-offs set on the pediatric validation split; the adult "
-        "`select` fold was looked at while choosing their design; the `held_out` fold and the test split were not used to "
+        "`select` fold was looked at while choosing their design and sets the child score's weight; the `held_out` fold and the test split were not used to "
         "fit them or set their cut-offs. The non-X-ray corpus is drawn with another seed than the fit's drawn images "
         "(same families), plus matplotlib's sample images and altered test-split films.",
         "",
