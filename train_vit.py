@@ -16,6 +16,7 @@ A YAML or JSON file given first sets defaults; any --flag after it overrides the
 
 Stages: load the prepared splits -> build the model (a checkpoint, or a config with overrides) ->
 train with early stopping on validation ROC-AUC (and distillation from --teacher_name_or_path) ->
+optionally average the last checkpoints' weights ->
 choose the decision threshold on validation and store it in the model config ->
 evaluate the test split once -> write metrics, plots and the model card -> push to the Hub.
 """
@@ -51,6 +52,8 @@ from pneumonia_vit.training import (
     DistillationTrainer,
     Stopwatch,
     StrictReloadTrainer,
+    average_last_checkpoints,
+    check_averaging_possible,
     compute_metrics,
     parse_with_config_file,
     resume_checkpoint,
@@ -138,6 +141,12 @@ class RunArguments:
         default=False, metadata={"help": "Train from scratch even if --output_dir holds checkpoints; an earlier run's "
                                  "checkpoints, weights, card and reports there are removed first."}
     )
+    average_last_checkpoints: int = field(
+        default=0,
+        metadata={"help": "After training, replace the model by the average of the weights of the last N checkpoints "
+                  "(SWA; with save_strategy epoch, the last N epochs), before the threshold is chosen. Needs "
+                  "save_total_limit >= N + 1 with load_best_model_at_end. 0 = off: the best checkpoint is kept."},
+    )
     max_train_minutes: float | None = field(
         default=None,
         metadata={"help": "Stop training after this many minutes of wall time (a time budget); the best checkpoint so far is kept."},
@@ -168,6 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     training_args.remove_unused_columns = False  # the transforms read the "image" column
     training_args.restore_callback_states_from_checkpoint = True  # a resumed run keeps its early-stopping patience count
     checkpoint = resume_checkpoint(training_args, run_args.overwrite_output_dir)
+    check_averaging_possible(run_args.average_last_checkpoints, training_args)
     set_seed(training_args.seed)
 
     # Data: prepared imagefolder (or Hub dataset), optionally cut down for quick runs.
@@ -234,6 +244,12 @@ def main(argv: list[str] | None = None) -> dict:
         memory = "n/a (no GPU)" if run_stats["peak_gpu_memory_gib"] is None else f"{run_stats['peak_gpu_memory_gib']:.2f} GiB"
         print(f"throughput: {run_stats['images_per_second']} training images/s ({run_stats['train_images']} images in "
               f"{run_stats['train_seconds']} s, evaluation excluded); peak GPU memory {memory}")
+
+    # Weight averaging (optional): the mean of the last checkpoints replaces the best one.
+    if run_args.average_last_checkpoints:
+        averaged = average_last_checkpoints(model, training_args.output_dir, run_args.average_last_checkpoints)
+        if trainer.is_world_process_zero():
+            print(f"weights averaged over {len(averaged)} checkpoints: {', '.join(averaged)}")
 
     # Threshold on validation, stored in the config so the app and every evaluation use it.
     validation_labels, validation_scores = predict_scores(trainer, splits["validation"])

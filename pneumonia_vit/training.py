@@ -1,6 +1,7 @@
 """Training machinery behind train_vit.py and pretrain_mae.py: the loss, the metrics logged during
 training, a Trainer that reloads checkpoints correctly, the callback that tells the augmentation its
-epoch, a throughput/time-budget callback, and checkpoint validation for `--resume_from_checkpoint`.
+epoch, a throughput/time-budget callback, checkpoint validation for `--resume_from_checkpoint`, and the
+average of a run's last checkpoints.
 """
 
 from __future__ import annotations
@@ -369,3 +370,49 @@ def resume_checkpoint(training_args: TrainingArguments, overwrite_output_dir: bo
         if removed:
             logger.info("--overwrite_output_dir: removed the previous run's %s from %s", ", ".join(removed), output_dir)
     return None
+
+
+def checkpoints_by_step(output_dir: Path) -> list[Path]:
+    """The checkpoint-N folders in `output_dir`, oldest first."""
+    found = [path for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if path.is_dir() and CHECKPOINT_FOLDER.match(path.name)]
+    return sorted(found, key=lambda path: int(CHECKPOINT_FOLDER.match(path.name).group(1)))
+
+
+def check_averaging_possible(count: int, training_args: TrainingArguments) -> None:
+    """Refuses, before any training, settings under which the last `count` checkpoints would not all be kept."""
+    if count <= 0:
+        return
+    if training_args.save_strategy == "no":
+        raise ValueError("--average_last_checkpoints needs saved checkpoints: set --save_strategy epoch (or steps)")
+    # Trainer's rotation also keeps the best checkpoint, which takes one of the save_total_limit places.
+    needed = count + int(bool(training_args.load_best_model_at_end))
+    limit = training_args.save_total_limit
+    if limit is not None and limit < needed:
+        raise ValueError(f"--average_last_checkpoints {count} needs --save_total_limit of at least {needed} "
+                         f"(it is {limit}): Trainer would delete the older checkpoints before they are averaged")
+
+
+def average_last_checkpoints(model, output_dir: Path, count: int) -> list[str]:
+    """Replaces `model`'s weights by the mean of the last `count` checkpoints' weights (SWA, Izmailov et al. 2018);
+    returns their folder names.
+
+    Weights at the ends of the last epochs of a decaying schedule lie around one minimum; their average
+    sits nearer its centre, where the loss is flatter, which tends to carry better to shifted data.
+    Each checkpoint is read through `from_pretrained` (see StrictReloadTrainer), never as the raw file.
+    """
+    folders = checkpoints_by_step(output_dir)[-count:]
+    if len(folders) < count:
+        raise CheckpointError(f"--average_last_checkpoints {count}: only {len(folders)} checkpoint(s) in {output_dir}")
+    total = None
+    for folder in folders:
+        weights = type(model).from_pretrained(str(folder)).state_dict()
+        if total is None:
+            total = {name: tensor.double() if tensor.is_floating_point() else tensor for name, tensor in weights.items()}
+        else:
+            for name, tensor in weights.items():
+                if tensor.is_floating_point():
+                    total[name] += tensor.double()
+    own = model.state_dict()
+    model.load_state_dict({name: (tensor / count).to(own[name].dtype) if tensor.is_floating_point() else tensor
+                           for name, tensor in total.items()}, strict=True)
+    return [folder.name for folder in folders]

@@ -128,6 +128,41 @@ def test_saved_model_is_the_best_checkpoint(trained):
         assert np.array_equal(final[name].numpy(), reference[name].numpy()), name
 
 
+def test_averaging_the_last_checkpoints_of_a_finished_run(trained, tmp_path):
+    """--average_last_checkpoints on a finished run, resumed at its end: no training step, and every saved
+    tensor is the mean of the last two checkpoints' weights; the threshold is chosen again on the average."""
+    from transformers import ViTForImageClassification
+
+    import train_vit
+
+    output = tmp_path / "averaged"
+    shutil.copytree(trained["output"], output)
+    train_vit.main(trained["argv"] + ["--output_dir", str(output), "--resume_from_checkpoint", "last",
+                                      "--average_last_checkpoints", "2"])
+    checkpoints = sorted(output.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    assert len(checkpoints) == 2  # resuming at the end trained nothing, saved nothing
+    expected = [ViTForImageClassification.from_pretrained(folder).state_dict() for folder in checkpoints]
+    averaged = ViTForImageClassification.from_pretrained(output).state_dict()
+    differs = False
+    for name, tensor in averaged.items():
+        mean = (expected[0][name] + expected[1][name]) / 2
+        assert np.allclose(tensor.numpy(), mean.numpy(), atol=1e-6), name
+        differs |= not np.allclose(tensor.numpy(), expected[0][name].numpy(), atol=1e-6)
+    assert differs  # the two epochs' weights differ, so the average is neither of them
+    validation = json.loads((output / "validation_metrics.json").read_text())
+    assert validation["threshold"] == json.loads((output / "config.json").read_text())["decision_threshold"]
+
+
+def test_averaging_refuses_a_save_limit_that_would_delete_its_checkpoints(trained, tmp_path):
+    import train_vit
+
+    output = tmp_path / "run"
+    with pytest.raises(ValueError, match="needs --save_total_limit of at least 4"):
+        train_vit.main(trained["argv"] + ["--output_dir", str(output), "--average_last_checkpoints", "3",
+                                          "--save_total_limit", "2"])
+    assert not output.exists()  # refused before anything was written
+
+
 def _reload_into_a_fresh_model(trainer_class, model_dir, output_dir):
     """A differently initialised copy of the model in `model_dir`, after `trainer_class` reloads the best checkpoint."""
     import torch
