@@ -333,10 +333,7 @@ def resume_checkpoint(training_args: TrainingArguments, overwrite_output_dir: bo
     # DeepSpeed and FSDP keep weights and optimizer in their own layout: only trainer_state.json is checked.
     full_check = not (training_args.deepspeed or training_args.fsdp)
     if requested == "last":
-        found = sorted(
-            (path for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if CHECKPOINT_FOLDER.match(path.name) and path.is_dir()),
-            key=lambda path: int(CHECKPOINT_FOLDER.match(path.name).group(1)), reverse=True,
-        ) if output_dir.is_dir() else []
+        found = checkpoints_by_step(output_dir)[::-1] if output_dir.is_dir() else []
         if not found:
             raise FileNotFoundError(f"--resume_from_checkpoint last: no checkpoint-* folder in {output_dir}")
         broken = []
