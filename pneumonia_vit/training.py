@@ -333,7 +333,7 @@ def resume_checkpoint(training_args: TrainingArguments, overwrite_output_dir: bo
     # DeepSpeed and FSDP keep weights and optimizer in their own layout: only trainer_state.json is checked.
     full_check = not (training_args.deepspeed or training_args.fsdp)
     if requested == "last":
-        found = checkpoints_by_step(output_dir)[::-1] if output_dir.is_dir() else []
+        found = checkpoints_by_step(output_dir)[::-1]
         if not found:
             raise FileNotFoundError(f"--resume_from_checkpoint last: no checkpoint-* folder in {output_dir}")
         broken = []
@@ -400,16 +400,11 @@ def average_last_checkpoints(model, output_dir: Path, count: int) -> list[str]:
     folders = checkpoints_by_step(output_dir)[-count:]
     if len(folders) < count:
         raise CheckpointError(f"--average_last_checkpoints {count}: only {len(folders)} checkpoint(s) in {output_dir}")
-    total = None
-    for folder in folders:
-        weights = type(model).from_pretrained(str(folder)).state_dict()
-        if total is None:
-            total = {name: tensor.double() if tensor.is_floating_point() else tensor for name, tensor in weights.items()}
-        else:
-            for name, tensor in weights.items():
-                if tensor.is_floating_point():
-                    total[name] += tensor.double()
+    states = [type(model).from_pretrained(str(folder)).state_dict() for folder in folders]
     own = model.state_dict()
-    model.load_state_dict({name: (tensor / count).to(own[name].dtype) if tensor.is_floating_point() else tensor
-                           for name, tensor in total.items()}, strict=True)
+    model.load_state_dict({
+        name: torch.stack([state[name].double() for state in states]).mean(dim=0).to(tensor.dtype)
+        if tensor.is_floating_point() else states[-1][name]
+        for name, tensor in own.items()
+    }, strict=True)
     return [folder.name for folder in folders]
