@@ -94,7 +94,7 @@ Dataset credit: {DATASET_CREDIT}.
 ```
 {command}
 ```
-Learning rate {training_args.learning_rate}, {training_args.num_train_epochs} epochs at most,
+Learning rate {training_args.learning_rate}, {training_args.num_train_epochs:g} epochs at most,
 batch {training_args.per_device_train_batch_size} per device, seed {training_args.seed}; best
 checkpoint chosen on validation `{training_args.metric_for_best_model}`.
 
