@@ -11,10 +11,10 @@ probabilities are shown, marked unreliable.
    Radiographs stored as RGB JPEGs (99 Kermany PNEUMONIA originals are) read about 0 and pass.
 2. blank: a blank, uniform or nearly uniform image (grey-level standard deviation below MIN_STD);
    the 624 Kermany test originals have a standard deviation of at least ~32.
-3. kind: a tiny classifier of its own, independent of the pneumonia model, that tells a pediatric
-   chest X-ray from an adult chest X-ray, a rotated, inverted or cropped chest film, and anything
-   that is not an X-ray (KINDS). It reads a thumbnail of the image with its brightness and contrast
-   normalised away (check_input), and flags the input where P(pediatric chest X-ray)
+3. kind: a tiny CNN of its own (kind_network), independent of the pneumonia model, that tells a
+   pediatric chest X-ray from an adult chest X-ray, a rotated, inverted or cropped chest film, and
+   anything that is not an X-ray (KINDS). It reads a thumbnail of the image with its brightness and
+   contrast normalised away (check_input), and flags the input where P(pediatric chest X-ray)
    falls below a cut-off set on the pediatric validation split. It is stored as
    domain_check.safetensors in the model folder; pneumonia_vit/domain_fit.py fits it (its
    training data and why) and pneumonia_vit/domain_measure.py measures it.
@@ -50,15 +50,13 @@ from .images import XrayReading
 STATS_FILE = "domain_stats.safetensors"
 STATS_FORMAT = "pneumonia_vit.domain/1"
 CHECK_FILE = "domain_check.safetensors"
-CHECK_FORMAT = "pneumonia_vit.domain_check/1"
+CHECK_FORMAT = "pneumonia_vit.domain_check/2"  # /1 was a multilayer perceptron on thumbnail statistics
 MAX_CHROMA = 6.0  # grey levels; JPEG noise on a grey RGB file stays below 1
 MIN_STD = 10.0  # grey levels, on 0..255
 DEFAULT_QUANTILE = 0.999
-# The kind model's input (check_input) is made from a 64x64 thumbnail (a reducing_gap resize, the
-# check's main cost: benchmarks/results/domain_check.md times it).
-CHECK_SIDE = 32
-HISTOGRAM_BINS = 16
-CHECK_INPUTS = f"layout{CHECK_SIDE}x{CHECK_SIDE}+levels{HISTOGRAM_BINS}+texture2"  # saved with the model, checked on load
+# The kind model reads a 64x64 thumbnail (check_input; benchmarks/results/domain_check.md times the check).
+CHECK_SIDE = 64
+CHECK_INPUTS = f"grey{CHECK_SIDE}x{CHECK_SIDE}-standardised"  # saved with the model, checked on load
 
 # What the kind model tells apart (its output order) and how the app says each in plain words.
 PEDIATRIC = "pediatric_chest_xray"
@@ -164,80 +162,87 @@ class DomainStats:
 
 
 def check_input(image: Image.Image) -> np.ndarray:
-    """The kind model's input for one grey image (CHECK_INPUTS numbers). The fit
-    (pneumonia_vit/domain_fit.py) and the app both call this.
-
-    - the image at CHECK_SIDE x CHECK_SIDE pixels (the layout: where lungs, arms, labels are);
-    - a HISTOGRAM_BINS-bin histogram of a 2 x CHECK_SIDE thumbnail's grey levels (a film's levels
-      spread smoothly; drawings, documents and screens sit on a few levels);
-    - the mean absolute difference between neighbouring pixels of that thumbnail (texture).
-    The image's own mean and spread are removed first: a film's exposure and window say which
-    hospital it came from, not what it shows.
+    """The kind model's input for one image: its grey CHECK_SIDE x CHECK_SIDE thumbnail, (1, side, side),
+    with the image's own mean and spread removed (a film's exposure and window say which hospital it
+    came from, not what it shows). The fit (pneumonia_vit/domain_fit.py) and the app both call this.
     """
-    thumbnail = image.convert("L").resize((2 * CHECK_SIDE, 2 * CHECK_SIDE), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    thumbnail = image.convert("L").resize((CHECK_SIDE, CHECK_SIDE), Image.Resampling.BILINEAR, reducing_gap=2.0)
     pixels = np.asarray(thumbnail, dtype=np.float32)
-    pixels = (pixels - pixels.mean()) / max(float(pixels.std()), 1.0)
-    layout = pixels.reshape(CHECK_SIDE, 2, CHECK_SIDE, 2).mean(axis=(1, 3)).ravel()
-    low, high = float(pixels.min()), float(pixels.max())
-    levels = np.histogram(pixels, bins=HISTOGRAM_BINS, range=(low, max(high, low + 1e-3)))[0] / pixels.size
-    texture = [np.abs(np.diff(pixels, axis=0)).mean(), np.abs(np.diff(pixels, axis=1)).mean()]
-    return np.concatenate([layout, 4.0 * levels, texture]).astype(np.float32)
+    return ((pixels - pixels.mean()) / max(float(pixels.std()), 1.0))[None]
+
+
+def kind_network(width: int):
+    """The kind model's layers: four 3x3 convolution blocks (width, 2, 4, 4 x width channels, each
+    halving the side) keep where things are in the film (lungs, arms, labels, a turned film's
+    layout), then one hidden layer and a logit per KINDS entry."""
+    from torch import nn
+
+    layers, channels = [], 1
+    for out in (width, 2 * width, 4 * width, 4 * width):
+        layers += [nn.Conv2d(channels, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(), nn.MaxPool2d(2)]
+        channels = out
+    side = CHECK_SIDE // 16
+    return nn.Sequential(*layers, nn.Flatten(), nn.Dropout(0.3), nn.Linear(channels * side * side, 128), nn.ReLU(),
+                         nn.Linear(128, len(KINDS)))
 
 
 @dataclass
 class KindModel:
-    """A small multilayer perceptron (ReLU hidden layers, softmax over KINDS) on `check_input`."""
+    """A small CNN (kind_network) with a softmax over KINDS, on `check_input` thumbnails."""
 
-    weights: list[np.ndarray]  # (inputs, outputs) per layer
-    biases: list[np.ndarray]
+    network: object  # a torch module, in eval mode
+    width: int
     threshold: float  # an input is flagged when P(pediatric chest X-ray) is below this
     metadata: dict[str, str] = field(default_factory=dict)  # how it was fitted (domain_fit.py)
 
     def probabilities(self, inputs: np.ndarray) -> np.ndarray:
-        """(N, len(KINDS)) probabilities for (N, inputs) `check_input` rows."""
-        activation = np.atleast_2d(np.asarray(inputs, dtype=np.float32))
-        for index, (weight, bias) in enumerate(zip(self.weights, self.biases)):
-            activation = activation @ weight + bias
-            if index < len(self.weights) - 1:
-                activation = np.maximum(activation, 0.0)
-        activation = activation - activation.max(axis=1, keepdims=True)
-        exp = np.exp(activation)
-        return exp / exp.sum(axis=1, keepdims=True)
+        """(N, len(KINDS)) probabilities for `check_input` thumbnails, (N, 1, side, side) or one (1, side, side)."""
+        import torch
+
+        batch = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
+        if batch.dim() == 3:
+            batch = batch[None]
+        with torch.inference_mode():
+            return torch.softmax(self.network(batch), dim=1).numpy()
 
     @functools.cached_property
     def fingerprint(self) -> str:
         """A hash of the weights: which kind model a combined cut-off belongs to."""
         digest = hashlib.sha256()
-        for array in (*self.weights, *self.biases):
-            digest.update(np.ascontiguousarray(array, dtype=np.float32).tobytes())
+        for name, tensor in sorted(self.network.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
 
     def save(self, folder: str | Path) -> Path:
-        from safetensors.numpy import save_file
+        from safetensors.torch import save_file
 
         path = Path(folder) / CHECK_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {}
-        for index, (weight, bias) in enumerate(zip(self.weights, self.biases)):
-            tensors[f"layer{index}.weight"] = weight.astype(np.float32)
-            tensors[f"layer{index}.bias"] = bias.astype(np.float32)
-        metadata = {**self.metadata, "format": CHECK_FORMAT, "threshold": repr(self.threshold),
+        tensors = {name: tensor.detach().contiguous() for name, tensor in self.network.state_dict().items()}
+        metadata = {**self.metadata, "format": CHECK_FORMAT, "threshold": repr(self.threshold), "width": str(self.width),
                     "kinds": ",".join(KINDS), "inputs": CHECK_INPUTS}
         save_file(tensors, str(path), metadata)
         return path
 
     @classmethod
     def read(cls, path: str | Path) -> KindModel:
-        tensors, metadata = _read_safetensors(path, CHECK_FORMAT)
-        if metadata.get("kinds") != ",".join(KINDS) or metadata.get("inputs") != CHECK_INPUTS:
-            raise ValueError(f"{path}: fitted for kinds {metadata.get('kinds')!r} on inputs {metadata.get('inputs')!r}; "
-                             f"this code reads {','.join(KINDS)!r} on {CHECK_INPUTS!r}: refit it (domain_fit.py)")
-        layers = sorted({int(name.split(".")[0][len("layer"):]) for name in tensors})
-        return cls(
-            weights=[tensors[f"layer{i}.weight"] for i in layers], biases=[tensors[f"layer{i}.bias"] for i in layers],
-            threshold=float(metadata["threshold"]),
-            metadata={k: v for k, v in metadata.items() if k not in ("format", "threshold", "kinds", "inputs")},
-        )
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != CHECK_FORMAT or metadata.get("kinds") != ",".join(KINDS) \
+                    or metadata.get("inputs") != CHECK_INPUTS:
+                raise ValueError(
+                    f"{path}: a {metadata.get('format')!r} kind model for kinds {metadata.get('kinds')!r} on inputs "
+                    f"{metadata.get('inputs')!r}; this code reads {CHECK_FORMAT!r} for {','.join(KINDS)!r} on "
+                    f"{CHECK_INPUTS!r}: refit it (python -m pneumonia_vit.domain_fit MODEL_DIR --kind_model ...)")
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        width = int(metadata["width"])
+        network = kind_network(width)
+        network.load_state_dict(tensors)
+        return cls(network=network.eval(), width=width, threshold=float(metadata["threshold"]),
+                   metadata={k: v for k, v in metadata.items() if k not in ("format", "threshold", "width", "kinds", "inputs")})
 
     @classmethod
     def load(cls, model_id: str | Path) -> KindModel | None:

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 
-from .domain import DEFAULT_QUANTILE, KINDS, DomainStats, KindModel, check_input, kind_score
+from .domain import DEFAULT_QUANTILE, KINDS, DomainStats, KindModel, check_input, kind_network, kind_score
 from .images import IMAGE_SUFFIXES, MIN_SIDE, load_xray
 from .preprocess import PixelSpec, pixel_values
 
@@ -50,8 +50,10 @@ log = logging.getLogger(__name__)
 
 PEDIATRIC, ADULT, ALTERED, NOT_XRAY = range(len(KINDS))
 KIND_QUANTILE = 0.01  # share of the pediatric validation split the cut-off flags
-HIDDEN = (128,)
-PEDIATRIC_COPIES = 1
+WIDTH = 8  # kind_network's first convolution's channels
+EPOCHS = 12
+BATCH = 128
+PEDIATRIC_COPIES = 2  # augmented copies of each pediatric training film (and as many adult inputs)
 SYNTHETIC_COUNT = 6000
 SEED = 2024
 # The child score's fit: augmented copies of each pediatric training film (the other kinds in proportion);
@@ -316,35 +318,63 @@ def _grey_or_colour(image: Image.Image) -> Image.Image:
     return image.convert("L")
 
 
+def train_kind_network(inputs: np.ndarray, kinds: np.ndarray, width: int = WIDTH, epochs: int = EPOCHS,
+                       seed: int = SEED):
+    """kind_network trained on (N, 1, side, side) thumbnails and their KINDS indices: class-balanced
+    cross-entropy, AdamW with a one-cycle schedule, mirrored and slightly shifted copies (a mirrored
+    or reframed film is still the same kind). The same seed and thread count give the same weights."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    network = kind_network(width)
+    images, targets = torch.from_numpy(inputs), torch.from_numpy(kinds).long()
+    counts = np.bincount(kinds, minlength=len(KINDS))
+    balance = torch.tensor(len(kinds) / (len(KINDS) * np.maximum(counts, 1)), dtype=torch.float32)
+    loss_function = nn.CrossEntropyLoss(weight=balance, label_smoothing=0.05)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=2e-3, weight_decay=1e-4)
+    steps = epochs * -(-len(targets) // BATCH)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
+    network.train()
+    for epoch in range(epochs):
+        order, total = torch.randperm(len(targets), generator=generator), 0.0
+        for start in range(0, len(targets), BATCH):
+            index = order[start:start + BATCH]
+            batch = images[index]
+            mirrored = torch.rand(len(index), generator=generator) < 0.5
+            batch = torch.where(mirrored[:, None, None, None], batch.flip(-1), batch)
+            batch = torch.roll(batch, torch.randint(-3, 4, (2,), generator=generator).tolist(), dims=(2, 3))
+            loss = loss_function(network(batch), targets[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item() * len(index)
+        log.info("kind model: epoch %d of %d, loss %.4f", epoch + 1, epochs, total / len(targets))
+    return network.eval()
+
+
 def fit_kind_model(data_dir: str | Path, adult_dir: str | Path, output_dir: str | Path | None = None,
-                   quantile: float = KIND_QUANTILE, hidden: tuple[int, ...] = HIDDEN, seed: int = SEED,
+                   quantile: float = KIND_QUANTILE, width: int = WIDTH, epochs: int = EPOCHS, seed: int = SEED,
                    copies: int = PEDIATRIC_COPIES, synthetic_count: int = SYNTHETIC_COUNT) -> KindModel:
     """Fits rule 3 (see the module docstring) and, with `output_dir`, saves it there. `copies` and
     `synthetic_count` size the training set (training_set); tests fit smaller ones."""
-    from sklearn.neural_network import MLPClassifier
-
     data_dir, adult_dir = Path(data_dir), Path(adult_dir)
     rng = np.random.default_rng(seed)
     inputs, kinds = training_set(data_dir, adult_dir, rng, copies, synthetic_count)
     counts = np.bincount(kinds, minlength=len(KINDS))
-    sample_weight = (len(kinds) / (len(KINDS) * counts))[kinds]
-    network = MLPClassifier(hidden_layer_sizes=hidden, alpha=1e-3, batch_size=256, learning_rate_init=1e-3,
-                            max_iter=60, early_stopping=True, validation_fraction=0.1, n_iter_no_change=8,
-                            random_state=seed)
-    network.fit(inputs, kinds, sample_weight=sample_weight)
-    model = KindModel(weights=[w.astype(np.float32) for w in network.coefs_],
-                      biases=[b.astype(np.float32) for b in network.intercepts_], threshold=0.0)
+    model = KindModel(network=train_kind_network(inputs, kinds, width, epochs, seed), width=width, threshold=0.0)
     validation = _inputs(load_xray(path) for path in image_files(data_dir / "validation"))
     p_pediatric = model.probabilities(validation)[:, PEDIATRIC]
     model.threshold = float(np.quantile(p_pediatric, quantile))
     model.metadata = {
-        "quantile": repr(quantile), "seed": str(seed), "hidden": ",".join(map(str, hidden)),
+        "quantile": repr(quantile), "seed": str(seed), "epochs": str(epochs),
         "training_inputs": ",".join(f"{kind}={count}" for kind, count in zip(KINDS, counts)),
         "validation_count": str(len(validation)), "adult_folds": ",".join(f"{n}={p}" for n, p in ADULT_FOLDS),
-        "epochs": str(network.n_iter_),
     }
-    log.info("kind model: %d epochs; cut-off P(pediatric) < %.4f = %.1f%% quantile of %d validation images",
-             network.n_iter_, model.threshold, 100 * quantile, len(validation))
+    log.info("kind model: cut-off P(pediatric) < %.4f = %.1f%% quantile of %d validation images",
+             model.threshold, 100 * quantile, len(validation))
     if output_dir is not None:
         log.info("kind model saved to %s", model.save(output_dir))
     return model

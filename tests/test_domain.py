@@ -145,6 +145,32 @@ def test_fit_command_says_what_is_missing_and_writes_nothing(tiny_model_dir, sma
     assert sorted(path.name for path in folder.iterdir()) == before
 
 
+def test_kind_network_trains_reproducibly_round_trips_and_refuses_other_formats(tmp_path):
+    """Random thumbnails: output shape and probabilities, the same weights from the same seed, the same
+    probabilities after save and read, and a clear refit message for a file of another format."""
+    from safetensors.numpy import save_file
+
+    from pneumonia_vit.domain import CHECK_SIDE, KINDS
+    from pneumonia_vit.domain_fit import train_kind_network
+
+    rng = np.random.default_rng(0)
+    inputs = rng.normal(size=(40, 1, CHECK_SIDE, CHECK_SIDE)).astype(np.float32)
+    kinds = np.arange(40) % len(KINDS)
+    first, second = (KindModel(network=train_kind_network(inputs, kinds, width=4, epochs=2, seed=3), width=4, threshold=0.2)
+                     for _ in range(2))
+    assert first.fingerprint == second.fingerprint
+    probabilities = first.probabilities(inputs)
+    assert probabilities.shape == (40, len(KINDS)) and np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert first.probabilities(inputs[0]).shape == (1, len(KINDS))  # one check_input thumbnail
+    read = KindModel.read(first.save(tmp_path))
+    assert read.threshold == 0.2 and read.fingerprint == first.fingerprint
+    assert np.allclose(read.probabilities(inputs), probabilities, atol=1e-6)
+    save_file({"layer0.weight": np.zeros((2, 2), np.float32)}, str(tmp_path / CHECK_FILE),
+              {"format": "pneumonia_vit.domain_check/1", "threshold": "0.1"})
+    with pytest.raises(ValueError, match="refit it"):
+        KindModel.read(tmp_path / CHECK_FILE)
+
+
 def test_kind_model_inputs_ignore_exposure_and_window():
     """A film with another brightness and contrast (a linear grey-level change) gives the same inputs."""
     film = np.asarray(Image.open(EXAMPLES[0]).convert("L"), dtype=np.float32)
