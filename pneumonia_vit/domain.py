@@ -11,7 +11,7 @@ probabilities are shown, marked unreliable.
    Radiographs stored as RGB JPEGs (99 Kermany PNEUMONIA originals are) read about 0 and pass.
 2. blank: a blank, uniform or nearly uniform image (grey-level standard deviation below MIN_STD);
    the 624 Kermany test originals have a standard deviation of at least ~32.
-3. kind: a tiny CNN of its own (kind_network), independent of the pneumonia model, that tells a
+3. kind: a tiny CNN of its own (KindModel), independent of the pneumonia model, that tells a
    pediatric chest X-ray from an adult chest X-ray, a rotated, inverted or cropped chest film, and
    anything that is not an X-ray (KINDS). It reads a thumbnail of the image with its brightness and
    contrast normalised away (check_input), and flags the input where P(pediatric chest X-ray)
@@ -171,78 +171,78 @@ def check_input(image: Image.Image) -> np.ndarray:
     return ((pixels - pixels.mean()) / max(float(pixels.std()), 1.0))[None]
 
 
-def kind_network(width: int):
-    """The kind model's layers: four 3x3 convolution blocks (width, 2, 4, 4 x width channels, each
-    halving the side) keep where things are in the film (lungs, arms, labels, a turned film's
-    layout), then one hidden layer and a logit per KINDS entry."""
-    from torch import nn
-
-    layers, channels = [], 1
-    for out in (width, 2 * width, 4 * width, 4 * width):
-        layers += [nn.Conv2d(channels, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(), nn.MaxPool2d(2)]
-        channels = out
-    side = CHECK_SIDE // 16
-    return nn.Sequential(*layers, nn.Flatten(), nn.Dropout(0.3), nn.Linear(channels * side * side, 128), nn.ReLU(),
-                         nn.Linear(128, len(KINDS)))
-
-
 @dataclass
 class KindModel:
-    """A small CNN (kind_network) with a softmax over KINDS, on `check_input` thumbnails."""
+    """A small CNN with a softmax over KINDS, on `check_input` thumbnails, run in numpy (torch's thread
+    pool would compete with the fast path's ONNX Runtime threads it runs right after). Its layers, as
+    domain_fit.kind_tensors stores them: 3x3 convolutions `conv0`, `conv1`, ... (batch norm folded in),
+    each followed by ReLU and 2x2 max pooling; then `hidden` (ReLU) and `output`, on the feature maps
+    flattened channel first, as torch flattens them."""
 
-    network: object  # a torch module, in eval mode
-    width: int
+    tensors: dict[str, np.ndarray]
     threshold: float  # an input is flagged when P(pediatric chest X-ray) is below this
     metadata: dict[str, str] = field(default_factory=dict)  # how it was fitted (domain_fit.py)
 
+    @functools.cached_property
+    def _convolutions(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each convolution as a (9 x in, out) matrix over the 3x3 neighbourhood (row, column, channel), and its bias."""
+        layers = []
+        while f"conv{len(layers)}.weight" in self.tensors:
+            weight = self.tensors[f"conv{len(layers)}.weight"]
+            layers.append((np.ascontiguousarray(weight.transpose(2, 3, 1, 0).reshape(-1, len(weight))),
+                           self.tensors[f"conv{len(layers)}.bias"]))
+        return layers
+
     def probabilities(self, inputs: np.ndarray) -> np.ndarray:
         """(N, len(KINDS)) probabilities for `check_input` thumbnails, (N, 1, side, side) or one (1, side, side)."""
-        import torch
-
-        batch = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
-        if batch.dim() == 3:
-            batch = batch[None]
-        with torch.inference_mode():
-            return torch.softmax(self.network(batch), dim=1).numpy()
+        maps = np.asarray(inputs, dtype=np.float32)
+        maps = (maps[None] if maps.ndim == 3 else maps).transpose(0, 2, 3, 1)  # (N, height, width, channels)
+        for weight, bias in self._convolutions:
+            count, height, width, _ = maps.shape
+            padded = np.pad(maps, ((0, 0), (1, 1), (1, 1), (0, 0)))
+            neighbourhoods = np.concatenate([padded[:, row:row + height, column:column + width]
+                                             for row in range(3) for column in range(3)], axis=3)
+            maps = np.maximum(neighbourhoods @ weight + bias, 0.0)
+            maps = np.maximum(np.maximum(maps[:, 0::2, 0::2], maps[:, 1::2, 0::2]),
+                              np.maximum(maps[:, 0::2, 1::2], maps[:, 1::2, 1::2]))
+        features = maps.transpose(0, 3, 1, 2).reshape(len(maps), -1)
+        hidden = np.maximum(features @ self.tensors["hidden.weight"].T + self.tensors["hidden.bias"], 0.0)
+        logits = hidden @ self.tensors["output.weight"].T + self.tensors["output.bias"]
+        logits = logits - logits.max(axis=1, keepdims=True)
+        exp = np.exp(logits)
+        return exp / exp.sum(axis=1, keepdims=True)
 
     @functools.cached_property
     def fingerprint(self) -> str:
         """A hash of the weights: which kind model a combined cut-off belongs to."""
         digest = hashlib.sha256()
-        for name, tensor in sorted(self.network.state_dict().items()):
+        for name in sorted(self.tensors):
             digest.update(name.encode())
-            digest.update(tensor.detach().float().contiguous().numpy().tobytes())
+            digest.update(np.ascontiguousarray(self.tensors[name], dtype=np.float32).tobytes())
         return digest.hexdigest()[:16]
 
     def save(self, folder: str | Path) -> Path:
-        from safetensors.torch import save_file
+        from safetensors.numpy import save_file
 
         path = Path(folder) / CHECK_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {name: tensor.detach().contiguous() for name, tensor in self.network.state_dict().items()}
-        metadata = {**self.metadata, "format": CHECK_FORMAT, "threshold": repr(self.threshold), "width": str(self.width),
+        metadata = {**self.metadata, "format": CHECK_FORMAT, "threshold": repr(self.threshold),
                     "kinds": ",".join(KINDS), "inputs": CHECK_INPUTS}
-        save_file(tensors, str(path), metadata)
+        save_file({name: np.ascontiguousarray(array, dtype=np.float32) for name, array in self.tensors.items()},
+                  str(path), metadata)
         return path
 
     @classmethod
     def read(cls, path: str | Path) -> KindModel:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            if metadata.get("format") != CHECK_FORMAT or metadata.get("kinds") != ",".join(KINDS) \
-                    or metadata.get("inputs") != CHECK_INPUTS:
-                raise ValueError(
-                    f"{path}: a {metadata.get('format')!r} kind model for kinds {metadata.get('kinds')!r} on inputs "
-                    f"{metadata.get('inputs')!r}; this code reads {CHECK_FORMAT!r} for {','.join(KINDS)!r} on "
-                    f"{CHECK_INPUTS!r}: refit it (python -m pneumonia_vit.domain_fit MODEL_DIR --kind_model ...)")
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-        width = int(metadata["width"])
-        network = kind_network(width)
-        network.load_state_dict(tensors)
-        return cls(network=network.eval(), width=width, threshold=float(metadata["threshold"]),
-                   metadata={k: v for k, v in metadata.items() if k not in ("format", "threshold", "width", "kinds", "inputs")})
+        try:
+            tensors, metadata = _read_safetensors(path, CHECK_FORMAT)
+        except ValueError as error:
+            raise ValueError(f"{error}: refit it (python -m pneumonia_vit.domain_fit MODEL_DIR --kind_model ...)") from None
+        if metadata.get("kinds") != ",".join(KINDS) or metadata.get("inputs") != CHECK_INPUTS:
+            raise ValueError(f"{path}: fitted for kinds {metadata.get('kinds')!r} on inputs {metadata.get('inputs')!r}; "
+                             f"this code reads {','.join(KINDS)!r} on {CHECK_INPUTS!r}: refit it (domain_fit.py)")
+        return cls(tensors=tensors, threshold=float(metadata["threshold"]),
+                   metadata={k: v for k, v in metadata.items() if k not in ("format", "threshold", "kinds", "inputs")})
 
     @classmethod
     def load(cls, model_id: str | Path) -> KindModel | None:

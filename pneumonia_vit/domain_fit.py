@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 
-from .domain import DEFAULT_QUANTILE, KINDS, DomainStats, KindModel, check_input, kind_network, kind_score
+from .domain import CHECK_SIDE, DEFAULT_QUANTILE, KINDS, DomainStats, KindModel, check_input, kind_score
 from .images import IMAGE_SUFFIXES, MIN_SIDE, load_xray
 from .preprocess import PixelSpec, pixel_values
 
@@ -318,6 +318,37 @@ def _grey_or_colour(image: Image.Image) -> Image.Image:
     return image.convert("L")
 
 
+def kind_network(width: int = WIDTH):
+    """The kind model's layers for training: four 3x3 convolution blocks (width, 2, 4, 4 x width
+    channels, each halving the side) keep where things are in the film (lungs, arms, labels, a turned
+    film's layout), then one hidden layer and a logit per KINDS entry."""
+    from torch import nn
+
+    layers, channels = [], 1
+    for out in (width, 2 * width, 4 * width, 4 * width):
+        layers += [nn.Conv2d(channels, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(), nn.MaxPool2d(2)]
+        channels = out
+    side = CHECK_SIDE // 16
+    return nn.Sequential(*layers, nn.Flatten(), nn.Dropout(0.3), nn.Linear(channels * side * side, 128), nn.ReLU(),
+                         nn.Linear(128, len(KINDS)))
+
+
+def kind_tensors(network) -> dict[str, np.ndarray]:
+    """A trained kind_network as KindModel runs it: each batch norm folded into its convolution."""
+    from torch import nn
+
+    modules, tensors = list(network), {}
+    convolutions = [(m, modules[i + 1]) for i, m in enumerate(modules) if isinstance(m, nn.Conv2d)]
+    for index, (convolution, norm) in enumerate(convolutions):
+        scale = (norm.weight / (norm.running_var + norm.eps).sqrt()).detach()
+        tensors[f"conv{index}.weight"] = (convolution.weight.detach() * scale[:, None, None, None]).numpy()
+        tensors[f"conv{index}.bias"] = ((convolution.bias.detach() - norm.running_mean) * scale + norm.bias.detach()).numpy()
+    hidden, output = (m for m in modules if isinstance(m, nn.Linear))
+    for name, linear in (("hidden", hidden), ("output", output)):
+        tensors[f"{name}.weight"], tensors[f"{name}.bias"] = linear.weight.detach().numpy(), linear.bias.detach().numpy()
+    return {name: np.ascontiguousarray(array, dtype=np.float32) for name, array in tensors.items()}
+
+
 def train_kind_network(inputs: np.ndarray, kinds: np.ndarray, width: int = WIDTH, epochs: int = EPOCHS,
                        seed: int = SEED):
     """kind_network trained on (N, 1, side, side) thumbnails and their KINDS indices: class-balanced
@@ -364,12 +395,12 @@ def fit_kind_model(data_dir: str | Path, adult_dir: str | Path, output_dir: str 
     rng = np.random.default_rng(seed)
     inputs, kinds = training_set(data_dir, adult_dir, rng, copies, synthetic_count)
     counts = np.bincount(kinds, minlength=len(KINDS))
-    model = KindModel(network=train_kind_network(inputs, kinds, width, epochs, seed), width=width, threshold=0.0)
+    model = KindModel(tensors=kind_tensors(train_kind_network(inputs, kinds, width, epochs, seed)), threshold=0.0)
     validation = _inputs(load_xray(path) for path in image_files(data_dir / "validation"))
     p_pediatric = model.probabilities(validation)[:, PEDIATRIC]
     model.threshold = float(np.quantile(p_pediatric, quantile))
     model.metadata = {
-        "quantile": repr(quantile), "seed": str(seed), "epochs": str(epochs),
+        "quantile": repr(quantile), "seed": str(seed), "width": str(width), "epochs": str(epochs),
         "training_inputs": ",".join(f"{kind}={count}" for kind, count in zip(KINDS, counts)),
         "validation_count": str(len(validation)), "adult_folds": ",".join(f"{n}={p}" for n, p in ADULT_FOLDS),
     }

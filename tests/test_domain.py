@@ -145,25 +145,29 @@ def test_fit_command_says_what_is_missing_and_writes_nothing(tiny_model_dir, sma
     assert sorted(path.name for path in folder.iterdir()) == before
 
 
-def test_kind_network_trains_reproducibly_round_trips_and_refuses_other_formats(tmp_path):
-    """Random thumbnails: output shape and probabilities, the same weights from the same seed, the same
-    probabilities after save and read, and a clear refit message for a file of another format."""
+def test_kind_model_runs_the_trained_network_reproducibly_round_trips_and_refuses_other_formats(tmp_path):
+    """Random thumbnails: the numpy forward equals the trained torch network's, the same seed gives the
+    same weights, save and read keep the probabilities, and a file of another format gets a refit message."""
+    import torch
     from safetensors.numpy import save_file
 
     from pneumonia_vit.domain import CHECK_SIDE, KINDS
-    from pneumonia_vit.domain_fit import train_kind_network
+    from pneumonia_vit.domain_fit import kind_tensors, train_kind_network
 
     rng = np.random.default_rng(0)
     inputs = rng.normal(size=(40, 1, CHECK_SIDE, CHECK_SIDE)).astype(np.float32)
     kinds = np.arange(40) % len(KINDS)
-    first, second = (KindModel(network=train_kind_network(inputs, kinds, width=4, epochs=2, seed=3), width=4, threshold=0.2)
-                     for _ in range(2))
-    assert first.fingerprint == second.fingerprint
-    probabilities = first.probabilities(inputs)
-    assert probabilities.shape == (40, len(KINDS)) and np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
-    assert first.probabilities(inputs[0]).shape == (1, len(KINDS))  # one check_input thumbnail
-    read = KindModel.read(first.save(tmp_path))
-    assert read.threshold == 0.2 and read.fingerprint == first.fingerprint
+    network = train_kind_network(inputs, kinds, width=4, epochs=2, seed=3)
+    model = KindModel(tensors=kind_tensors(network), threshold=0.2)
+    again = KindModel(tensors=kind_tensors(train_kind_network(inputs, kinds, width=4, epochs=2, seed=3)), threshold=0.2)
+    assert model.fingerprint == again.fingerprint
+    probabilities = model.probabilities(inputs)
+    with torch.inference_mode():
+        expected = torch.softmax(network(torch.from_numpy(inputs)), dim=1).numpy()
+    assert probabilities.shape == (40, len(KINDS)) and np.allclose(probabilities, expected, atol=1e-5)
+    assert model.probabilities(inputs[0]).shape == (1, len(KINDS))  # one check_input thumbnail
+    read = KindModel.read(model.save(tmp_path))
+    assert read.threshold == 0.2 and read.fingerprint == model.fingerprint
     assert np.allclose(read.probabilities(inputs), probabilities, atol=1e-6)
     save_file({"layer0.weight": np.zeros((2, 2), np.float32)}, str(tmp_path / CHECK_FILE),
               {"format": "pneumonia_vit.domain_check/1", "threshold": "0.1"})
