@@ -198,7 +198,7 @@ class KindModel:
         maps = np.asarray(inputs, dtype=np.float32)
         maps = (maps[None] if maps.ndim == 3 else maps).transpose(0, 2, 3, 1)  # (N, height, width, channels)
         for weight, bias in self._convolutions:
-            count, height, width, _ = maps.shape
+            _, height, width, _ = maps.shape
             padded = np.pad(maps, ((0, 0), (1, 1), (1, 1), (0, 0)))
             neighbourhoods = np.concatenate([padded[:, row:row + height, column:column + width]
                                              for row in range(3) for column in range(3)], axis=3)
