@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> dict:
         trainer = Trainer(
             model=model,
             args=TrainingArguments(output_dir=scratch, per_device_eval_batch_size=args.batch_size, report_to="none",
-                                   use_cpu=not torch.cuda.is_available(), remove_unused_columns=False),
+                                   use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
+                                   label_names=["labels"]),  # as in train_vit.py
             data_collator=collate,
         )
         labels, scores = predict_scores(trainer, dataset)

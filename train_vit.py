@@ -31,9 +31,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from transformers import (
     AutoConfig,
     AutoModelForImageClassification,
+    DeiTForImageClassificationWithTeacher,
     EarlyStoppingCallback,
     TrainingArguments,
     set_seed,
@@ -95,6 +97,12 @@ class ModelArguments:
         metadata={"help": "With a teacher: weight of a second distillation term, added to the label loss, in which the "
                   "ViT's patch tokens match the similarities between the teacher's feature-map cells "
                   "(training.token_similarity_loss). 0 = off."},
+    )
+    distillation_token: bool = field(
+        default=False,
+        metadata={"help": "With a teacher and --model_type deit: DeiT's distillation token (Touvron et al. 2021). The "
+                  "teacher's terms train a head on a token of its own, the labels the [CLS] head; the model's logits "
+                  "are the mean of the two heads (DeiTForImageClassificationWithTeacher)."},
     )
 
 
@@ -164,10 +172,26 @@ def build_model(model_args: ModelArguments):
     config = AutoConfig.from_pretrained(source, **labels) if source else AutoConfig.for_model(model_args.model_type, **labels)
     if model_args.config_overrides:
         config.update_from_string(model_args.config_overrides)
+    model_class = AutoModelForImageClassification
+    if model_args.distillation_token:
+        if config.model_type != "deit" or not model_args.teacher_name_or_path:
+            raise ValueError("--distillation_token needs a DeiT (--model_type deit) and a --teacher_name_or_path")
+        model_class = DeiTForImageClassificationWithTeacher
+        config.architectures = [model_class.__name__]  # what the Auto classes load it back as
+        config.keys_to_ignore_at_inference = ["cls_logits", "distillation_logits"]  # Trainer.predict: the mean only
     if model_args.model_name_or_path is None:
-        return AutoModelForImageClassification.from_config(config), PixelSpec(size=model_args.image_size or config.image_size)
+        if model_class is AutoModelForImageClassification:
+            return model_class.from_config(config), PixelSpec(size=model_args.image_size or config.image_size)
+        model = model_class(config)
+        # transformers 5.24 starts DeiT's position embeddings and both tokens at zero (a second branch of its
+        # _init_weights undoes the first), so [CLS] and the distillation token begin identical; they start as
+        # in DeiT's own code and in ViT: truncated normal, std initializer_range.
+        embeddings = model.deit.embeddings
+        for start in (embeddings.position_embeddings, embeddings.cls_token, embeddings.distillation_token):
+            torch.nn.init.trunc_normal_(start, std=config.initializer_range)
+        return model, PixelSpec(size=config.image_size)
     # A pretrained classifier's head has another number of classes (ImageNet's): it is replaced.
-    model = AutoModelForImageClassification.from_pretrained(model_args.model_name_or_path, config=config, ignore_mismatched_sizes=True)
+    model = model_class.from_pretrained(model_args.model_name_or_path, config=config, ignore_mismatched_sizes=True)
     return model, load_pixel_spec(model_args.model_name_or_path)
 
 
@@ -175,6 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, run_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     training_args.remove_unused_columns = False  # the transforms read the "image" column
+    training_args.label_names = ["labels"]  # collate's key; Trainer guesses it from forward(), which DeiT's two-head model lacks
     training_args.restore_callback_states_from_checkpoint = True  # a resumed run keeps its early-stopping patience count
     checkpoint = resume_checkpoint(training_args, run_args.overwrite_output_dir)
     check_averaging_possible(run_args.average_last_checkpoints, training_args)

@@ -50,7 +50,8 @@ def weighted_loss(class_counts: Counter, label_smoothing: float):
     weight = torch.tensor([total / (len(LABELS) * class_counts[i]) for i in range(len(LABELS))])
 
     def loss(outputs, labels, num_items_in_batch=None):
-        logits = outputs.logits
+        # A DeiT with a distillation token learns the labels through its [CLS] head (DistillationTrainer).
+        logits = outputs.logits if getattr(outputs, "cls_logits", None) is None else outputs.cls_logits
         per_image = F.cross_entropy(
             logits.float(), labels, weight=weight.to(logits.device), label_smoothing=label_smoothing, reduction="none"
         )
@@ -118,6 +119,8 @@ class DistillationTrainer(StrictReloadTrainer):
       all pairs of the model's patch tokens (those the last block's [CLS] reads) should equal those between the
       teacher's feature-map cells at the same positions (Tung & Mori 2019, "Similarity-preserving knowledge
       distillation"). It has no parameters, so nothing is added to the saved model.
+    - A model with a distillation token (DeiT, Touvron et al. 2021) takes both terms through that token's
+      head and the labels through its [CLS] head; otherwise all go through the one head.
 
     A small CNN learns from local texture what a small ViT trained from scratch on 5,000 images does not
     find by itself; the served model stays the ViT (README: ablation)."""
@@ -136,13 +139,15 @@ class DistillationTrainer(StrictReloadTrainer):
         if model.training:
             with torch.no_grad():
                 teacher_outputs = self.teacher(pixel_values=inputs["pixel_values"], output_hidden_states=distilling_tokens)
+            distillation_head = getattr(outputs, "distillation_logits", None)
+            logits = outputs.logits if distillation_head is None else distillation_head
             t = self.temperature
             per_image = self.weight * t * t * F.kl_div(
-                F.log_softmax(outputs.logits.float() / t, dim=-1), F.log_softmax(teacher_outputs.logits.float() / t, dim=-1),
+                F.log_softmax(logits.float() / t, dim=-1), F.log_softmax(teacher_outputs.logits.float() / t, dim=-1),
                 log_target=True, reduction="none").sum(dim=-1)
             if distilling_tokens:
                 per_image = per_image + self.token_weight * token_similarity_loss(
-                    outputs.hidden_states[-2], teacher_outputs.hidden_states)
+                    outputs.hidden_states[-2], teacher_outputs.hidden_states, special_tokens=1 if distillation_head is None else 2)
             # Normalised as Trainer normalises the label loss: over the whole accumulated batch of all processes.
             if num_items_in_batch is None:
                 distillation = per_image.mean()
@@ -153,17 +158,18 @@ class DistillationTrainer(StrictReloadTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def token_similarity_loss(tokens: torch.Tensor, teacher_maps: tuple[torch.Tensor, ...]) -> torch.Tensor:
+def token_similarity_loss(tokens: torch.Tensor, teacher_maps: tuple[torch.Tensor, ...], special_tokens: int = 1) -> torch.Tensor:
     """Per image: mean squared difference between the pairwise cosine similarities of a ViT's patch tokens
-    (batch, 1 + side², dim; [CLS] first) and of the teacher's feature-map cells (batch, channels, h, w).
+    (batch, special_tokens + side², dim; [CLS] first, then DeiT's distillation token where it has one) and of
+    the teacher's feature-map cells (batch, channels, h, w).
 
     The teacher's map is its deepest one still at least `side` cells wide, average-pooled to side x side.
     Features are centred over positions first, so that the similarities compare positions with each other,
     not with a shared offset (a CNN's ReLU features are all positive).
     """
-    side = math.isqrt(tokens.shape[1] - 1)
+    side = math.isqrt(tokens.shape[1] - special_tokens)
     fine_enough = [m for m in teacher_maps if m.dim() == 4 and min(m.shape[-2:]) >= side]
-    if side * side != tokens.shape[1] - 1 or not fine_enough:
+    if side * side != tokens.shape[1] - special_tokens or not fine_enough:
         raise ValueError(f"token distillation needs a square token grid and a teacher feature map at least as fine; "
                          f"got {tokens.shape[1]} tokens and maps {[tuple(m.shape) for m in teacher_maps]}")
     cells = F.adaptive_avg_pool2d(fine_enough[-1].float(), side).flatten(2).transpose(1, 2)
@@ -172,7 +178,7 @@ def token_similarity_loss(tokens: torch.Tensor, teacher_maps: tuple[torch.Tensor
         features = F.normalize(features - features.mean(dim=1, keepdim=True), dim=-1)
         return features @ features.transpose(1, 2)
 
-    return (similarities(tokens[:, 1:].float()) - similarities(cells)).pow(2).mean(dim=(1, 2))
+    return (similarities(tokens[:, special_tokens:].float()) - similarities(cells)).pow(2).mean(dim=(1, 2))
 
 
 class AugmentationEpoch(TrainerCallback):

@@ -1,9 +1,11 @@
 """Knowledge distillation from a CNN teacher (training.DistillationTrainer): the token-similarity term on
-random tensors, the loss as the sum of its parts on a real batch, and train_vit.py with a teacher folder."""
+random tensors, the loss as the sum of its parts on a real batch (with and without DeiT's distillation
+token), and train_vit.py with a teacher folder."""
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -89,23 +91,35 @@ def test_distillation_loss_is_the_weighted_sum_of_label_soft_label_and_token_ter
     assert trainer.compute_loss(student, dict(inputs)).item() == pytest.approx(label.item(), rel=1e-5)
 
 
-def test_train_vit_distils_from_a_teacher_folder_and_saves_only_the_vit(small_prepared, tmp_path):
-    """A tiny CNN teacher trained by train_vit.py from the teacher config folder, then a tiny ViT distilled
-    from it: the saved model holds exactly a ViT classifier's weights, none of the teacher's."""
+@pytest.fixture(scope="module")
+def trained_teacher(small_prepared, tmp_path_factory) -> Path:
+    """A tiny CNN teacher trained by train_vit.py from the teacher config folder."""
+    import train_vit
+
+    teacher_dir = tmp_path_factory.mktemp("teacher")
+    train_vit.main(["--config_name", str(TEACHER_CONFIG), "--image_size", "64", "--output_dir", str(teacher_dir),
+                    *_common(small_prepared)])
+    return teacher_dir
+
+
+def _common(data_dir: Path) -> list[str]:
+    return ["--data_dir", str(data_dir), "--use_cpu", "--report_to", "none", "--num_train_epochs", "1",
+            "--per_device_train_batch_size", "8", "--eval_strategy", "epoch", "--save_strategy", "no",
+            "--disable_tqdm", "true"]
+
+
+def test_train_vit_distils_from_a_teacher_folder_and_saves_only_the_vit(small_prepared, trained_teacher, tmp_path):
+    """A tiny ViT distilled from the tiny teacher: the saved model holds exactly a ViT classifier's weights,
+    none of the teacher's."""
     from safetensors import safe_open
     from transformers import ViTForImageClassification
 
     import train_vit
 
-    common = ["--data_dir", str(small_prepared), "--use_cpu", "--report_to", "none", "--num_train_epochs", "1",
-              "--per_device_train_batch_size", "8", "--eval_strategy", "epoch", "--save_strategy", "no",
-              "--disable_tqdm", "true"]
-    teacher_dir = tmp_path / "teacher"
-    train_vit.main(["--config_name", str(TEACHER_CONFIG), "--image_size", "64", "--output_dir", str(teacher_dir), *common])
     student_dir = tmp_path / "student"
-    train_vit.main(["--config_overrides", TINY_VIT, "--teacher_name_or_path", str(teacher_dir),
+    train_vit.main(["--config_overrides", TINY_VIT, "--teacher_name_or_path", str(trained_teacher),
                     "--distillation_weight", "0.9", "--token_distillation_weight", "1.0",
-                    "--output_dir", str(student_dir), *common])
+                    "--output_dir", str(student_dir), *_common(small_prepared)])
 
     assert json.loads((student_dir / "config.json").read_text())["model_type"] == "vit"
     with safe_open(str(student_dir / "model.safetensors"), "pt") as saved:
@@ -113,3 +127,68 @@ def test_train_vit_distils_from_a_teacher_folder_and_saves_only_the_vit(small_pr
     student, loading = ViTForImageClassification.from_pretrained(student_dir, output_loading_info=True)
     assert not any(loading[problem] for problem in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     assert saved_count == len(student.state_dict())  # no teacher tensor rode along
+
+
+def test_distillation_token_takes_the_teacher_terms_and_cls_head_the_labels(student_and_teacher, tmp_path):
+    from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher, TrainingArguments
+
+    from pneumonia_vit.training import DistillationTrainer, weighted_loss
+
+    _, teacher = student_and_teacher
+    config = DeiTConfig(num_labels=2)
+    config.update_from_string(TINY_VIT)
+    torch.manual_seed(0)
+    student = DeiTForImageClassificationWithTeacher(config)
+    weight, temperature, token_weight = 0.7, 2.0, 1.5
+    trainer = DistillationTrainer(model=student, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"),
+                                  teacher=teacher, weight=weight, temperature=temperature, token_weight=token_weight,
+                                  compute_loss_func=weighted_loss(Counter({0: 1, 1: 1}), 0.0))
+    inputs = {"pixel_values": torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(3)),
+              "labels": torch.tensor([0, 1, 1, 0])}
+    student.train()
+    loss = trainer.compute_loss(student, dict(inputs))
+
+    with torch.no_grad():
+        out = student(pixel_values=inputs["pixel_values"], output_hidden_states=True)
+        teacher_out = teacher.eval()(pixel_values=inputs["pixel_values"], output_hidden_states=True)
+    assert out.hidden_states[-2].shape[1] == 2 + 16  # [CLS], distillation token, 4 x 4 patches
+    label = F.cross_entropy(out.cls_logits, inputs["labels"])
+    soft = temperature ** 2 * F.kl_div(F.log_softmax(out.distillation_logits / temperature, -1),
+                                       F.log_softmax(teacher_out.logits / temperature, -1), log_target=True,
+                                       reduction="none").sum(-1)
+    tokens = token_similarity_loss(out.hidden_states[-2], teacher_out.hidden_states, special_tokens=2)
+    expected = (1 - weight) * label + (weight * soft + token_weight * tokens).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    mean_head = F.cross_entropy(out.logits, inputs["labels"])
+    assert abs(label.item() - mean_head.item()) > 1e-4  # the heads differ, so the test tells them apart
+
+
+def test_train_vit_with_a_distillation_token_saves_a_deit_the_auto_classes_load(small_prepared, trained_teacher, tmp_path):
+    """`--model_type deit --distillation_token`: the saved model loads back through the Auto classes as the
+    two-headed DeiT, whose logits (what Trainer.predict scored) are the mean of the heads."""
+    from transformers import AutoModelForImageClassification, DeiTForImageClassificationWithTeacher
+
+    import train_vit
+
+    student_dir = tmp_path / "deit"
+    results = train_vit.main(["--model_type", "deit", "--distillation_token", "--config_overrides", TINY_VIT,
+                              "--teacher_name_or_path", str(trained_teacher), "--token_distillation_weight", "1.0",
+                              "--output_dir", str(student_dir), *_common(small_prepared)])
+    assert 0.0 <= results["test"]["roc_auc"] <= 1.0
+
+    model, loading = AutoModelForImageClassification.from_pretrained(student_dir, output_loading_info=True)
+    assert isinstance(model, DeiTForImageClassificationWithTeacher)
+    assert not any(loading[problem] for problem in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    with torch.no_grad():
+        out = model.eval()(pixel_values=torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4)))
+    torch.testing.assert_close(out.logits, (out.cls_logits + out.distillation_logits) / 2)
+
+    fresh, _ = train_vit.build_model(train_vit.ModelArguments(model_type="deit", distillation_token=True, config_overrides=TINY_VIT,
+                                                              teacher_name_or_path=str(trained_teacher)))
+    embeddings = fresh.deit.embeddings  # started as ViT starts them, not at zero (transformers 5.24)
+    assert 0.01 < embeddings.position_embeddings.std().item() < 0.03
+    assert not torch.equal(embeddings.cls_token, embeddings.distillation_token)
+
+    with pytest.raises(ValueError, match="needs a DeiT"):
+        train_vit.main(["--distillation_token", "--config_overrides", TINY_VIT, "--teacher_name_or_path",
+                        str(trained_teacher), "--output_dir", str(tmp_path / "vit"), *_common(small_prepared)])
