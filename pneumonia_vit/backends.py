@@ -31,16 +31,26 @@ class ForwardResult:
     attentions: tuple[torch.Tensor, ...] | None  # per layer (N, heads, tokens, tokens)
 
 
+def classification_head(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The head whose input the out-of-domain check reads: `classifier`, or the [CLS] head of a DeiT with a
+    distillation token (its other head reads the distillation token); None for models with neither."""
+    for name in ("classifier", "cls_classifier"):
+        head = getattr(model, name, None)
+        if head is not None:
+            return head
+    return None
+
+
 @contextmanager
 def head_input(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Collects the input of the model's `classifier` head at each forward inside the block.
+    """Collects the input of the model's classification head (`classification_head`) at each forward inside the block.
 
     The hook keeps this independent of how a given architecture pools its tokens: whatever the
     head receives is the embedding the out-of-domain statistics are fitted on. The same capture
     runs in `forward` and in the fast path's ONNX export (pneumonia_vit/fast_inference.py).
     """
     captured: list[torch.Tensor] = []
-    handle = model.classifier.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    handle = classification_head(model).register_forward_pre_hook(lambda module, args: captured.append(args[0]))
     try:
         yield captured
     finally:
@@ -49,7 +59,7 @@ def head_input(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
 
 @torch.inference_mode()
 def forward(model: torch.nn.Module, pixel_values: torch.Tensor, output_attentions: bool = False) -> ForwardResult:
-    """Runs the classifier once and captures the input of its `classifier` head (`head_input`)."""
+    """Runs the classifier once and captures the input of its classification head (`head_input`)."""
     with head_input(model) as captured:
         device = next(model.parameters()).device
         output = model(pixel_values=pixel_values.to(device), output_attentions=output_attentions)

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backends import head_input
+from .backends import classification_head, head_input
 from .cpus import usable_cores
 from .preprocess import PixelSpec
 
@@ -79,7 +79,7 @@ def fingerprint(model_dir: str | os.PathLike) -> str:
 
 
 class _LogitsAndFeatures(torch.nn.Module):
-    """The exported graph: logits, and (where the model has a `classifier` head) the head's input,
+    """The exported graph: logits, and (where the model has a classification head, `backends.classification_head`) the head's input,
     the features `backends.forward` returns for the out-of-domain check."""
 
     def __init__(self, model):
@@ -87,7 +87,7 @@ class _LogitsAndFeatures(torch.nn.Module):
         self.model = model
 
     def forward(self, pixel_values):
-        if not hasattr(self.model, "classifier"):
+        if classification_head(self.model) is None:
             return (self.model(pixel_values=pixel_values).logits,)
         with head_input(self.model) as captured:
             logits = self.model(pixel_values=pixel_values).logits
@@ -98,7 +98,7 @@ def export_onnx(model, spec: PixelSpec, path: Path) -> None:
     """Exports a transformers image classifier to an fp32 ONNX graph with a dynamic batch axis."""
     wrapper = _LogitsAndFeatures(model.eval())
     example = torch.zeros(1, 3, spec.size, spec.size)
-    outputs = ["logits", "features"] if hasattr(model, "classifier") else ["logits"]
+    outputs = ["logits"] if classification_head(model) is None else ["logits", "features"]
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore")  # tracer and deprecation warnings about the exporter itself
         try:
@@ -173,7 +173,7 @@ class OnnxBackend:
         self.output_names = [output.name for output in self.session.get_outputs()]
 
     def run(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Logits (N, classes) and features (N, hidden; None where the graph has no `classifier` head)."""
+        """Logits (N, classes) and features (N, hidden; None where the graph has no classification head)."""
         values = self.session.run(None, {"pixel_values": np.ascontiguousarray(pixels, dtype=np.float32)})
         outputs = dict(zip(self.output_names, values))
         return outputs["logits"], outputs.get("features")

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from tiny_vit import TINY_VIT
 
+from pneumonia_vit.domain import STATS_FILE
 from pneumonia_vit.training import token_similarity_loss
 
 REPO = Path(__file__).resolve().parent.parent
@@ -175,6 +176,7 @@ def test_train_vit_with_a_distillation_token_saves_a_deit_the_auto_classes_load(
                               "--teacher_name_or_path", str(trained_teacher), "--token_distillation_weight", "1.0",
                               "--output_dir", str(student_dir), *_common(small_prepared)])
     assert 0.0 <= results["test"]["roc_auc"] <= 1.0
+    assert (student_dir / STATS_FILE).is_file()  # the out-of-domain statistics read its [CLS] head's input
 
     model, loading = AutoModelForImageClassification.from_pretrained(student_dir, output_loading_info=True)
     assert isinstance(model, DeiTForImageClassificationWithTeacher)
