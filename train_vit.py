@@ -35,7 +35,6 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForImageClassification,
-    DeiTForImageClassificationWithTeacher,
     EarlyStoppingCallback,
     TrainingArguments,
     set_seed,
@@ -172,26 +171,23 @@ def build_model(model_args: ModelArguments):
     config = AutoConfig.from_pretrained(source, **labels) if source else AutoConfig.for_model(model_args.model_type, **labels)
     if model_args.config_overrides:
         config.update_from_string(model_args.config_overrides)
-    model_class = AutoModelForImageClassification
     if model_args.distillation_token:
         if config.model_type != "deit" or not model_args.teacher_name_or_path:
             raise ValueError("--distillation_token needs a DeiT (--model_type deit) and a --teacher_name_or_path")
-        model_class = DeiTForImageClassificationWithTeacher
-        config.architectures = [model_class.__name__]  # what the Auto classes load it back as
+        config.architectures = ["DeiTForImageClassificationWithTeacher"]  # the class the Auto classes build and load back
         config.keys_to_ignore_at_inference = ["cls_logits", "distillation_logits"]  # Trainer.predict: the mean only
     if model_args.model_name_or_path is None:
-        if model_class is AutoModelForImageClassification:
-            return model_class.from_config(config), PixelSpec(size=model_args.image_size or config.image_size)
-        model = model_class(config)
-        # transformers 5.24 starts DeiT's position embeddings and both tokens at zero (a second branch of its
-        # _init_weights undoes the first), so [CLS] and the distillation token begin identical; they start as
-        # in DeiT's own code and in ViT: truncated normal, std initializer_range.
-        embeddings = model.deit.embeddings
-        for start in (embeddings.position_embeddings, embeddings.cls_token, embeddings.distillation_token):
-            torch.nn.init.trunc_normal_(start, std=config.initializer_range)
-        return model, PixelSpec(size=config.image_size)
+        model = AutoModelForImageClassification.from_config(config)
+        if config.model_type == "deit":
+            # transformers 5.24 starts DeiT's position embeddings and both tokens at zero (a second branch of its
+            # _init_weights undoes the first), so [CLS] and the distillation token begin identical; they start as
+            # in DeiT's own code and in ViT: truncated normal, std initializer_range.
+            embeddings = model.deit.embeddings
+            for start in (embeddings.position_embeddings, embeddings.cls_token, embeddings.distillation_token):
+                torch.nn.init.trunc_normal_(start, std=config.initializer_range)
+        return model, PixelSpec(size=model_args.image_size or config.image_size)
     # A pretrained classifier's head has another number of classes (ImageNet's): it is replaced.
-    model = model_class.from_pretrained(model_args.model_name_or_path, config=config, ignore_mismatched_sizes=True)
+    model = AutoModelForImageClassification.from_pretrained(model_args.model_name_or_path, config=config, ignore_mismatched_sizes=True)
     return model, load_pixel_spec(model_args.model_name_or_path)
 
 

@@ -62,6 +62,17 @@ def student_and_teacher():
     return ViTForImageClassification(student_config), teacher
 
 
+def _batch() -> dict:
+    return {"pixel_values": torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(3)),
+            "labels": torch.tensor([0, 1, 1, 0])}
+
+
+def _soft_label_term(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per image: the temperature-scaled KL divergence DistillationTrainer should add, written out."""
+    return temperature ** 2 * F.kl_div(F.log_softmax(logits / temperature, -1), F.log_softmax(teacher_logits / temperature, -1),
+                                       log_target=True, reduction="none").sum(-1)
+
+
 def test_distillation_loss_is_the_weighted_sum_of_label_soft_label_and_token_terms(student_and_teacher, tmp_path):
     from transformers import TrainingArguments
 
@@ -71,8 +82,7 @@ def test_distillation_loss_is_the_weighted_sum_of_label_soft_label_and_token_ter
     weight, temperature, token_weight = 0.7, 2.0, 1.5
     trainer = DistillationTrainer(model=student, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"),
                                   teacher=teacher, weight=weight, temperature=temperature, token_weight=token_weight)
-    inputs = {"pixel_values": torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(3)),
-              "labels": torch.tensor([0, 1, 1, 0])}
+    inputs = _batch()
     student.train()
     loss = trainer.compute_loss(student, dict(inputs))
 
@@ -80,9 +90,7 @@ def test_distillation_loss_is_the_weighted_sum_of_label_soft_label_and_token_ter
         student_out = student(pixel_values=inputs["pixel_values"], output_hidden_states=True)
         teacher_out = teacher.eval()(pixel_values=inputs["pixel_values"], output_hidden_states=True)
     label = F.cross_entropy(student_out.logits, inputs["labels"])
-    soft = temperature ** 2 * F.kl_div(F.log_softmax(student_out.logits / temperature, -1),
-                                       F.log_softmax(teacher_out.logits / temperature, -1), log_target=True,
-                                       reduction="none").sum(-1)
+    soft = _soft_label_term(student_out.logits, teacher_out.logits, temperature)
     tokens = token_similarity_loss(student_out.hidden_states[-2], teacher_out.hidden_states)
     expected = (1 - weight) * label + (weight * soft + token_weight * tokens).mean()
     assert tokens.min() > 0
@@ -144,8 +152,7 @@ def test_distillation_token_takes_the_teacher_terms_and_cls_head_the_labels(stud
     trainer = DistillationTrainer(model=student, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"),
                                   teacher=teacher, weight=weight, temperature=temperature, token_weight=token_weight,
                                   compute_loss_func=weighted_loss(Counter({0: 1, 1: 1}), 0.0))
-    inputs = {"pixel_values": torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(3)),
-              "labels": torch.tensor([0, 1, 1, 0])}
+    inputs = _batch()
     student.train()
     loss = trainer.compute_loss(student, dict(inputs))
 
@@ -154,9 +161,7 @@ def test_distillation_token_takes_the_teacher_terms_and_cls_head_the_labels(stud
         teacher_out = teacher.eval()(pixel_values=inputs["pixel_values"], output_hidden_states=True)
     assert out.hidden_states[-2].shape[1] == 2 + 16  # [CLS], distillation token, 4 x 4 patches
     label = F.cross_entropy(out.cls_logits, inputs["labels"])
-    soft = temperature ** 2 * F.kl_div(F.log_softmax(out.distillation_logits / temperature, -1),
-                                       F.log_softmax(teacher_out.logits / temperature, -1), log_target=True,
-                                       reduction="none").sum(-1)
+    soft = _soft_label_term(out.distillation_logits, teacher_out.logits, temperature)
     tokens = token_similarity_loss(out.hidden_states[-2], teacher_out.hidden_states, special_tokens=2)
     expected = (1 - weight) * label + (weight * soft + token_weight * tokens).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
