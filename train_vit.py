@@ -272,6 +272,10 @@ def main(argv: list[str] | None = None) -> dict:
         if trainer.is_world_process_zero():
             print(f"weights averaged over {len(averaged)} checkpoints: {', '.join(averaged)}")
 
+    # From here on the model scores in fp32, as the app serves it: with --bf16 (or --fp16) Accelerate wrapped its
+    # forward in autocast, and the threshold must be chosen on the probabilities that users get.
+    trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+
     # Threshold on validation, stored in the config so the app and every evaluation use it.
     validation_labels, validation_scores = predict_scores(trainer, splits["validation"])
     threshold = choose_threshold(validation_labels, validation_scores, run_args.threshold_rule, run_args.min_sensitivity)
