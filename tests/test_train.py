@@ -324,3 +324,27 @@ def test_persistent_workers_are_refused_since_they_would_repeat_the_first_epochs
         train_vit.main(["--config_overrides", TINY_VIT, "--data_dir", str(small_prepared), "--output_dir", str(tmp_path),
                         "--use_cpu", "--report_to", "none", "--dataloader_num_workers", "1",
                         "--dataloader_persistent_workers", "true"])
+
+
+def test_bf16_run_chooses_its_threshold_on_the_fp32_scores_the_app_serves(small_prepared, tmp_path):
+    """Under --bf16 Accelerate wraps the model's forward in autocast; scoring validation through that wrapper
+    would put the stored cut-off between bf16 scores (2e-5 off on this tiny model)."""
+    import torch
+    import train_vit
+    from transformers import AutoModelForImageClassification
+
+    from pneumonia_vit.data import BatchTransform, collate, load_splits
+    from pneumonia_vit.metrics import choose_threshold
+    from pneumonia_vit.model import load_pixel_spec
+
+    output = tmp_path / "bf16"
+    train_vit.main(["--data_dir", str(small_prepared), "--output_dir", str(output), "--num_train_epochs", "1",
+                    "--bf16", "true", *[str(item) for key, value in TINY_CONFIG.items() for item in (f"--{key}", value)]])
+    model = AutoModelForImageClassification.from_pretrained(output).eval()
+    validation = load_splits(small_prepared)["validation"]
+    validation.set_transform(BatchTransform(load_pixel_spec(output)))
+    batch = collate([validation[index] for index in range(len(validation))])
+    with torch.no_grad():
+        scores = model(pixel_values=batch["pixel_values"]).logits.float().softmax(dim=-1)[:, 1].numpy()
+    stored = json.loads((output / "config.json").read_text())["decision_threshold"]
+    assert stored == pytest.approx(choose_threshold(batch["labels"].numpy(), scores, "youden"), abs=1e-6)
