@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> dict:
                                    use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
                                    label_names=["labels"]),  # as in train_vit.py
             data_collator=collate,
+            # DeiT's two-head model returns no loss of its own; the loss is not reported, only the scores.
+            compute_loss_func=lambda outputs, labels, num_items_in_batch=None: torch.nn.functional.cross_entropy(
+                outputs.logits, labels),
         )
         labels, scores = predict_scores(trainer, dataset)
     threshold = ModelInfo.from_config(model.config.to_dict()).threshold if args.threshold is None else args.threshold

@@ -190,6 +190,13 @@ def test_train_vit_with_a_distillation_token_saves_a_deit_the_auto_classes_load(
         out = model.eval()(pixel_values=torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4)))
     torch.testing.assert_close(out.logits, (out.cls_logits + out.distillation_logits) / 2)
 
+    import evaluate_vit  # scores the two heads' mean although the model returns no loss of its own
+
+    metrics = evaluate_vit.main(["--model", str(student_dir), "--data_dir", str(small_prepared), "--split", "test",
+                                 "--output_dir", str(tmp_path / "evaluation")])
+    assert metrics["confusion_matrix"] == results["test"]["confusion_matrix"]
+    assert metrics["roc_auc"] == pytest.approx(results["test"]["roc_auc"], abs=1e-6)
+
     fresh, _ = train_vit.build_model(train_vit.ModelArguments(model_type="deit", distillation_token=True, config_overrides=TINY_VIT,
                                                               teacher_name_or_path=str(trained_teacher)))
     embeddings = fresh.deit.embeddings  # started as ViT starts them, not at zero (transformers 5.24)
