@@ -330,9 +330,9 @@ def test_bf16_run_chooses_its_threshold_on_the_fp32_scores_the_app_serves(small_
     """Under --bf16 Accelerate wraps the model's forward in autocast; scoring validation through that wrapper
     would put the stored cut-off between bf16 scores (2e-5 off on this tiny model)."""
     import torch
-    import train_vit
     from transformers import AutoModelForImageClassification
 
+    import train_vit
     from pneumonia_vit.data import BatchTransform, collate, load_splits
     from pneumonia_vit.metrics import choose_threshold
     from pneumonia_vit.model import load_pixel_spec
