@@ -176,6 +176,10 @@ def build_model(model_args: ModelArguments):
             raise ValueError("--distillation_token needs a DeiT (--model_type deit) and a --teacher_name_or_path")
         config.architectures = ["DeiTForImageClassificationWithTeacher"]  # the class the Auto classes build and load back
         config.keys_to_ignore_at_inference = ["cls_logits", "distillation_logits"]  # Trainer.predict: the mean only
+    elif config.model_type == "deit":
+        # transformers 5 maps "deit" to two classes and picks one by config.architectures (None from scratch: a
+        # TypeError); without the token it is the one-head class, also when fine-tuning a distilled checkpoint.
+        config.architectures = ["DeiTForImageClassification"]
     if model_args.model_name_or_path is None:
         model = AutoModelForImageClassification.from_config(config)
         if config.model_type == "deit":

@@ -206,3 +206,17 @@ def test_train_vit_with_a_distillation_token_saves_a_deit_the_auto_classes_load(
     with pytest.raises(ValueError, match="needs a DeiT"):
         train_vit.main(["--distillation_token", "--config_overrides", TINY_VIT, "--teacher_name_or_path",
                         str(trained_teacher), "--output_dir", str(tmp_path / "vit"), *_common(small_prepared)])
+
+
+def test_a_deit_without_the_distillation_token_is_the_one_head_class_and_loads_back_as_it(tmp_path):
+    """transformers 5 maps "deit" to two classes; from scratch (no config.architectures) its Auto class used to
+    raise a TypeError for `--model_type deit` alone."""
+    from transformers import AutoModelForImageClassification, DeiTForImageClassification
+
+    import train_vit
+
+    model, _ = train_vit.build_model(train_vit.ModelArguments(model_type="deit", config_overrides=TINY_VIT))
+    assert type(model) is DeiTForImageClassification
+    assert 0.01 < model.deit.embeddings.position_embeddings.std().item() < 0.03
+    model.save_pretrained(tmp_path)
+    assert type(AutoModelForImageClassification.from_pretrained(tmp_path)) is DeiTForImageClassification
