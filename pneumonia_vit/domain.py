@@ -71,13 +71,17 @@ COLOUR, BLANK, UNFAMILIAR = "colour_image", "blank_image", "unfamiliar_to_the_mo
 RULES = ("colour", "blank", "kind", "features")
 
 
-def _read_safetensors(path: str | Path, expected_format: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def _refit(what: str) -> str:
+    return f"refit it (python -m pneumonia_vit.domain_fit MODEL_DIR --data_dir DATA --adult_dir ADULTS --{what})"
+
+
+def _read_safetensors(path: str | Path, expected_format: str, fitted_by: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="numpy") as handle:
         metadata = handle.metadata() or {}
         if metadata.get("format") != expected_format:
-            raise ValueError(f"{path}: not a {expected_format} file (format {metadata.get('format')!r})")
+            raise ValueError(f"{path}: not a {expected_format} file (format {metadata.get('format')!r}): {_refit(fitted_by)}")
         return {name: handle.get_tensor(name) for name in handle.keys()}, metadata
 
 
@@ -144,7 +148,7 @@ class DomainStats:
 
     @classmethod
     def read(cls, path: str | Path) -> DomainStats:
-        tensors, metadata = _read_safetensors(path, STATS_FORMAT)
+        tensors, metadata = _read_safetensors(path, STATS_FORMAT, fitted_by="feature_stats")
         return cls(
             mean=tensors["mean"], precision=tensors["precision"],
             threshold=float(metadata["threshold"]), quantile=float(metadata["quantile"]),
@@ -234,13 +238,10 @@ class KindModel:
 
     @classmethod
     def read(cls, path: str | Path) -> KindModel:
-        try:
-            tensors, metadata = _read_safetensors(path, CHECK_FORMAT)
-        except ValueError as error:
-            raise ValueError(f"{error}: refit it (python -m pneumonia_vit.domain_fit MODEL_DIR --kind_model ...)") from None
+        tensors, metadata = _read_safetensors(path, CHECK_FORMAT, fitted_by="kind_model")
         if metadata.get("kinds") != ",".join(KINDS) or metadata.get("inputs") != CHECK_INPUTS:
             raise ValueError(f"{path}: fitted for kinds {metadata.get('kinds')!r} on inputs {metadata.get('inputs')!r}; "
-                             f"this code reads {','.join(KINDS)!r} on {CHECK_INPUTS!r}: refit it (domain_fit.py)")
+                             f"this code reads {','.join(KINDS)!r} on {CHECK_INPUTS!r}: {_refit('kind_model')}")
         return cls(tensors=tensors, threshold=float(metadata["threshold"]),
                    metadata={k: v for k, v in metadata.items() if k not in ("format", "threshold", "kinds", "inputs")})
 

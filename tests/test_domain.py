@@ -147,7 +147,8 @@ def test_fit_command_says_what_is_missing_and_writes_nothing(tiny_model_dir, sma
 
 def test_kind_model_runs_the_trained_network_reproducibly_round_trips_and_refuses_other_formats(tmp_path):
     """Random thumbnails: the numpy forward equals the trained torch network's, the same seed gives the
-    same weights, save and read keep the probabilities, and a file of another format gets a refit message."""
+    same weights, save and read keep the probabilities, and a file of another format gets the refit command
+    of its own kind (the kind model's or the feature statistics')."""
     import torch
     from safetensors.numpy import save_file
 
@@ -171,8 +172,10 @@ def test_kind_model_runs_the_trained_network_reproducibly_round_trips_and_refuse
     assert np.allclose(read.probabilities(inputs), probabilities, atol=1e-6)
     save_file({"layer0.weight": np.zeros((2, 2), np.float32)}, str(tmp_path / CHECK_FILE),
               {"format": "pneumonia_vit.domain_check/1", "threshold": "0.1"})
-    with pytest.raises(ValueError, match="refit it"):
+    with pytest.raises(ValueError, match="refit it .*--kind_model"):
         KindModel.read(tmp_path / CHECK_FILE)
+    with pytest.raises(ValueError, match="refit it .*--feature_stats"):
+        DomainStats.read(tmp_path / CHECK_FILE)
 
 
 def test_kind_model_inputs_ignore_exposure_and_window():
