@@ -2,6 +2,7 @@
 
     python evaluate_vit.py --model models/pneumonia-vit-tiny --data_dir data/chest_xray_prepared --split test
     python evaluate_vit.py --model you/pneumonia-vit --data_dir data/chest_xray_prepared --output_dir eval/vit-base
+    python evaluate_vit.py --data_dir data/chest_xray_prepared --split validation --centre_crop 0.85
 
 Writes {split}_metrics.json, {split}_confusion_matrix.png and {split}_roc.png at the model's stored
 threshold (or --threshold), through the same code train_vit.py uses after training.
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoModelForImageClassification, HfArgumentParser, Trainer, TrainingArguments
 
-from pneumonia_vit.data import SPLITS, BatchTransform, collate, load_splits
+from pneumonia_vit.data import SPLITS, BatchTransform, CentreCrop, collate, load_splits, with_sample_index
 from pneumonia_vit.evaluation import predict_scores, write_report
 from pneumonia_vit.model import ModelInfo, load_pixel_spec
 
@@ -29,6 +30,12 @@ class EvaluateArguments:
     split: str = field(default="test", metadata={"help": f"One of {SPLITS}."})
     output_dir: str = field(default="outputs/evaluation", metadata={"help": "Where the metrics and plots go."})
     threshold: float | None = field(default=None, metadata={"help": "Override the model's stored decision threshold."})
+    centre_crop: float = field(
+        default=1.0,
+        metadata={"help": "Score the central part of each film (this fraction of its width and height), not the whole: "
+                  "how the model reads films framed tighter than the training ones (README: ablation, framing). "
+                  "1: the whole film."},
+    )
     batch_size: int = field(default=64, metadata={"help": "Images per forward pass (per device)."})
 
 
@@ -36,7 +43,11 @@ def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(EvaluateArguments).parse_args_into_dataclasses(args=argv)
     dataset = load_splits(args.data_dir, args.dataset_name)[args.split]
     model = AutoModelForImageClassification.from_pretrained(args.model)
-    dataset.set_transform(BatchTransform(load_pixel_spec(args.model)))
+    if not 0 < args.centre_crop <= 1:
+        raise ValueError(f"--centre_crop must be in (0, 1], got {args.centre_crop}")
+    if args.centre_crop < 1:
+        dataset = with_sample_index(dataset)
+    dataset.set_transform(BatchTransform(load_pixel_spec(args.model), CentreCrop(args.centre_crop) if args.centre_crop < 1 else None))
     with tempfile.TemporaryDirectory() as scratch:
         trainer = Trainer(
             model=model,

@@ -123,6 +123,11 @@ class DataArguments:
     aspect_jitter: float = field(
         default=1.45, metadata={"help": "Random crop width/height between 1/jitter and jitter (1: square crops only)."}
     )
+    zoom_out: float = field(
+        default=1.0,
+        metadata={"help": "Place half of the films on a black canvas up to this many times their side before the crop "
+                  "(1: never), so that the dark margin around the body does not tell the classes apart."},
+    )
     rotation_degrees: float = field(default=7.0, metadata={"help": "Largest random rotation, degrees."})
     gamma: float = field(default=0.4, metadata={"help": "Random gamma between 1/(1+gamma) and 1+gamma."})
     exposure: float = field(default=0.15, metadata={"help": "Largest random brightness and contrast change, as a fraction."})
@@ -216,7 +221,8 @@ def main(argv: list[str] | None = None) -> dict:
     # Model and the transforms that feed it.
     model, spec = build_model(model_args)
     augmentation = Augmentation(
-        crop_scale=data_args.crop_scale, aspect_jitter=data_args.aspect_jitter, rotation_degrees=data_args.rotation_degrees,
+        crop_scale=data_args.crop_scale, aspect_jitter=data_args.aspect_jitter, zoom_out=data_args.zoom_out,
+        rotation_degrees=data_args.rotation_degrees,
         gamma=data_args.gamma, exposure=data_args.exposure, blur=data_args.blur, noise=data_args.noise,
         jpeg_quality=data_args.jpeg_quality,
     ) if data_args.augment else None

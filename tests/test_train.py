@@ -257,6 +257,25 @@ def test_evaluate_vit_reproduces_the_test_metrics(trained, tmp_path):
         assert (tmp_path / plot).stat().st_size > 0
 
 
+def test_evaluate_vit_centre_crop_scores_the_middle_of_every_film(trained, tmp_path):
+    import evaluate_vit
+    from pneumonia_vit.data import CentreCrop
+
+    # The middle 40% of a film whose middle half is white and whose margin is black is all white.
+    film = Image.new("L", (200, 100), 0)
+    film.paste(255, (50, 25, 150, 75))
+    assert np.asarray(CentreCrop(0.4)(film, 32)).min() == 255
+    assert np.asarray(CentreCrop(1.0)(film, 32)).min() == 0
+
+    arguments = ["--model", str(trained["output"]), "--data_dir", str(trained["prepared"]), "--split", "validation"]
+    whole = evaluate_vit.main([*arguments, "--output_dir", str(tmp_path / "whole")])
+    middle = evaluate_vit.main([*arguments, "--output_dir", str(tmp_path / "middle"), "--centre_crop", "0.6"])
+    assert middle["n"] == whole["n"] and middle["threshold"] == whole["threshold"]
+    assert middle["roc_auc"] != whole["roc_auc"] or middle["confusion_matrix"] != whole["confusion_matrix"]
+    with pytest.raises(ValueError, match="--centre_crop must be in"):
+        evaluate_vit.main([*arguments, "--output_dir", str(tmp_path / "bad"), "--centre_crop", "0"])
+
+
 def test_rerun_into_a_folder_with_checkpoints_is_refused(trained):
     import train_vit
 
@@ -348,3 +367,32 @@ def test_bf16_run_chooses_its_threshold_on_the_fp32_scores_the_app_serves(small_
         scores = model(pixel_values=batch["pixel_values"]).logits.float().softmax(dim=-1)[:, 1].numpy()
     stored = json.loads((output / "config.json").read_text())["decision_threshold"]
     assert stored == pytest.approx(choose_threshold(batch["labels"].numpy(), scores, "youden"), abs=1e-6)
+
+
+def test_zoom_out_puts_a_dark_margin_around_half_of_the_films_and_is_off_by_default(data_root):
+    """The crops alone leave the dark margin a class cue (more of it around NORMAL films); zooming out varies
+    it for both classes. Off by default, so a config without it draws exactly the augmentations it drew before."""
+    from pneumonia_vit.data import Augmentation
+    from pneumonia_vit.images import load_xray
+
+    film = load_xray(sorted((data_root / "chest_xray_224" / "train" / "PNEUMONIA").iterdir())[0])
+    # Only the margin varies: no crop, no aspect change, no rotation, no photometric change.
+    plain = {"crop_scale": 1.0, "aspect_jitter": 1.0, "rotation_degrees": 0.0, "gamma": 0.0, "exposure": 0.0,
+             "blur": 0.2, "noise": 0.0, "jpeg_quality": 95}
+
+    def draws(augmentation: Augmentation) -> list[np.ndarray]:
+        return [np.asarray(augmentation(film, 64, np.random.default_rng((0, 0, index))), dtype=np.uint8)
+                for index in range(40)]
+
+    def black_edge_rows_and_columns(pixels: np.ndarray) -> int:
+        black = pixels <= 2
+        return int(black.all(axis=1).sum() + black.all(axis=0).sum())
+
+    zoomed = draws(Augmentation(**plain, zoom_out=1.5))
+    margins = [black_edge_rows_and_columns(pixels) for pixels in zoomed]
+    assert all(pixels.shape == (64, 64) for pixels in zoomed)
+    assert 10 <= sum(margin > 0 for margin in margins) <= 30  # about half of the draws
+    assert max(margins) >= 8  # up to a third of the side on a 1.5x canvas: well beyond a resampling edge
+    assert not any(black_edge_rows_and_columns(pixels) for pixels in draws(Augmentation(**plain)))
+    default_draws = draws(Augmentation())
+    assert all((a == b).all() for a, b in zip(default_draws, draws(Augmentation(zoom_out=1.0))))
