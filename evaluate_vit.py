@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoModelForImageClassification, HfArgumentParser, Trainer, TrainingArguments
 
-from pneumonia_vit.data import SPLITS, BatchTransform, CentreCrop, collate, load_splits, with_sample_index
+from pneumonia_vit.data import SPLITS, BatchTransform, collate, load_splits
 from pneumonia_vit.evaluation import predict_scores, write_report
 from pneumonia_vit.model import ModelInfo, load_pixel_spec
 
@@ -45,9 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = AutoModelForImageClassification.from_pretrained(args.model)
     if not 0 < args.centre_crop <= 1:
         raise ValueError(f"--centre_crop must be in (0, 1], got {args.centre_crop}")
-    if args.centre_crop < 1:
-        dataset = with_sample_index(dataset)
-    dataset.set_transform(BatchTransform(load_pixel_spec(args.model), CentreCrop(args.centre_crop) if args.centre_crop < 1 else None))
+    dataset.set_transform(BatchTransform(load_pixel_spec(args.model), crop=args.centre_crop))
     with tempfile.TemporaryDirectory() as scratch:
         trainer = Trainer(
             model=model,

@@ -215,17 +215,14 @@ class Augmentation:
         return image
 
 
-@dataclass(frozen=True)
-class CentreCrop:
-    """Not an augmentation: the central `fraction` of a film's width and height, for scoring films framed
-    tighter than the training ones (`evaluate_vit.py --centre_crop`); called like an Augmentation."""
-
-    fraction: float
-
-    def __call__(self, image: Image.Image, size: int, rng: np.random.Generator | None = None) -> Image.Image:
-        width, height = image.size
-        left, top = width * (1 - self.fraction) / 2, height * (1 - self.fraction) / 2
-        return image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, width - left, height - top))
+def centre_crop(image: Image.Image, fraction: float, size: int) -> Image.Image:
+    """The central `fraction` of a film's width and height, resized to a `size` square (1: the whole film,
+    `resize_gray`); for scoring films framed tighter than the training ones (`evaluate_vit.py --centre_crop`)."""
+    if fraction == 1:
+        return resize_gray(image, size)
+    width, height = image.size
+    left, top = width * (1 - fraction) / 2, height * (1 - fraction) / 2
+    return image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, width - left, height - top))
 
 
 SAMPLE_INDEX = "sample_index"  # the training split's column that seeds each image's augmentation
@@ -238,18 +235,22 @@ class BatchTransform:
     (i from the split's SAMPLE_INDEX column; e set by `training.AugmentationEpoch`). What an image
     gets depends on nothing else: not the number of processes or dataloader workers, not the batch
     it lands in, not whether the run was interrupted and resumed.
+    Without an augmentation, `crop` < 1 scores the middle of each film (`centre_crop`).
     """
 
-    def __init__(self, spec: PixelSpec, augmentation: Augmentation | CentreCrop | None = None, seed: int = 0):
+    def __init__(self, spec: PixelSpec, augmentation: Augmentation | None = None, seed: int = 0, crop: float = 1.0):
+        if augmentation is not None and crop != 1:
+            raise ValueError("a centre crop is for scoring, not for an augmented training split")
         self.spec = spec
         self.augmentation = augmentation
+        self.crop = crop
         self.seed = seed
         self.epoch = 0
 
     def __call__(self, batch: dict) -> dict:
         images = [load_xray(image) for image in batch["image"]]
         if self.augmentation is None:
-            images = [resize_gray(image, self.spec.size) for image in images]
+            images = [centre_crop(image, self.crop, self.spec.size) for image in images]
         else:
             images = [
                 self.augmentation(image, self.spec.size, np.random.default_rng((self.seed, self.epoch, index)))

@@ -259,13 +259,13 @@ def test_evaluate_vit_reproduces_the_test_metrics(trained, tmp_path):
 
 def test_evaluate_vit_centre_crop_scores_the_middle_of_every_film(trained, tmp_path):
     import evaluate_vit
-    from pneumonia_vit.data import CentreCrop
+    from pneumonia_vit.data import centre_crop
 
     # The middle 40% of a film whose middle half is white and whose margin is black is all white.
     film = Image.new("L", (200, 100), 0)
     film.paste(255, (50, 25, 150, 75))
-    assert np.asarray(CentreCrop(0.4)(film, 32)).min() == 255
-    assert np.asarray(CentreCrop(1.0)(film, 32)).min() == 0
+    assert np.asarray(centre_crop(film, 0.4, 32)).min() == 255
+    assert np.asarray(centre_crop(film, 1.0, 32)).min() == 0
 
     arguments = ["--model", str(trained["output"]), "--data_dir", str(trained["prepared"]), "--split", "validation"]
     whole = evaluate_vit.main([*arguments, "--output_dir", str(tmp_path / "whole")])
