@@ -43,8 +43,6 @@ def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(EvaluateArguments).parse_args_into_dataclasses(args=argv)
     dataset = load_splits(args.data_dir, args.dataset_name)[args.split]
     model = AutoModelForImageClassification.from_pretrained(args.model)
-    if not 0 < args.centre_crop <= 1:
-        raise ValueError(f"--centre_crop must be in (0, 1], got {args.centre_crop}")
     dataset.set_transform(BatchTransform(load_pixel_spec(args.model), crop=args.centre_crop))
     with tempfile.TemporaryDirectory() as scratch:
         trainer = Trainer(

@@ -239,6 +239,8 @@ class BatchTransform:
     """
 
     def __init__(self, spec: PixelSpec, augmentation: Augmentation | None = None, seed: int = 0, crop: float = 1.0):
+        if not 0 < crop <= 1:
+            raise ValueError(f"a centre crop is a fraction of the film's width and height in (0, 1], got {crop}")
         if augmentation is not None and crop != 1:
             raise ValueError("a centre crop is for scoring, not for an augmented training split")
         self.spec = spec

@@ -272,7 +272,7 @@ def test_evaluate_vit_centre_crop_scores_the_middle_of_every_film(trained, tmp_p
     middle = evaluate_vit.main([*arguments, "--output_dir", str(tmp_path / "middle"), "--centre_crop", "0.6"])
     assert middle["n"] == whole["n"] and middle["threshold"] == whole["threshold"]
     assert middle["roc_auc"] != whole["roc_auc"] or middle["confusion_matrix"] != whole["confusion_matrix"]
-    with pytest.raises(ValueError, match="--centre_crop must be in"):
+    with pytest.raises(ValueError, match=r"a centre crop is a fraction .* in \(0, 1\], got 0"):
         evaluate_vit.main([*arguments, "--output_dir", str(tmp_path / "bad"), "--centre_crop", "0"])
 
 
@@ -345,28 +345,60 @@ def test_persistent_workers_are_refused_since_they_would_repeat_the_first_epochs
                         "--dataloader_persistent_workers", "true"])
 
 
-def test_bf16_run_chooses_its_threshold_on_the_fp32_scores_the_app_serves(small_prepared, tmp_path):
-    """Under --bf16 Accelerate wraps the model's forward in autocast; scoring validation through that wrapper
-    would put the stored cut-off between bf16 scores (2e-5 off on this tiny model)."""
+def fp32_validation_scores(output: Path, prepared: Path, crop: float = 1.0):
+    """Labels and P(PNEUMONIA) of the saved model on the validation films (their middle, with `crop` < 1), in fp32."""
     import torch
     from transformers import AutoModelForImageClassification
 
-    import train_vit
     from pneumonia_vit.data import BatchTransform, collate, load_splits
-    from pneumonia_vit.metrics import choose_threshold
     from pneumonia_vit.model import load_pixel_spec
 
-    output = tmp_path / "bf16"
-    train_vit.main(["--data_dir", str(small_prepared), "--output_dir", str(output), "--num_train_epochs", "1",
-                    "--bf16", "true", *[str(item) for key, value in TINY_CONFIG.items() for item in (f"--{key}", value)]])
     model = AutoModelForImageClassification.from_pretrained(output).eval()
-    validation = load_splits(small_prepared)["validation"]
-    validation.set_transform(BatchTransform(load_pixel_spec(output)))
+    validation = load_splits(prepared)["validation"]
+    validation.set_transform(BatchTransform(load_pixel_spec(output), crop=crop))
     batch = collate([validation[index] for index in range(len(validation))])
     with torch.no_grad():
         scores = model(pixel_values=batch["pixel_values"]).logits.float().softmax(dim=-1)[:, 1].numpy()
+    return batch["labels"].numpy(), scores
+
+
+def tiny_run_argv(prepared: Path, output: Path, *flags: str) -> list[str]:
+    return ["--data_dir", str(prepared), "--output_dir", str(output), "--num_train_epochs", "1", *flags,
+            *[str(item) for key, value in TINY_CONFIG.items() for item in (f"--{key}", value)]]
+
+
+def test_bf16_run_chooses_its_threshold_on_the_fp32_scores_the_app_serves(small_prepared, tmp_path):
+    """Under --bf16 Accelerate wraps the model's forward in autocast; scoring validation through that wrapper
+    would put the stored cut-off between bf16 scores (2e-5 off on this tiny model)."""
+    import train_vit
+    from pneumonia_vit.metrics import choose_threshold
+
+    output = tmp_path / "bf16"
+    train_vit.main(tiny_run_argv(small_prepared, output, "--bf16", "true"))
     stored = json.loads((output / "config.json").read_text())["decision_threshold"]
-    assert stored == pytest.approx(choose_threshold(batch["labels"].numpy(), scores, "youden"), abs=1e-6)
+    assert stored == pytest.approx(choose_threshold(*fp32_validation_scores(output, small_prepared), "youden"), abs=1e-6)
+
+
+def test_threshold_centre_crop_chooses_the_cut_off_on_whole_and_cropped_validation_films_together(small_prepared, tmp_path):
+    import train_vit
+    from pneumonia_vit.metrics import choose_threshold
+
+    with pytest.raises(ValueError, match=r"a centre crop is a fraction .* in \(0, 1\], got 1.5"):
+        train_vit.main(tiny_run_argv(small_prepared, tmp_path / "refused", "--threshold_centre_crop", "1.5"))
+    assert not (tmp_path / "refused").exists()  # refused before training, not after it
+
+    output = tmp_path / "pooled"
+    train_vit.main(tiny_run_argv(small_prepared, output, "--threshold_centre_crop", "0.6"))
+    config = json.loads((output / "config.json").read_text())
+    labels, whole = fp32_validation_scores(output, small_prepared)
+    _, middle = fp32_validation_scores(output, small_prepared, crop=0.6)
+    pooled = choose_threshold(np.concatenate([labels, labels]), np.concatenate([whole, middle]))
+    assert config["decision_threshold"] == pytest.approx(pooled, abs=1e-6)
+    assert config["decision_threshold"] != pytest.approx(choose_threshold(labels, whole), abs=1e-6)
+    assert config["threshold_rule"] == "youden on whole + 0.6 centre-cropped films"
+    # The reported validation figures stay those of the whole films, at that cut-off.
+    reported = json.loads((output / "validation_metrics.json").read_text())
+    assert reported["threshold"] == config["decision_threshold"] and reported["n"] == len(labels)
 
 
 def test_zoom_out_puts_a_dark_margin_around_half_of_the_films_and_is_off_by_default(data_root):
