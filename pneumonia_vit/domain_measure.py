@@ -159,7 +159,7 @@ def _table(rows: list[dict], model: str, milliseconds: dict[str, float] | None) 
     ]
     for row in rows:
         lines.append(
-            f"| {row['set']} | {row['images']} | {row['flagged']} | {100 * row['flagged_fraction']:.1f}% | {row.get('goal', '')} "
+            f"| {row['set']} | {row['images']} | {row['flagged']} | {100 * row['flagged'] / row['images']:.1f}% | {row.get('goal', '')} "
             f"| {row['colour']} | {row['blank']} | {row['kind']} | {row['features']} | {row['features_only']} "
             f"| {row['kind_model_alone']} |"
         )
