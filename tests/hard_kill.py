@@ -1,7 +1,8 @@
-"""Killing a training process hard (SIGKILL, as an out-of-memory killer or a lost machine would) at a chosen point."""
+"""Killing a training run hard (SIGKILL, as a lost machine would) at a chosen point."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -9,11 +10,14 @@ from pathlib import Path
 
 
 def kill_once_written(process: subprocess.Popen, target: Path, timeout: float = 240) -> str:
-    """SIGKILLs `process` as soon as `target` exists and returns its output; fails if it ended by itself first."""
+    """SIGKILLs `process` and its dataloader workers as soon as `target` exists and returns its output; fails if it
+    ended by itself first. Start it with `start_new_session=True`: the whole process group is killed, because a worker
+    that outlives its parent can block for good on a full queue pipe and keep the output pipe open."""
+    assert os.getpgid(process.pid) == process.pid, "start the run with start_new_session=True"
     deadline = time.monotonic() + timeout
     while not target.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)
     log = process.communicate(timeout=60)[0]
     assert process.returncode == -signal.SIGKILL, f"the run ended by itself before the kill:\n{log[-3000:]}"
     return log

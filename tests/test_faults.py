@@ -107,7 +107,7 @@ def test_sigkill_mid_epoch_then_resume_with_other_worker_counts_matches_the_unbr
     assert 12 % per_epoch != 0 and 12 < total, (per_epoch, total)
     process = subprocess.Popen([sys.executable, "train_vit.py", *args, "--dataloader_num_workers", "2"], cwd=REPO,
                                env=environment(tmp_path / "hf_home"),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     kill_once_written(process, target)
     assert not (output / "test_metrics.json").exists() and not (output / "model.safetensors").exists()
     last = steps(output)[-1]

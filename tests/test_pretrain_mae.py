@@ -92,7 +92,8 @@ def test_sigkill_then_resume_matches_the_unbroken_run(image_dir, unbroken, tmp_p
     output = tmp_path / "run"
     args = RUN + ["--image_dirs", str(image_dir), "--output_dir", str(output)]
     target = output / "checkpoint-6" / "trainer_state.json"  # step 6: the 2nd of the 2nd epoch's 5 steps
-    kill_once_written(run(args + ["--dataloader_num_workers", "2"], tmp_path / "hf_home"), target)
+    kill_once_written(run(args + ["--dataloader_num_workers", "2"], tmp_path / "hf_home", start_new_session=True),
+                      target)
     assert not (output / "model.safetensors").exists()
 
     resumed = finished(args + ["--resume_from_checkpoint", "last"], tmp_path / "hf_home")
