@@ -12,7 +12,8 @@ from pathlib import Path
 def kill_once_written(process: subprocess.Popen, target: Path, timeout: float = 240) -> str:
     """SIGKILLs `process` and its dataloader workers as soon as `target` exists and returns its output; fails if it
     ended by itself first. Start it with `start_new_session=True`: the whole process group is killed, because a worker
-    that outlives its parent can block for good on a full queue pipe and keep the output pipe open."""
+    forked in the instant before its parent dies records the adoptive parent as its own, never sees the death, and
+    keeps the output pipe open."""
     assert os.getpgid(process.pid) == process.pid, "start the run with start_new_session=True"
     deadline = time.monotonic() + timeout
     while not target.exists() and process.poll() is None and time.monotonic() < deadline:
