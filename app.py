@@ -9,7 +9,7 @@
 
 Models, each loaded once, at start-up:
 - the API's /predict (the label value only) scores with the fast path: the model exported to ONNX
-  with int8 weights, run by ONNX Runtime (pneumonia_vit/fast_inference.py; exported into
+  with int8 weights, run by ONNX Runtime (pneumonia_vit/inference/fast_path.py; exported into
   ~/.cache/pneumonia-vit or $PNEUMONIA_VIT_CACHE on the first start, a few seconds; its threads:
   $PNEUMONIA_VIT_THREADS, default every usable core). Its
   probabilities differ from the fp32 model's by ~1e-3;
@@ -29,7 +29,7 @@ activations are scaled per batch); a request scored alone, and every request wit
 PNEUMONIA_VIT_BATCH=0, gets exactly the same number every time. benchmarks/api_throughput.py
 measures the settings against each other.
 
-The page and the API are built in pneumonia_vit/webapp.py.
+The page and the API are built in pneumonia_vit/serving/webapp.py.
 """
 
 import logging
@@ -40,9 +40,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 # monitoring dashboard, which this app does not enable: 3-8 ms of CPU per API request on 2 cores.
 os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "1000")
 
-from pneumonia_vit.serving import Service  # noqa: E402
+from pneumonia_vit.serving.service import Service  # noqa: E402
+from pneumonia_vit.serving.webapp import build_demo, launch  # noqa: E402
 from pneumonia_vit.settings import ServingSettings  # noqa: E402
-from pneumonia_vit.webapp import build_demo, launch  # noqa: E402
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up requests

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoModelForImageClassification, HfArgumentParser, Trainer, TrainingArguments
 
-from pneumonia_vit.data import SPLITS, BatchTransform, collate, load_splits
-from pneumonia_vit.evaluation import predict_scores, write_report
-from pneumonia_vit.model import ModelInfo, load_pixel_spec
+from pneumonia_vit.inference.classifier import ModelInfo, load_pixel_spec
+from pneumonia_vit.training.data import SPLITS, BatchTransform, collate, load_splits
+from pneumonia_vit.training.evaluation import predict_scores, write_report
 
 
 @dataclass

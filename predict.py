@@ -9,7 +9,7 @@ threshold), out_of_domain (empty, or why the image does not look like the traini
 listed, including files that are not images, so nothing is dropped silently.
 
 Scoring runs on the fast path (ONNX Runtime, int8 weights, exported into a cache on first use; see
-pneumonia_vit/fast_inference.py), whose probabilities differ from the fp32 PyTorch model's by ~1e-3;
+pneumonia_vit/inference/fast_path.py), whose probabilities differ from the fp32 PyTorch model's by ~1e-3;
 PNEUMONIA_VIT_FAST=0 python predict.py ... scores with the fp32 PyTorch model instead. Decisions are
 taken at the model's stored threshold either way. The environment settings are app.py's
 (pneumonia_vit/settings.py).
@@ -28,7 +28,7 @@ from pneumonia_vit.images import InvalidImageError, read_xray
 from pneumonia_vit.settings import ServingSettings
 
 if TYPE_CHECKING:
-    from pneumonia_vit.serving import Service
+    from pneumonia_vit.serving.service import Service
 
 COLUMNS = ("file", "p_normal", "p_pneumonia", "decision", "out_of_domain", "error")
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     if model_id is None or Path(model_id).is_dir():
         # A local model never needs the Hub: stay offline, so no lookup can stall on a machine without a network.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from pneumonia_vit.serving import Service  # after HF_HUB_OFFLINE: huggingface_hub reads it once, at import
+    from pneumonia_vit.serving.service import Service  # after HF_HUB_OFFLINE: huggingface_hub reads it once, at import
 
     service = Service.load(model_id, **settings.fast_path())
     counts = predict_folder(service, args.folder, output, args.recursive, args.batch_size)

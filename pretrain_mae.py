@@ -37,11 +37,11 @@ from transformers import (
     set_seed,
 )
 
-from pneumonia_vit.card import encoder_card
-from pneumonia_vit.data import Augmentation, BatchTransform, collate, unlabeled_images, with_sample_index
 from pneumonia_vit.images import LABELS
 from pneumonia_vit.preprocess import PixelSpec
-from pneumonia_vit.training import (
+from pneumonia_vit.training.card import encoder_card
+from pneumonia_vit.training.data import Augmentation, BatchTransform, collate, unlabeled_images, with_sample_index
+from pneumonia_vit.training.trainer import (
     AugmentationEpoch,
     Stopwatch,
     StrictReloadTrainer,

@@ -41,15 +41,14 @@ from transformers import (
     set_seed,
 )
 
-from pneumonia_vit.card import model_card
-from pneumonia_vit.data import Augmentation, BatchTransform, collate, load_splits, with_sample_index
-from pneumonia_vit.domain_fit import fit_domain_stats
-from pneumonia_vit.evaluation import predict_scores, write_report
 from pneumonia_vit.images import LABELS
-from pneumonia_vit.metrics import THRESHOLD_RULES, choose_threshold
-from pneumonia_vit.model import load_pixel_spec
+from pneumonia_vit.inference.classifier import load_pixel_spec
+from pneumonia_vit.ood.fit import fit_domain_stats
 from pneumonia_vit.preprocess import PixelSpec
-from pneumonia_vit.training import (
+from pneumonia_vit.training.card import model_card
+from pneumonia_vit.training.data import Augmentation, BatchTransform, collate, load_splits, with_sample_index
+from pneumonia_vit.training.evaluation import THRESHOLD_RULES, choose_threshold, predict_scores, write_report
+from pneumonia_vit.training.trainer import (
     AugmentationEpoch,
     DistillationTrainer,
     Stopwatch,
@@ -119,7 +118,7 @@ class DataArguments:
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Use only this many validation and test images each (quick runs)."}
     )
-    augment: bool = field(default=True, metadata={"help": "Augment the training images (pneumonia_vit/data.py: Augmentation)."})
+    augment: bool = field(default=True, metadata={"help": "Augment the training images (pneumonia_vit/training/data.py: Augmentation)."})
     crop_scale: float = field(default=0.6, metadata={"help": "Smallest random crop, as a fraction of the image area."})
     aspect_jitter: float = field(
         default=1.45, metadata={"help": "Random crop width/height between 1/jitter and jitter (1: square crops only)."}
@@ -307,14 +306,14 @@ def main(argv: list[str] | None = None) -> dict:
     model.config.decision_threshold = threshold
     model.config.threshold_rule = rule
 
-    # Out-of-domain statistics for the app (pneumonia_vit/domain.py), saved beside the weights. A failure
+    # Out-of-domain statistics for the app (pneumonia_vit/ood/check.py), saved beside the weights. A failure
     # here must not cost the trained model: without the file the app runs its colour and contrast checks only.
     if trainer.is_world_process_zero():
         try:
             fit_domain_stats(model, spec, splits["train"], splits["validation"], output_dir=training_args.output_dir)
         except Exception as error:
             print(f"warning: out-of-domain statistics not written ({error!r}); add them later with "
-                  f"python -m pneumonia_vit.domain_fit {training_args.output_dir} --data_dir DATA_DIR --feature_stats")
+                  f"python -m pneumonia_vit.ood.fit {training_args.output_dir} --data_dir DATA_DIR --feature_stats")
 
     # The one look at the test split, with the threshold fixed beforehand.
     test_labels, test_scores = predict_scores(trainer, splits["test"])

@@ -31,7 +31,7 @@ result. Two things of gradio_client's own shape the numbers:
 
 Goals (issue 5): at 8 clients at least 2x the images/s of the baseline, and p95 at 1 client at most
 20 % above the baseline's; no failed request. Also reported: the fast apps' probabilities on the
-examples against the baseline's (tolerance 0.02, as tests/test_fast_inference.py) and any decision
+examples against the baseline's (tolerance 0.02, as tests/test_fast_path.py) and any decision
 that changed.
 Results: benchmarks/results/api_throughput.{json,md} (api_throughput-quick.* with --quick); the
 apps' logs of the last run: ~/.cache/pneumonia-vit-bench/api-logs/.
@@ -58,7 +58,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 EXAMPLES = sorted((REPO / "examples").glob("*.jpeg"))
 BASELINE = "unbatched, torch fp32"
 BATCHED = "batched, fast"
-PROBABILITY_TOLERANCE = 0.02  # tests/test_fast_inference.py
+PROBABILITY_TOLERANCE = 0.02  # tests/test_fast_path.py
 LOG_DIR = SCRATCH / "api-logs"  # the apps' logs of the last run
 BATCH_LOG = re.compile(r"predict \S* p=\S+ \S+ in \d+ ms(?: \(batch of (\d+)\))?")
 

@@ -38,7 +38,7 @@ def measure(model: Path, name: str, env: dict) -> dict:
     from gradio_client import Client, handle_file
 
     if not env:  # fill the fast path's cache, so the app starts as it does every time but the first
-        from pneumonia_vit.model import Classifier
+        from pneumonia_vit.inference.classifier import Classifier
 
         Classifier.load(str(model))
     app = App(name=name, env=env)

@@ -1,13 +1,13 @@
 """How often the out-of-domain check fires, per set of images, as the app runs it (every rule the
 model folder has, through `serving.Service`):
 
-    python -m pneumonia_vit.domain_measure --model models/pneumonia-vit-tiny \\
+    python -m benchmarks.domain_check --model models/pneumonia-vit-tiny \\
         --data_dir data/chest_xray_prepared --adult_dir ../shared/data/adult_cxr_224 \\
         --originals ../shared/data/chest_xray_originals --output benchmarks/results/domain_check.md
-    python -m pneumonia_vit.domain_measure --model MODEL_DIR --measure FOLDER [FOLDER ...]
+    python -m benchmarks.domain_check --model MODEL_DIR --measure FOLDER [FOLDER ...]
 
 Sets: the pediatric validation and test splits (prepared), the full-resolution test originals, the
-adult images per patient fold of domain_fit.adult_fold (held_out: patients the check was
+adult images per patient fold of ood.corpus.adult_fold (held_out: patients the check was
 neither fitted nor chosen on), and a corpus of non-X-rays written to --corpus_dir
 (`write_non_xray_corpus`). Prints one JSON line per set; --output also writes a Markdown table.
 """
@@ -26,14 +26,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from .domain import PEDIATRIC, RULES, KindModel, check_input
-from .domain_fit import SYNTHETIC_FAMILIES, adult_files, heavy_crop, image_files, synthetic_image
-from .images import InvalidImageError, read_xray
-from .serving import Service
+from pneumonia_vit.images import InvalidImageError, read_xray
+from pneumonia_vit.ood.check import PEDIATRIC, RULES, KindModel, check_input
+from pneumonia_vit.ood.corpus import SYNTHETIC_FAMILIES, adult_files, heavy_crop, image_files, synthetic_image
+from pneumonia_vit.serving.service import Service
 
 log = logging.getLogger(__name__)
 
-CORPUS_SEED = 7  # the kind model's fit draws with domain_fit.SEED; this corpus with another seed
+CORPUS_SEED = 7  # the kind model's fit draws with ood.fit.SEED; this corpus with another seed
 
 
 def _matplotlib_samples() -> dict[str, Image.Image]:
@@ -144,7 +144,7 @@ def _table(rows: list[dict], model: str, milliseconds: dict[str, float] | None) 
     lines = [
         "# Out-of-domain check: how often it flags each set",
         "",
-        f"Model folder: `{model}`. Measured with `python -m pneumonia_vit.domain_measure` on "
+        f"Model folder: `{model}`. Measured with `python -m benchmarks.domain_check` on "
         f"{platform.machine()} Linux, {platform.python_version()}, {time.strftime('%Y-%m-%d', time.gmtime())}.",
         "Flagged: any rule fired (colour, blank, kind, feature distance); the columns after it "
         "count each rule on its own, `features only` the images that rule 4 alone flagged, and `kind model alone` "
@@ -174,7 +174,7 @@ def _table(rows: list[dict], model: str, milliseconds: dict[str, float] | None) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pneumonia_vit.domain_measure", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.domain_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="model folder (or Hub id) whose domain check to measure")
     parser.add_argument("--data_dir", help="prepared data: its validation/ and test/ splits")
     parser.add_argument("--adult_dir", help="adult_cxr_224/: its images per patient fold")

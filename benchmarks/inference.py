@@ -12,7 +12,7 @@ Timed paths, each including reading the file and all preprocessing:
 - ours, torch fp32: `load_xray(path, draft_size=side)` -> `pixel_values` -> the PyTorch model
   (`Classifier.load(folder, fast=False)`);
 - ours, fast: `load_xray(path, draft_size=side)` -> `pixel_array` -> ONNX Runtime, int8 weights
-  (`Classifier.load(folder)`, see pneumonia_vit/fast_inference.py).
+  (`Classifier.load(folder)`, see pneumonia_vit/inference/fast_path.py).
 Batch 1: p50 / p95 latency over the official test split as prepared (224 px PGMs) and over the
 full-resolution test originals (JPEGs, where draft decoding matters). Batch 8: images/s.
 The candidates run round-robin in one process so that load changes hit them alike.
@@ -51,8 +51,8 @@ from benchmarks._common import (
 )
 from pneumonia_vit.cpus import usable_cores
 from pneumonia_vit.images import load_xray
-from pneumonia_vit.metrics import binary_metrics
-from pneumonia_vit.model import Classifier
+from pneumonia_vit.inference.classifier import Classifier
+from pneumonia_vit.training.evaluation import binary_metrics
 
 PATHS = ("pipeline fp32", "ours, torch fp32", "ours, fast")
 
@@ -139,7 +139,7 @@ def speed(paths: dict, files: list[Path], originals: list[Path], iterations: int
 
 def options(folder: Path, exact: Classifier, image: Image.Image, iterations: int, threads: int | None) -> dict:
     """Forward-only batch-1 latency of the other backends tried, on one preprocessed real X-ray."""
-    from pneumonia_vit import fast_inference
+    from pneumonia_vit.inference import fast_path
     from pneumonia_vit.preprocess import pixel_values
 
     model = exact.model
@@ -154,15 +154,15 @@ def options(folder: Path, exact: Classifier, image: Image.Image, iterations: int
     sessions = {}
     with tempfile.TemporaryDirectory(prefix="options-") as work:
         fp32_path = Path(work) / "fp32.onnx"
-        fast_inference.export_onnx(model, exact.spec, fp32_path)
-        fast_inference.quantize_int8(fp32_path, Path(work) / "int8_tensor.onnx", per_channel=False)
-        fast_inference.quantize_int8(fp32_path, Path(work) / "int8_channel.onnx", per_channel=True)
+        fast_path.export_onnx(model, exact.spec, fp32_path)
+        fast_path.quantize_int8(fp32_path, Path(work) / "int8_tensor.onnx", per_channel=False)
+        fast_path.quantize_int8(fp32_path, Path(work) / "int8_channel.onnx", per_channel=True)
         default = threads or usable_cores()
         for name, file, count in (("onnxruntime fp32", "fp32.onnx", default),
                                   ("onnxruntime int8 per-tensor", "int8_tensor.onnx", default),
                                   (f"onnxruntime int8 per-channel, {default} threads (the fast path)", "int8_channel.onnx", default),
                                   ("onnxruntime int8 per-channel, 1 thread", "int8_channel.onnx", 1)):
-            sessions[name] = fast_inference.OnnxBackend(Path(work) / file, count)
+            sessions[name] = fast_path.OnnxBackend(Path(work) / file, count)
     candidates = {
         "torch fp32 (SDPA attention)": lambda: model(pixel_values=pixels).logits.numpy(),
         "torch bf16": lambda: bf16(pixel_values=pixels.bfloat16()).logits.float().numpy(),

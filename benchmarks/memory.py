@@ -64,7 +64,7 @@ def child(folder: str, path: str, images: list[str], cache: str) -> dict:
 
     import benchmarks._common  # noqa: F401  (offline settings, quiet transformers)
     from pneumonia_vit.images import load_xray
-    from pneumonia_vit.model import Classifier
+    from pneumonia_vit.inference.classifier import Classifier
 
     if path == PATHS[0]:
         from transformers import pipeline

@@ -5,7 +5,7 @@ real pipeline against the same model fed from batches already in memory.
     python -m benchmarks.train_pipeline            # full run, about 4 minutes on 2 cores
     python -m benchmarks.train_pipeline --quick    # smoke run, about 1 minute
 
-Feeds, all with batch 32 and `pneumonia_vit.data.collate`:
+Feeds, all with batch 32 and `pneumonia_vit.training.data.collate`:
 - memory: the same tensors every step (the model's cost alone: the reference);
 - pipeline, 0 workers: `load_splits(data/chest_xray_prepared)["train"]` with
   `set_transform(BatchTransform(spec, Augmentation()))` in a shuffled DataLoader, as Trainer builds
@@ -31,9 +31,9 @@ import torch
 from PIL import Image
 
 from benchmarks._common import BUNDLED_CONFIG, REPO, markdown_table, write_results
-from pneumonia_vit.data import Augmentation, BatchTransform, collate, load_splits, with_sample_index
 from pneumonia_vit.images import LABELS, load_xray
 from pneumonia_vit.preprocess import PixelSpec, pixel_values
+from pneumonia_vit.training.data import Augmentation, BatchTransform, collate, load_splits, with_sample_index
 
 BATCH = 32
 SEED = 42

@@ -1,5 +1,8 @@
-"""Shared code of the pneumonia ViT: image reading, preprocessing, metrics and model loading.
+"""The pneumonia ViT's library, in four layers over one image reader:
 
-app.py, train_vit.py, evaluate_vit.py and data_prep/ all import from here, so the same image is
-read, resized and scored the same way everywhere.
+- images.py, preprocess.py: any accepted file -> 8-bit grey image -> the model's pixels;
+- inference/: a trained model as a scorer (the fast int8 path, the fp32 PyTorch model, calibration);
+- serving/: what the app and predict.py run: the analysis and its verdict, batching, heatmaps, the page;
+- training/: data, the Trainer subclasses, metrics and reports, the model card;
+- ood/: the out-of-domain check (the rules run at serving, and the corpus and fitting behind them).
 """

@@ -21,7 +21,7 @@ DEFAULT_MAX_WAITING = 128
 @dataclass(frozen=True)
 class ServingSettings:
     model_id: str | None = None  # MODEL_ID: a local folder or a Hub id; None: the bundled model
-    fast: bool = True  # PNEUMONIA_VIT_FAST: score on the fast path (pneumonia_vit/fast_inference.py)
+    fast: bool = True  # PNEUMONIA_VIT_FAST: score on the fast path (pneumonia_vit/inference/fast_path.py)
     max_batch: int = DEFAULT_MAX_BATCH  # PNEUMONIA_VIT_BATCH: the most API requests in one forward; off: 1
     cache: Path | None = None  # PNEUMONIA_VIT_CACHE: where the fast path's export is kept
     threads: int | None = None  # PNEUMONIA_VIT_THREADS: the fast path's threads; None: every usable core

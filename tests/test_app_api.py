@@ -4,7 +4,7 @@ The app serves /predict on the fast path (ONNX Runtime, int8) with concurrent re
 /analyze with the fp32 PyTorch model. Tolerances: a /predict answer scored alone equals the fast
 Classifier on that one image (1e-4, the rounding of the label's confidences); one that may have
 shared a forward with other requests is within BATCH_TOLERANCE of it (int8 activations are scaled
-per batch; tests/test_fast_inference.py bounds the same effect). With PNEUMONIA_VIT_FAST=0
+per batch; tests/test_fast_path.py bounds the same effect). With PNEUMONIA_VIT_FAST=0
 PNEUMONIA_VIT_BATCH=0 the app serves the fp32 model everywhere, equal to it within 1e-4.
 """
 
@@ -27,13 +27,13 @@ import pytest
 from PIL import Image
 
 from pneumonia_vit.images import load_xray
-from pneumonia_vit.model import Classifier
+from pneumonia_vit.inference.classifier import Classifier
 from tests.app_server import REPO, running_app
 from tests.odd_files import BAD, READABLE, make_odd_files
 
 EXAMPLES = sorted(path for path in (REPO / "examples").glob("*.jpeg") if not path.name.startswith("adult_"))  # pediatric
 ADULT_EXAMPLE = REPO / "examples" / "adult_1.jpeg"
-BATCH_TOLERANCE = 0.01  # PROBABILITY_TOLERANCE / 2 of tests/test_fast_inference.py; batch-mates move the bundled model by up to ~0.008
+BATCH_TOLERANCE = 0.01  # PROBABILITY_TOLERANCE / 2 of tests/test_fast_path.py; batch-mates move the bundled model by up to ~0.008
 DEFAULTS = {"PNEUMONIA_VIT_FAST": "1", "PNEUMONIA_VIT_BATCH": "8"}  # the app's defaults, whatever this shell sets
 
 
@@ -135,7 +135,7 @@ def test_analyze_returns_preview_decision_note_and_heatmap(client, exact):
 @pytest.fixture(scope="module")
 def adult_xray(data_root) -> Path:
     """An adult image of the shared folder, of a patient the kind model was not fitted on."""
-    from pneumonia_vit.domain_fit import adult_files
+    from pneumonia_vit.ood.corpus import adult_files
 
     return adult_files(data_root / "adult_cxr_224", "held_out")[0]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pneumonia_vit.images import load_xray
-from pneumonia_vit.model import Classifier
+from pneumonia_vit.inference.classifier import Classifier
 from tests.app_server import REPO, running_app
 from tests.odd_files import make_odd_files
 

@@ -1,4 +1,4 @@
-"""The API's dynamic batching (pneumonia_vit/batching.py) and `Service.predict`, without gradio."""
+"""The API's dynamic batching (pneumonia_vit/serving/batching.py) and `Service.predict`, without gradio."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumonia_vit.batching import MicroBatcher
 from pneumonia_vit.images import InvalidImageError, load_xray, read_xray
+from pneumonia_vit.serving.batching import MicroBatcher
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((REPO / "examples").glob("*.jpeg"))
@@ -110,8 +110,8 @@ def test_the_batcher_waits_for_requests_still_decoding():
 
 
 def test_service_predict_batches_and_isolates_bad_files(tiny_model_dir, tmp_path):
-    from pneumonia_vit.model import Classifier
-    from pneumonia_vit.serving import Service
+    from pneumonia_vit.inference.classifier import Classifier
+    from pneumonia_vit.serving.service import Service
 
     service = Service.load(str(tiny_model_dir), max_batch=8, cache=tmp_path / "cache")
     assert service.backend == "onnxruntime-int8" and service.explainer is None
@@ -142,8 +142,8 @@ def test_service_predict_batches_and_isolates_bad_files(tiny_model_dir, tmp_path
 
 
 def test_service_scores_like_the_classifier_and_explains_with_pytorch(tiny_model_dir, tmp_path):
-    from pneumonia_vit.model import Classifier
-    from pneumonia_vit.serving import Service
+    from pneumonia_vit.inference.classifier import Classifier
+    from pneumonia_vit.serving.service import Service
 
     service = Service.load(str(tiny_model_dir), explain=True, cache=tmp_path / "cache")
     fast, exact = Classifier.load(str(tiny_model_dir), cache=tmp_path / "cache"), Classifier.load(str(tiny_model_dir), fast=False)

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from tiny_vit import TINY_VIT
 
-from pneumonia_vit.domain import STATS_FILE
-from pneumonia_vit.training import token_similarity_loss
+from pneumonia_vit.ood.check import STATS_FILE
+from pneumonia_vit.training.trainer import token_similarity_loss
 
 REPO = Path(__file__).resolve().parent.parent
 TEACHER_CONFIG = REPO / "configs" / "resnet_teacher"
@@ -76,7 +76,7 @@ def _soft_label_term(logits: torch.Tensor, teacher_logits: torch.Tensor, tempera
 def test_distillation_loss_is_the_weighted_sum_of_label_soft_label_and_token_terms(student_and_teacher, tmp_path):
     from transformers import TrainingArguments
 
-    from pneumonia_vit.training import DistillationTrainer
+    from pneumonia_vit.training.trainer import DistillationTrainer
 
     student, teacher = student_and_teacher
     weight, temperature, token_weight = 0.7, 2.0, 1.5
@@ -141,7 +141,7 @@ def test_train_vit_distils_from_a_teacher_folder_and_saves_only_the_vit(small_pr
 def test_distillation_token_takes_the_teacher_terms_and_cls_head_the_labels(student_and_teacher, tmp_path):
     from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher, TrainingArguments
 
-    from pneumonia_vit.training import DistillationTrainer, weighted_loss
+    from pneumonia_vit.training.trainer import DistillationTrainer, weighted_loss
 
     _, teacher = student_and_teacher
     config = DeiTConfig(num_labels=2)

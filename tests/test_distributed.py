@@ -137,7 +137,7 @@ def scores(model_dir: Path, data: Path, split: str) -> tuple[np.ndarray, np.ndar
     from transformers import AutoModelForImageClassification
 
     from pneumonia_vit.images import LABELS, load_xray
-    from pneumonia_vit.model import load_pixel_spec
+    from pneumonia_vit.inference.classifier import load_pixel_spec
     from pneumonia_vit.preprocess import pixel_values
 
     model = AutoModelForImageClassification.from_pretrained(str(model_dir)).eval()
@@ -173,7 +173,7 @@ def test_every_evaluation_image_counts_exactly_once(runs, split):
     # The gathered predictions pair with the right labels: scoring the saved model in one process gives the
     # same ROC-AUC (exactly, but for float noise) and, on test, the same confusion matrix.
     labels, probabilities = scores(ddp["output"], runs["data"], split)
-    from pneumonia_vit.metrics import binary_metrics
+    from pneumonia_vit.training.evaluation import binary_metrics
 
     again = binary_metrics(labels, probabilities, result["threshold"])
     assert again["roc_auc"] == pytest.approx(result["roc_auc"], abs=1e-6)

@@ -15,7 +15,8 @@ import pytest
 from PIL import Image, ImageOps
 
 from data_prep.prepare import PREPARED_SUFFIX
-from pneumonia_vit.domain import (
+from pneumonia_vit.images import XrayReading, read_xray
+from pneumonia_vit.ood.check import (
     CHECK_FILE,
     MAX_CHROMA,
     MIN_STD,
@@ -25,9 +26,9 @@ from pneumonia_vit.domain import (
     check_domain,
     check_input,
 )
-from pneumonia_vit.domain_fit import adult_fold, fit_domain_stats
-from pneumonia_vit.images import XrayReading, read_xray
-from pneumonia_vit.serving import Service
+from pneumonia_vit.ood.corpus import adult_fold
+from pneumonia_vit.ood.fit import fit_domain_stats
+from pneumonia_vit.serving.service import Service
 from tests.conftest import BUNDLED_MODEL
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,7 +61,7 @@ def model_with_stats(tiny_model_dir, small_prepared, small_adult_dir, tmp_path_f
     for path in tiny_model_dir.iterdir():
         shutil.copy(path, folder / path.name)
     result = subprocess.run(
-        [sys.executable, "-m", "pneumonia_vit.domain_fit", str(folder), "--data_dir", str(small_prepared),
+        [sys.executable, "-m", "pneumonia_vit.ood.fit", str(folder), "--data_dir", str(small_prepared),
          "--feature_stats", "--kind_model", "--adult_dir", str(small_adult_dir), "--copies", "1", "--synthetic_count", "200"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
@@ -139,7 +140,7 @@ def test_fit_command_says_what_is_missing_and_writes_nothing(tiny_model_dir, sma
         (["--feature_stats", "--adult_dir", str(small_adult_dir)], "has none: fit it first (--kind_model)"),
         (["--kind_model"], "--kind_model needs --adult_dir"),
     ):
-        result = subprocess.run([sys.executable, "-m", "pneumonia_vit.domain_fit", str(folder), "--data_dir",
+        result = subprocess.run([sys.executable, "-m", "pneumonia_vit.ood.fit", str(folder), "--data_dir",
                                  str(small_prepared), *extra], cwd=REPO, capture_output=True, text=True, timeout=300)
         assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
     assert sorted(path.name for path in folder.iterdir()) == before
@@ -152,8 +153,8 @@ def test_kind_model_runs_the_trained_network_reproducibly_round_trips_and_refuse
     import torch
     from safetensors.numpy import save_file
 
-    from pneumonia_vit.domain import CHECK_SIDE, KINDS
-    from pneumonia_vit.domain_fit import kind_tensors, train_kind_network
+    from pneumonia_vit.ood.check import CHECK_SIDE, KINDS
+    from pneumonia_vit.ood.fit import kind_tensors, train_kind_network
 
     rng = np.random.default_rng(0)
     inputs = rng.normal(size=(40, 1, CHECK_SIDE, CHECK_SIDE)).astype(np.float32)
@@ -186,7 +187,7 @@ def test_kind_model_inputs_ignore_exposure_and_window():
 
 
 def test_bundled_check_flags_adult_turned_and_inverted_films_and_passes_the_examples(bundled_service):
-    assert bundled_service.kind_model is not None, f"the bundled model ships {CHECK_FILE} (pneumonia_vit/domain_fit.py)"
+    assert bundled_service.kind_model is not None, f"the bundled model ships {CHECK_FILE} (pneumonia_vit/ood/fit.py)"
     adult = bundled_service.analyze(ADULT_EXAMPLE, explain=False).domain
     assert adult.looks_like == "adult_chest_xray" and "adult chest X-ray" in adult.message() and "kind" in adult.fired
     for path in EXAMPLES:
@@ -200,7 +201,7 @@ def test_bundled_check_flags_adult_turned_and_inverted_films_and_passes_the_exam
 
 def test_measure_command_reports_flag_rates(model_with_stats, small_prepared):
     result = subprocess.run(
-        [sys.executable, "-m", "pneumonia_vit.domain_measure", "--model", str(model_with_stats),
+        [sys.executable, "-m", "benchmarks.domain_check", "--model", str(model_with_stats),
          "--measure", str(small_prepared / "test")],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
@@ -213,8 +214,8 @@ def test_measure_command_reports_flag_rates(model_with_stats, small_prepared):
 
 def test_fit_reads_images_past_a_training_transform(tiny_model_dir, small_prepared):
     """train_vit.py passes its splits with augmentation transforms set; the fit must see plain images."""
-    from pneumonia_vit.data import Augmentation, BatchTransform, load_splits, with_sample_index
-    from pneumonia_vit.model import Classifier
+    from pneumonia_vit.inference.classifier import Classifier
+    from pneumonia_vit.training.data import Augmentation, BatchTransform, load_splits, with_sample_index
 
     classifier = Classifier.load(str(tiny_model_dir), fast=False)
     splits = load_splits(str(small_prepared))

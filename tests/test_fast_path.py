@@ -58,7 +58,7 @@ def _model_dirs(tiny_model_dir) -> list[Path]:
 
 
 def test_fast_path_matches_fp32_on_real_xrays(tiny_model_dir, real_xrays, fast_cache):
-    from pneumonia_vit.model import Classifier
+    from pneumonia_vit.inference.classifier import Classifier
 
     for folder in _model_dirs(tiny_model_dir):
         fast = Classifier.load(str(folder), cache=fast_cache)
@@ -80,7 +80,7 @@ def test_fast_path_matches_fp32_on_real_xrays(tiny_model_dir, real_xrays, fast_c
 
 def test_fast_features_match_the_pytorch_head_input(tiny_model_dir, real_xrays, fast_cache):
     """The exported graph also returns what the classifier head reads (the out-of-domain features)."""
-    from pneumonia_vit.model import Classifier
+    from pneumonia_vit.inference.classifier import Classifier
 
     fast = Classifier.load(str(tiny_model_dir), cache=fast_cache)
     _, features = fast.backend.run(pixel_array(real_xrays, fast.spec))
@@ -99,7 +99,7 @@ def test_cache_is_reused_and_keyed_by_weights(tiny_model_dir, tmp_path, fast_cac
 
     from transformers import ViTForImageClassification
 
-    from pneumonia_vit.model import Classifier
+    from pneumonia_vit.inference.classifier import Classifier
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir, folder)
@@ -118,7 +118,7 @@ def test_cache_is_reused_and_keyed_by_weights(tiny_model_dir, tmp_path, fast_cac
 
 
 def test_disabled_fast_path_uses_pytorch(tiny_model_dir, fast_cache):
-    from pneumonia_vit.model import Classifier
+    from pneumonia_vit.inference.classifier import Classifier
 
     assert Classifier.load(str(tiny_model_dir), fast=False).backend.name == "torch-fp32"
     assert Classifier.load(str(tiny_model_dir), cache=fast_cache).backend.name == "onnxruntime-int8"
@@ -129,8 +129,8 @@ def test_fast_path_falls_back_with_a_warning(tiny_model_dir, real_xrays, monkeyp
                                              fast_cache):
     import sys
 
-    from pneumonia_vit import fast_inference
-    from pneumonia_vit.model import Classifier
+    from pneumonia_vit.inference import fast_path
+    from pneumonia_vit.inference.classifier import Classifier
 
     cache = fast_cache
     if failure == "onnxruntime missing":
@@ -141,8 +141,8 @@ def test_fast_path_falls_back_with_a_warning(tiny_model_dir, real_xrays, monkeyp
         def broken(*args, **kwargs):
             raise RuntimeError("exporter exploded")
 
-        monkeypatch.setattr(fast_inference, "export_int8", broken)
-    with caplog.at_level(logging.WARNING, logger="pneumonia_vit.model"):
+        monkeypatch.setattr(fast_path, "export_int8", broken)
+    with caplog.at_level(logging.WARNING, logger="pneumonia_vit.inference.classifier"):
         classifier = Classifier.load(str(tiny_model_dir), cache=cache)
     assert classifier.backend.name == "torch-fp32"
     assert "fast inference unavailable" in caplog.text
@@ -151,13 +151,13 @@ def test_fast_path_falls_back_with_a_warning(tiny_model_dir, real_xrays, monkeyp
 
 
 def test_a_bug_in_the_fast_path_is_raised_not_served_as_fp32(tiny_model_dir, monkeypatch, tmp_path):
-    from pneumonia_vit import fast_inference
-    from pneumonia_vit.model import Classifier
+    from pneumonia_vit.inference import fast_path
+    from pneumonia_vit.inference.classifier import Classifier
 
     def buggy(model_dir):
         raise TypeError("a programming error inside the fast path")
 
-    monkeypatch.setattr(fast_inference, "fingerprint", buggy)
+    monkeypatch.setattr(fast_path, "fingerprint", buggy)
     with pytest.raises(TypeError, match="programming error"):
         Classifier.load(str(tiny_model_dir), cache=tmp_path)
 
@@ -167,7 +167,7 @@ def test_fast_load_reads_the_same_spec_and_threshold_as_transformers(tiny_model_
     import on a warm start); it must agree with AutoImageProcessor / AutoConfig."""
     from transformers import AutoConfig
 
-    from pneumonia_vit.model import Classifier, ModelInfo, _pixel_spec_from_json, load_pixel_spec
+    from pneumonia_vit.inference.classifier import Classifier, ModelInfo, _pixel_spec_from_json, load_pixel_spec
 
     for folder in _model_dirs(tiny_model_dir):
         assert _pixel_spec_from_json(folder) == load_pixel_spec(str(folder))
@@ -178,14 +178,14 @@ def test_fast_load_reads_the_same_spec_and_threshold_as_transformers(tiny_model_
 
 def test_fast_path_runs_with_the_threads_asked_for_else_every_usable_core(tiny_model_dir, fast_cache):
     from pneumonia_vit.cpus import usable_cores
-    from pneumonia_vit.model import Classifier
+    from pneumonia_vit.inference.classifier import Classifier
 
     assert Classifier.load(str(tiny_model_dir), cache=fast_cache, threads=1).backend.threads == 1
     assert Classifier.load(str(tiny_model_dir), cache=fast_cache).backend.threads == usable_cores()
 
 
 def test_unwritable_cache_exports_into_a_temporary_folder(tiny_model_dir, tmp_path, real_xrays):
-    from pneumonia_vit.model import Classifier
+    from pneumonia_vit.inference.classifier import Classifier
 
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the cache folder should be")
@@ -196,7 +196,7 @@ def test_unwritable_cache_exports_into_a_temporary_folder(tiny_model_dir, tmp_pa
 
 
 def test_damaged_cache_entry_is_exported_again(tiny_model_dir, caplog, fast_cache):
-    from pneumonia_vit.model import Classifier
+    from pneumonia_vit.inference.classifier import Classifier
 
     first = Classifier.load(str(tiny_model_dir), cache=fast_cache)
     Path(first.backend.path).write_bytes(b"not an onnx model")

@@ -21,7 +21,7 @@ from hard_kill import kill_once_written
 from real_subset import prepared_subset
 from tiny_vit import TINY_VIT
 
-from pneumonia_vit.training import CheckpointError
+from pneumonia_vit.training.trainer import CheckpointError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -155,7 +155,7 @@ BREAKAGES = {
 
 @pytest.mark.parametrize("breakage", sorted(BREAKAGES))
 def test_checkpoint_problem_names_the_broken_file(unbroken, tmp_path, breakage):
-    from pneumonia_vit.training import checkpoint_problem
+    from pneumonia_vit.training.trainer import checkpoint_problem
 
     folder = tmp_path / "checkpoint-12"
     shutil.copytree(unbroken / "checkpoint-12", folder)

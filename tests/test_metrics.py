@@ -1,4 +1,4 @@
-"""pneumonia_vit.metrics on cases small enough to work out by hand (PNEUMONIA = 1 is positive)."""
+"""pneumonia_vit.training.evaluation on cases small enough to work out by hand (PNEUMONIA = 1 is positive)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from pneumonia_vit.metrics import THRESHOLD_RULES, binary_metrics, choose_threshold
+from pneumonia_vit.training.evaluation import THRESHOLD_RULES, binary_metrics, choose_threshold
 
 
 def test_binary_metrics_hand_computed():
@@ -132,8 +132,8 @@ def test_evaluate_module_loaded_by_path_matches_sklearn_on_real_scores(data_root
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score, roc_auc_score
 
     from pneumonia_vit.images import LABELS, load_xray
-    from pneumonia_vit.metrics import METRIC_DIR
-    from pneumonia_vit.model import Classifier
+    from pneumonia_vit.inference.classifier import Classifier
+    from pneumonia_vit.training.evaluation import METRIC_DIR
 
     classifier = Classifier.load(str(served_model_dir), fast=False)
     labels, images = [], []

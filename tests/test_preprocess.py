@@ -87,7 +87,7 @@ def test_tiny_vit_smoke():
 
 
 def test_tiny_model_dir_scores_real_xrays(tiny_model_dir, data_root, tmp_path):
-    from pneumonia_vit.model import Classifier
+    from pneumonia_vit.inference.classifier import Classifier
 
     classifier = Classifier.load(str(tiny_model_dir), cache=tmp_path)  # the fast path's export stays out of ~/.cache
     assert classifier.threshold == 0.42 and classifier.spec.size == 64

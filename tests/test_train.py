@@ -182,7 +182,7 @@ def test_best_checkpoint_reload_restores_every_layer(tiny_model_dir, tmp_path):
     import torch
     from transformers import ViTForImageClassification
 
-    from pneumonia_vit.training import StrictReloadTrainer
+    from pneumonia_vit.training.trainer import StrictReloadTrainer
 
     saved = ViTForImageClassification.from_pretrained(tiny_model_dir).state_dict()
     for name, value in _reload_into_a_fresh_model(StrictReloadTrainer, tiny_model_dir, tmp_path).items():
@@ -206,7 +206,7 @@ def test_saved_model_loads_in_classifier_and_pipeline_alike(trained, data_root, 
     from transformers import pipeline
 
     from pneumonia_vit.images import load_xray
-    from pneumonia_vit.model import Classifier
+    from pneumonia_vit.inference.classifier import Classifier
 
     output = trained["output"]
     config = json.loads((output / "config.json").read_text())
@@ -259,7 +259,7 @@ def test_evaluate_vit_reproduces_the_test_metrics(trained, tmp_path):
 
 def test_evaluate_vit_centre_crop_scores_the_middle_of_every_film(trained, tmp_path):
     import evaluate_vit
-    from pneumonia_vit.data import centre_crop
+    from pneumonia_vit.training.data import centre_crop
 
     # The middle 40% of a film whose middle half is white and whose margin is black is all white.
     film = Image.new("L", (200, 100), 0)
@@ -296,7 +296,7 @@ def test_overwrite_clears_the_previous_run_and_nothing_else(trained, tmp_path, c
     newest = max(output.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
     shutil.copytree(newest, output / "checkpoint-9999")
     (output / "notes.txt").write_text("the user's own file")
-    with caplog.at_level("INFO", logger="pneumonia_vit.training"):
+    with caplog.at_level("INFO", logger="pneumonia_vit.training.trainer"):
         train_vit.main([trained["argv"][0], "--num_train_epochs", "1", "--output_dir", str(output),
                         "--overwrite_output_dir", "true"])
     removed = caplog.text
@@ -350,8 +350,8 @@ def fp32_validation_scores(output: Path, prepared: Path, crop: float = 1.0):
     import torch
     from transformers import AutoModelForImageClassification
 
-    from pneumonia_vit.data import BatchTransform, collate, load_splits
-    from pneumonia_vit.model import load_pixel_spec
+    from pneumonia_vit.inference.classifier import load_pixel_spec
+    from pneumonia_vit.training.data import BatchTransform, collate, load_splits
 
     model = AutoModelForImageClassification.from_pretrained(output).eval()
     validation = load_splits(prepared)["validation"]
@@ -371,7 +371,7 @@ def test_bf16_run_chooses_its_threshold_on_the_fp32_scores_the_app_serves(small_
     """Under --bf16 Accelerate wraps the model's forward in autocast; scoring validation through that wrapper
     would put the stored cut-off between bf16 scores (2e-5 off on this tiny model)."""
     import train_vit
-    from pneumonia_vit.metrics import choose_threshold
+    from pneumonia_vit.training.evaluation import choose_threshold
 
     output = tmp_path / "bf16"
     train_vit.main(tiny_run_argv(small_prepared, output, "--bf16", "true"))
@@ -381,7 +381,7 @@ def test_bf16_run_chooses_its_threshold_on_the_fp32_scores_the_app_serves(small_
 
 def test_threshold_centre_crop_chooses_the_cut_off_on_whole_and_cropped_validation_films_together(small_prepared, tmp_path):
     import train_vit
-    from pneumonia_vit.metrics import choose_threshold
+    from pneumonia_vit.training.evaluation import choose_threshold
 
     with pytest.raises(ValueError, match=r"a centre crop is a fraction .* in \(0, 1\], got 1.5"):
         train_vit.main(tiny_run_argv(small_prepared, tmp_path / "refused", "--threshold_centre_crop", "1.5"))
@@ -404,8 +404,8 @@ def test_threshold_centre_crop_chooses_the_cut_off_on_whole_and_cropped_validati
 def test_zoom_out_puts_a_dark_margin_around_half_of_the_films_and_is_off_by_default(data_root):
     """The crops alone leave the dark margin a class cue (more of it around NORMAL films); zooming out varies
     it for both classes. Off by default, so a config without it draws exactly the augmentations it drew before."""
-    from pneumonia_vit.data import Augmentation
     from pneumonia_vit.images import load_xray
+    from pneumonia_vit.training.data import Augmentation
 
     film = load_xray(sorted((data_root / "chest_xray_224" / "train" / "PNEUMONIA").iterdir())[0])
     # Only the margin varies: no crop, no aspect change, no rotation, no photometric change.

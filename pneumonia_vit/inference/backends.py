@@ -3,7 +3,7 @@ and the classification head's input features (N, hidden, what the out-of-domain 
 where a backend cannot give them).
 
 Two backends implement `Backend`: `TorchBackend` here (the fp32 PyTorch model) and
-`fast_inference.OnnxBackend` (ONNX Runtime, int8 weights).
+`fast_path.OnnxBackend` (ONNX Runtime, int8 weights).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def head_input(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
 
     The hook keeps this independent of how a given architecture pools its tokens: whatever the
     head receives is the embedding the out-of-domain statistics are fitted on. The same capture
-    runs in `forward` and in the fast path's ONNX export (pneumonia_vit/fast_inference.py).
+    runs in `forward` and in the fast path's ONNX export (pneumonia_vit/inference/fast_path.py).
     """
     captured: list[torch.Tensor] = []
     handle = classification_head(model).register_forward_pre_hook(lambda module, args: captured.append(args[0]))

@@ -1,7 +1,7 @@
 """A trained classifier (a local folder or a Hub id), ready to score: a backend, its pixel spec and
 its model info.
 
-`Classifier.load(model_id)` scores through the fast path (`fast_inference.OnnxBackend`: ONNX Runtime,
+`Classifier.load(model_id)` scores through the fast path (`fast_path.OnnxBackend`: ONNX Runtime,
 int8 weights) where onnxruntime and onnx are installed, and through the fp32 PyTorch model
 (`backends.TorchBackend`) otherwise or with `fast=False`. `.model`, the PyTorch model, stays
 available either way (explanations need its attention weights); with a cached fast model it is
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..preprocess import PixelSpec, pixel_array
 from .backends import Backend, TorchBackend
-from .preprocess import PixelSpec, pixel_array
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -106,7 +106,7 @@ class Classifier:
              keep_model: bool = False) -> Classifier:
         """`fast`: score through ONNX Runtime int8 (default), falling back to the fp32 PyTorch model, with a
         warning, where that backend is unavailable; False: the fp32 PyTorch model.
-        `threads`, `cache`: the fast path's intra-op threads and export folder (`fast_inference.load_fast_model`).
+        `threads`, `cache`: the fast path's intra-op threads and export folder (`fast_path.load_fast_model`).
         `keep_model`: also have the PyTorch model in memory on return (for callers that need `.model`
         anyway, such as the app's heatmaps): it is then read from disk once, even on a first export."""
         folder = _local_folder(model_id)
@@ -121,12 +121,12 @@ class Classifier:
             return loaded[0]
 
         if fast:
-            from . import fast_inference
+            from . import fast_path
 
             try:
-                backend = fast_inference.load_fast_model(folder, spec, torch_model, threads=threads, cache=cache)
+                backend = fast_path.load_fast_model(folder, spec, torch_model, threads=threads, cache=cache)
                 return cls(backend, spec, info, folder, model=torch_model() if keep_model else None)
-            except fast_inference.FastPathUnavailable as error:
+            except fast_path.FastPathUnavailable as error:
                 # Only the fast path's expected failures (a package missing, an export this model does not
                 # support) fall back; any other error is a bug, raised rather than hidden behind fp32.
                 logger.warning("fast inference unavailable, using the fp32 PyTorch model: %s", error)

@@ -38,9 +38,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..cpus import usable_cores
+from ..preprocess import PixelSpec
 from .backends import classification_head, head_input
-from .cpus import usable_cores
-from .preprocess import PixelSpec
 
 logger = logging.getLogger(__name__)
 

@@ -16,20 +16,20 @@ probabilities are shown, marked unreliable.
    anything that is not an X-ray (KINDS). It reads a thumbnail of the image with its brightness and
    contrast normalised away (check_input), and flags the input where P(pediatric chest X-ray)
    falls below a cut-off set on the pediatric validation split. It is stored as
-   domain_check.safetensors in the model folder; pneumonia_vit/domain_fit.py fits it (its
-   training data and why) and pneumonia_vit/domain_measure.py measures it.
+   domain_check.safetensors in the model folder; pneumonia_vit/ood/fit.py fits it (its
+   training data and why) and benchmarks/domain_check.py measures it.
    Where the pneumonia model has one, a second opinion joins it: a linear score on the model's own
    [CLS] features, high for pediatric films and low for adult and altered ones (`child_score`,
    stored with rule 4's statistics, as it belongs to one trained classifier). The two err on
-   different images (domain_measure.py's `kind model alone` column shows what the second opinion
+   different images (benchmarks/domain_check.py's `kind model alone` column shows what the second opinion
    changes). The rule then flags where logit P(pediatric) + child_score falls below that sum's
    cut-off on the validation split; the child score's weight in the sum is fitted on films
-   neither opinion was fitted on (domain_fit.fit_child_score).
+   neither opinion was fitted on (ood/fit.py: fit_child_score).
 4. features: the Mahalanobis distance of the pneumonia model's final [CLS] embedding (what the
    classification head sees) to the training-set embeddings, above the `quantile` (99.9 %) of the
    validation-set distances. It catches inputs the classifier itself finds unlike its training
    images: a safety net behind rule 3, set high because every validation child it alone flags counts
-   against the pediatric flag rate (domain_measure.py reports what it adds). Stored as
+   against the pediatric flag rate (benchmarks/domain_check.py reports what it adds). Stored as
    domain_stats.safetensors, written by train_vit.py at the end of training.
 
 A model folder without either file is served with the rules it has (at least 1 and 2).
@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .images import XrayReading
+from ..images import XrayReading
 
 STATS_FILE = "domain_stats.safetensors"
 STATS_FORMAT = "pneumonia_vit.domain/1"
@@ -72,7 +72,7 @@ RULES = ("colour", "blank", "kind", "features")
 
 
 def _refit(what: str) -> str:
-    return f"refit it (python -m pneumonia_vit.domain_fit MODEL_DIR --data_dir DATA --adult_dir ADULTS --{what})"
+    return f"refit it (python -m pneumonia_vit.ood.fit MODEL_DIR --data_dir DATA --adult_dir ADULTS --{what})"
 
 
 def _read_safetensors(path: str | Path, expected_format: str, fitted_by: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -108,7 +108,7 @@ class DomainStats:
     quantile: float  # the validation quantile the cut-off was taken at
     train_count: int
     validation_count: int
-    # Rule 3's second opinion (module docstring; domain_fit.fit_child_score), absent where not fitted.
+    # Rule 3's second opinion (module docstring; ood/fit.py: fit_child_score), absent where not fitted.
     child_weight: np.ndarray | None = None  # (hidden,)
     child_bias: float = 0.0
     kind_cutoff: float | None = None  # flag where logit P(pediatric) + child_score is below this
@@ -168,7 +168,7 @@ class DomainStats:
 def check_input(image: Image.Image) -> np.ndarray:
     """The kind model's input for one image: its grey CHECK_SIDE x CHECK_SIDE thumbnail, (1, side, side),
     with the image's own mean and spread removed (a film's exposure and window say which hospital it
-    came from, not what it shows). The fit (pneumonia_vit/domain_fit.py) and the app both call this.
+    came from, not what it shows). The fit (pneumonia_vit/ood/fit.py) and the app both call this.
     """
     thumbnail = image.convert("L").resize((CHECK_SIDE, CHECK_SIDE), Image.Resampling.BILINEAR, reducing_gap=2.0)
     pixels = np.asarray(thumbnail, dtype=np.float32)
@@ -179,13 +179,13 @@ def check_input(image: Image.Image) -> np.ndarray:
 class KindModel:
     """A small CNN with a softmax over KINDS, on `check_input` thumbnails, run in numpy (torch's thread
     pool would compete with the fast path's ONNX Runtime threads it runs right after). Its layers, as
-    domain_fit.kind_tensors stores them: 3x3 convolutions `conv0`, `conv1`, ... (batch norm folded in),
+    ood/fit.py's kind_tensors stores them: 3x3 convolutions `conv0`, `conv1`, ... (batch norm folded in),
     each followed by ReLU and 2x2 max pooling; then `hidden` (ReLU) and `output`, on the feature maps
     flattened channel first, as torch flattens them."""
 
     tensors: dict[str, np.ndarray]
     threshold: float  # an input is flagged when P(pediatric chest X-ray) is below this
-    metadata: dict[str, str] = field(default_factory=dict)  # how it was fitted (domain_fit.py)
+    metadata: dict[str, str] = field(default_factory=dict)  # how it was fitted (ood/fit.py)
 
     @functools.cached_property
     def _convolutions(self) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -1,321 +1,60 @@
-"""Fitting the out-of-domain rules that need data (pneumonia_vit/domain.py runs them):
+"""Fitting the out-of-domain rules that need data (ood/check.py runs them):
 
 - the kind model (rule 3), independent of the pneumonia model, so a retrained classifier keeps it:
 
-      python -m pneumonia_vit.domain_fit MODEL_DIR --data_dir data/chest_xray_prepared \\
+      python -m pneumonia_vit.ood.fit MODEL_DIR --data_dir data/chest_xray_prepared \\
           --adult_dir ../shared/data/adult_cxr_224 --kind_model
 
 - what belongs to one trained classifier: the feature statistics (rule 4; train_vit.py fits them at
   the end of training) and, given the adult images, the child score on the same features that rule 3
   adds to the kind model's (`fit_child_score`; it needs the kind model in MODEL_DIR):
 
-      python -m pneumonia_vit.domain_fit MODEL_DIR --data_dir data/chest_xray_prepared \\
+      python -m pneumonia_vit.ood.fit MODEL_DIR --data_dir data/chest_xray_prepared \\
           --adult_dir ../shared/data/adult_cxr_224 --feature_stats
 
-The kind model learns four kinds of image (domain.KINDS), never from the test split:
-- pediatric chest X-rays: the prepared train split;
-- adult chest X-rays: NIH ChestX-ray14 images (adult_cxr_224/) of the patients in the "fit" part of
-  `adult_fold` (60 % of patients; "select", 20 %, was looked at while choosing the design and sets
-  the child score's weight, and "held_out", 20 %, is read only by domain_measure.py);
-- altered chest films: train-split and fit-part adult films rotated 90/180/270 degrees, inverted
-  or cropped to a small part;
-- not an X-ray: images drawn here (`synthetic_image`): noise, gradients, text pages, charts,
-  interface-like screens, shapes, patterns, each grey or in colour.
-Every X-ray passes through `source_augment` first: random crop, aspect change, down- and
-up-sampling, contrast, gamma, blur and JPEG compression. These vary what differs between
-hospitals and scanners (exposure, processing, resolution, compression), so that the model learns
-the anatomy and the layout of the film rather than how NIH's files look. The cut-off on
-P(pediatric chest X-ray) is the `quantile` (1 %) of the pediatric validation split's values.
+The kind model learns the four kinds of ood/corpus.py. The cut-off on P(pediatric chest X-ray) is the
+`quantile` (1 %) of the pediatric validation split's values.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import hashlib
-import io
 import logging
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
+from PIL import Image
 
-from .domain import CHECK_SIDE, DEFAULT_QUANTILE, KINDS, DomainStats, KindModel, check_input, kind_score
-from .images import IMAGE_SUFFIXES, MIN_SIDE, load_xray
-from .preprocess import PixelSpec, pixel_values
+from ..images import load_xray
+from ..preprocess import PixelSpec, pixel_values
+from .check import CHECK_SIDE, DEFAULT_QUANTILE, KINDS, DomainStats, KindModel, kind_score
+from .corpus import (
+    ADULT_FOLDS,
+    PEDIATRIC,
+    PEDIATRIC_COPIES,
+    SYNTHETIC_COUNT,
+    adult_files,
+    altered_film,
+    augmented,
+    image_files,
+    readable,
+    thumbnails,
+    training_set,
+)
 
 log = logging.getLogger(__name__)
 
-PEDIATRIC, ADULT, ALTERED, NOT_XRAY = range(len(KINDS))
 KIND_QUANTILE = 0.01  # share of the pediatric validation split the cut-off flags
 WIDTH = 8  # kind_network's first convolution's channels
 EPOCHS = 12
 BATCH = 128
-PEDIATRIC_COPIES = 2  # augmented copies of each pediatric training film (and as many adult inputs)
-SYNTHETIC_COUNT = 6000
 SEED = 2024
 # The child score's fit: augmented copies of each pediatric training film (the other kinds in proportion);
 # with one copy, the adult-fold recall moved with the random draw of augmentations.
 CHILD_SCORE_COPIES = 2
 CHILD_SCORE_SEED = SEED + 1  # not the kind model's draws: the two opinions should not share their errors
-ADULT_FOLDS = (("fit", 60), ("select", 20), ("held_out", 20))  # percent of NIH patients
-
-
-# ---- data -----------------------------------------------------------------------------------------
-
-def image_files(folder: str | Path) -> list[Path]:
-    return sorted(path for path in Path(folder).rglob("*") if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def adult_fold(patient_id: str) -> str:
-    """A patient's fold, fixed by a hash of the NIH patient id: all of a patient's images on one
-    side, the same folds in every run and in domain_measure.py."""
-    bucket = int(hashlib.sha256(patient_id.encode()).hexdigest(), 16) % 100
-    for name, percent in ADULT_FOLDS:
-        if bucket < percent:
-            return name
-        bucket -= percent
-    raise AssertionError("ADULT_FOLDS must add up to 100")
-
-
-def adult_files(adult_dir: str | Path, fold: str) -> list[Path]:
-    """The adult images of one fold, by provenance.csv's patient ids."""
-    adult_dir = Path(adult_dir)
-    with (adult_dir / "provenance.csv").open(newline="") as handle:
-        return sorted(adult_dir / row["file"] for row in csv.DictReader(handle) if adult_fold(row["nih_patient_id"]) == fold)
-
-
-# ---- what varies between sources, and what is not a pediatric film -------------------------------
-
-def source_augment(image: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """A grey X-ray as another hospital might have stored it (see the module docstring)."""
-    width, height = image.size
-    scale = rng.uniform(0.8, 1.0)
-    crop_w, crop_h = int(width * scale * rng.uniform(0.92, 1.0)), int(height * scale * rng.uniform(0.92, 1.0))
-    left, top = int(rng.integers(0, width - crop_w + 1)), int(rng.integers(0, height - crop_h + 1))
-    image = image.crop((left, top, left + crop_w, top + crop_h))
-    side = int(rng.integers(48, 320))  # resolution: some sources store small files
-    aspect = rng.uniform(0.75, 1.35)  # squashed or not: the Kermany images were squashed to squares
-    image = image.resize((max(16, int(side * aspect)), side), Image.Resampling.BILINEAR)
-    pixels = np.asarray(image, dtype=np.float32) / 255.0
-    pixels = np.clip(pixels, 0, 1) ** rng.uniform(0.55, 1.8)  # gamma
-    low, high = rng.uniform(0.0, 0.25), rng.uniform(0.75, 1.0)  # window / contrast
-    pixels = np.clip(low + (high - low) * pixels + rng.normal(0, rng.uniform(0, 0.02), pixels.shape), 0, 1)
-    image = Image.fromarray((pixels * 255).astype(np.uint8), mode="L")
-    if rng.random() < 0.3:
-        image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.5)))
-    if rng.random() < 0.15:
-        image = ImageOps.equalize(image)
-    if rng.random() < 0.6:
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=int(rng.integers(15, 96)))
-        image = Image.open(io.BytesIO(buffer.getvalue())).convert("L")
-    return image
-
-
-def altered_film(image: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """A chest film the model does not know how to read: turned, inverted, or a small crop of it."""
-    choice = rng.integers(0, 4)
-    if choice == 0:
-        return image.transpose(Image.Transpose.ROTATE_90 if rng.random() < 0.5 else Image.Transpose.ROTATE_270)
-    if choice == 1:
-        return image.transpose(Image.Transpose.ROTATE_180)
-    if choice == 2:
-        return ImageOps.invert(image)
-    return heavy_crop(image, rng)
-
-
-def heavy_crop(image: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """A part of 20-45 % of the film's width, enlarged to the film's size."""
-    width, height = image.size
-    fraction = rng.uniform(0.2, 0.45)
-    crop_w, crop_h = int(width * fraction), min(height, int(height * fraction * rng.uniform(0.7, 1.4)))
-    left, top = int(rng.integers(0, width - crop_w + 1)), int(rng.integers(0, height - crop_h + 1))
-    return image.crop((left, top, left + crop_w, top + crop_h)).resize((width, height), Image.Resampling.BILINEAR)
-
-
-def _colour(rng: np.random.Generator, grey: bool) -> tuple[int, int, int]:
-    if grey:
-        level = int(rng.integers(0, 256))
-        return (level, level, level)
-    return tuple(int(v) for v in rng.integers(0, 256, 3))
-
-
-def _words(rng: np.random.Generator, count: int) -> str:
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    return " ".join("".join(rng.choice(list(letters), int(rng.integers(2, 10)))) for _ in range(count))
-
-
-def _font(size: int) -> ImageFont.ImageFont:
-    return ImageFont.load_default(size=size)
-
-
-def _noise(rng, size, grey):
-    width, height = size
-    channels = 1 if grey else 3
-    pixels = rng.random((height, width, channels)) * 255
-    image = Image.fromarray(pixels.squeeze().astype(np.uint8))
-    if rng.random() < 0.6:  # smooth noise: clouds, textures, out-of-focus photos
-        image = image.filter(ImageFilter.GaussianBlur(rng.uniform(1, 25)))
-        image = ImageOps.autocontrast(image)
-    return image
-
-
-def _gradient(rng, size, grey):
-    width, height = size
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    if rng.random() < 0.5:
-        angle = rng.uniform(0, 2 * np.pi)
-        field_ = x * np.cos(angle) + y * np.sin(angle)
-    else:
-        cx, cy = rng.uniform(0, width), rng.uniform(0, height)
-        field_ = np.hypot(x - cx, y - cy)
-    field_ = (field_ - field_.min()) / max(float(np.ptp(field_)), 1e-6)
-    if grey:
-        return Image.fromarray((field_ * 255).astype(np.uint8))
-    start, end = np.array(_colour(rng, False)), np.array(_colour(rng, False))
-    return Image.fromarray((start + (end - start) * field_[..., None]).astype(np.uint8))
-
-
-def _document(rng, size, grey):
-    paper = int(rng.integers(200, 256))
-    image = Image.new("RGB", size, (paper, paper, paper) if grey or rng.random() < 0.7 else _colour(rng, False))
-    draw = ImageDraw.Draw(image)
-    font_size = int(rng.integers(10, 36))
-    font = _font(font_size)
-    y = int(rng.integers(5, 40))
-    ink = _colour(rng, grey) if rng.random() < 0.3 else (0, 0, 0)
-    while y < size[1] - font_size:
-        draw.text((int(rng.integers(5, 40)), y), _words(rng, int(rng.integers(3, 15))), fill=ink, font=font)
-        y += int(font_size * rng.uniform(1.2, 2.0))
-    return image
-
-
-def _chart(rng, size, grey):
-    image = Image.new("RGB", size, _colour(rng, grey) if rng.random() < 0.3 else (255, 255, 255))
-    draw = ImageDraw.Draw(image)
-    width, height = size
-    draw.line([(40, 20), (40, height - 30), (width - 10, height - 30)], fill=(0, 0, 0), width=2)
-    count = int(rng.integers(3, 20))
-    if rng.random() < 0.5:  # bars
-        step = (width - 60) / count
-        for i in range(count):
-            top = int(rng.uniform(30, height - 40))
-            draw.rectangle([45 + i * step, top, 45 + (i + 0.7) * step, height - 31], fill=_colour(rng, grey))
-    else:  # lines and points
-        for _ in range(int(rng.integers(1, 4))):
-            points = [(40 + (width - 50) * i / (count - 1), rng.uniform(25, height - 35)) for i in range(count)]
-            draw.line(points, fill=_colour(rng, grey), width=int(rng.integers(1, 5)))
-    draw.text((50, 5), _words(rng, 3), fill=(0, 0, 0), font=_font(14))
-    return image
-
-
-def _screen(rng, size, grey):
-    image = Image.new("RGB", size, _colour(rng, grey))
-    draw = ImageDraw.Draw(image)
-    width, height = size
-    bar = int(rng.integers(20, 60))
-    draw.rectangle([0, 0, width, bar], fill=_colour(rng, grey))
-    draw.text((10, bar // 4), _words(rng, 4), fill=_colour(rng, grey), font=_font(max(10, bar // 2)))
-    for _ in range(int(rng.integers(3, 15))):  # panels, buttons, fields with labels
-        x0, y0 = rng.uniform(0, width * 0.8), rng.uniform(bar, height * 0.9)
-        x1, y1 = x0 + rng.uniform(40, width / 2), y0 + rng.uniform(15, height / 3)
-        draw.rectangle([x0, y0, x1, y1], fill=_colour(rng, grey), outline=_colour(rng, grey))
-        draw.text((x0 + 5, y0 + 3), _words(rng, 2), fill=_colour(rng, grey), font=_font(12))
-    return image
-
-
-def _shapes(rng, size, grey):
-    image = Image.new("RGB", size, _colour(rng, grey))
-    draw = ImageDraw.Draw(image)
-    width, height = size
-    for _ in range(int(rng.integers(2, 30))):
-        x0, y0 = rng.uniform(-50, width), rng.uniform(-50, height)
-        box = [x0, y0, x0 + rng.uniform(10, width / 1.5), y0 + rng.uniform(10, height / 1.5)]
-        shape = rng.integers(0, 3)
-        if shape == 0:
-            draw.ellipse(box, fill=_colour(rng, grey) if rng.random() < 0.7 else None, outline=_colour(rng, grey), width=3)
-        elif shape == 1:
-            draw.rectangle(box, fill=_colour(rng, grey))
-        else:
-            points = [(rng.uniform(0, width), rng.uniform(0, height)) for _ in range(int(rng.integers(3, 7)))]
-            draw.polygon(points, fill=_colour(rng, grey))
-    return image
-
-
-def _pattern(rng, size, grey):
-    width, height = size
-    y, x = np.mgrid[0:height, 0:width]
-    period = int(rng.integers(4, 80))
-    kind = rng.integers(0, 3)
-    if kind == 0:
-        field_ = ((x // period + y // period) % 2).astype(np.float32)
-    elif kind == 1:
-        field_ = (np.sin(x * 2 * np.pi / period) > 0).astype(np.float32)
-    else:
-        field_ = 0.5 + 0.5 * np.sin((x * rng.uniform(-1, 1) + y * rng.uniform(-1, 1)) * 2 * np.pi / period)
-    if grey:
-        return Image.fromarray((field_ * 255).astype(np.uint8))
-    a, b = np.array(_colour(rng, False)), np.array(_colour(rng, False))
-    return Image.fromarray((a + (b - a) * field_[..., None]).astype(np.uint8))
-
-
-SYNTHETIC_FAMILIES: dict[str, Callable] = {
-    "noise": _noise, "gradient": _gradient, "document": _document, "chart": _chart,
-    "screen": _screen, "shapes": _shapes, "pattern": _pattern,
-}
-
-
-def synthetic_image(rng: np.random.Generator, family: str | None = None, grey: bool | None = None) -> tuple[str, Image.Image]:
-    """One drawn non-X-ray image (RGB or L, 96 to 900 pixels a side) and its family's name."""
-    family = family or str(rng.choice(list(SYNTHETIC_FAMILIES)))
-    grey = bool(rng.random() < 0.5) if grey is None else grey
-    size = (int(rng.integers(96, 900)), int(rng.integers(96, 900)))
-    return family, SYNTHETIC_FAMILIES[family](rng, size, grey)
-
-
-# ---- the kind model --------------------------------------------------------------------------------
-
-def _inputs(images: Iterable[Image.Image]) -> np.ndarray:
-    return np.stack([check_input(image) for image in images])
-
-
-def _augmented(paths: list[Path], copies: int, rng: np.random.Generator,
-               transform: Callable[[Image.Image, np.random.Generator], Image.Image] | None = None) -> Iterator[Image.Image]:
-    for path in paths:
-        image = load_xray(path)
-        for _ in range(copies):
-            altered = transform(image, rng) if transform else image
-            yield source_augment(altered, rng)
-
-
-def training_set(data_dir: Path, adult_dir: Path, rng: np.random.Generator, copies: int = PEDIATRIC_COPIES,
-                 synthetic_count: int = SYNTHETIC_COUNT) -> tuple[np.ndarray, np.ndarray]:
-    """Inputs and KINDS indices for the fit: `copies` augmented copies of each pediatric training
-    film, as many adult inputs (more copies of fewer films), altered films (every second pediatric
-    film and every fit-fold adult film), drawn images."""
-    pediatric = image_files(data_dir / "train")
-    adults = adult_files(adult_dir, "fit")
-    parts = [
-        (_augmented(pediatric, copies, rng), PEDIATRIC),
-        (_augmented(adults, max(1, round(copies * len(pediatric) / max(len(adults), 1))), rng), ADULT),
-        (_augmented(pediatric[::2] + adults, 1, rng, altered_film), ALTERED),  # as many as the drawn images
-        ((_grey_or_colour(synthetic_image(rng)[1]) for _ in range(synthetic_count)), NOT_XRAY),
-    ]
-    inputs, kinds = [], []
-    for images, kind in parts:
-        block = _inputs(images)
-        inputs.append(block)
-        kinds.append(np.full(len(block), kind))
-        log.info("kind model: %d %s training inputs", len(block), KINDS[kind])
-    return np.concatenate(inputs), np.concatenate(kinds)
-
-
-def _grey_or_colour(image: Image.Image) -> Image.Image:
-    """What the kind model sees of any image: its grey version (load_xray's conversion)."""
-    return image.convert("L")
 
 
 def kind_network(width: int = WIDTH):
@@ -396,7 +135,7 @@ def fit_kind_model(data_dir: str | Path, adult_dir: str | Path, output_dir: str 
     inputs, kinds = training_set(data_dir, adult_dir, rng, copies, synthetic_count)
     counts = np.bincount(kinds, minlength=len(KINDS))
     model = KindModel(tensors=kind_tensors(train_kind_network(inputs, kinds, width, epochs, seed)), threshold=0.0)
-    validation = _inputs(load_xray(path) for path in image_files(data_dir / "validation"))
+    validation = thumbnails(load_xray(path) for path in image_files(data_dir / "validation"))
     p_pediatric = model.probabilities(validation)[:, PEDIATRIC]
     model.threshold = float(np.quantile(p_pediatric, quantile))
     model.metadata = {
@@ -427,7 +166,7 @@ def _split_images(source, batch_size: int) -> Iterator[Image.Image]:
 
 def embed(model, spec: PixelSpec, images: Iterable, batch_size: int = 64) -> np.ndarray:
     """The head-input features of every image, (N, hidden), in order."""
-    from .backends import forward
+    from ..inference.backends import forward
 
     was_training = model.training
     model.eval()
@@ -475,15 +214,6 @@ def fit_domain_stats(
     return stats
 
 
-def _readable(images: Iterable[Image.Image]) -> Iterator[Image.Image]:
-    """source_augment stores some films smaller than the image reader accepts (MIN_SIDE); those are
-    enlarged to it, the others go to the classifier as they are."""
-    for image in images:
-        scale = MIN_SIDE / min(image.size)
-        yield image if scale <= 1 else image.resize((round(image.width * scale), round(image.height * scale)),
-                                                    Image.Resampling.BICUBIC)
-
-
 def fit_child_score(model, spec: PixelSpec, stats: DomainStats, kind_model: KindModel, data_dir: str | Path,
                     adult_dir: str | Path, copies: int = CHILD_SCORE_COPIES, seed: int = CHILD_SCORE_SEED,
                     batch_size: int = 64) -> DomainStats:
@@ -499,10 +229,10 @@ def fit_child_score(model, spec: PixelSpec, stats: DomainStats, kind_model: Kind
     pediatric = image_files(data_dir / "train")
     adults = adult_files(adult_dir, "fit")
     adult_copies = max(1, round(0.6 * copies * len(pediatric) / max(len(adults), 1)))
-    children = embed(model, spec, _readable(_augmented(pediatric, copies, rng)), batch_size)
+    children = embed(model, spec, readable(augmented(pediatric, copies, rng)), batch_size)
     others = np.concatenate([
-        embed(model, spec, _readable(_augmented(adults, adult_copies, rng)), batch_size),
-        embed(model, spec, _readable(_augmented(pediatric[::2] + adults, copies, rng, altered_film)), batch_size),
+        embed(model, spec, readable(augmented(adults, adult_copies, rng)), batch_size),
+        embed(model, spec, readable(augmented(pediatric[::2] + adults, copies, rng, altered_film)), batch_size),
     ])
     features = np.concatenate([children, others])
     is_child = np.r_[np.ones(len(children)), np.zeros(len(others))]
@@ -514,7 +244,7 @@ def fit_child_score(model, spec: PixelSpec, stats: DomainStats, kind_model: Kind
     # The weight of the child score beside the kind model's logit, from films neither was fitted on
     # (validation children, select-fold adults): the regression's scale follows the draw of augmentations.
     def scores(paths: list[Path]) -> np.ndarray:
-        p_pediatric = kind_model.probabilities(_inputs(load_xray(path) for path in paths))[:, PEDIATRIC]
+        p_pediatric = kind_model.probabilities(thumbnails(load_xray(path) for path in paths))[:, PEDIATRIC]
         return np.c_[kind_score(p_pediatric, 0.0), stats.child_score(embed(model, spec, paths, batch_size))]
 
     validation, select = image_files(data_dir / "validation"), adult_files(adult_dir, "select")
@@ -537,7 +267,7 @@ def fit_child_score(model, spec: PixelSpec, stats: DomainStats, kind_model: Kind
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pneumonia_vit.domain_fit",
+        prog="python -m pneumonia_vit.ood.fit",
         description="Fit the out-of-domain check's kind model (with --adult_dir) and/or the model's feature "
                     "statistics (--feature_stats), and save them in the model folder.",
     )
@@ -572,8 +302,8 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("the child score in %s was set with the previous kind model: rule 3 uses the new kind model "
                         "alone until you refit it (--feature_stats --adult_dir)", args.model_dir)
     if args.feature_stats:
-        from .data import load_splits
-        from .model import Classifier
+        from ..inference.classifier import Classifier
+        from ..training.data import load_splits
 
         classifier = Classifier.load(args.model_dir, fast=False)  # the features the app computes: fp32 PyTorch
         splits = load_splits(args.data_dir)

@@ -3,7 +3,7 @@ model's stored threshold, an out-of-domain verdict and (for the app) a heatmap o
 
 Two models, one of each loaded once:
 - scoring (the API's /predict, predict.py, `analyze(..., explain=False)`): `Classifier.load`'s
-  default, the fast path (ONNX Runtime, int8 weights; pneumonia_vit/fast_inference.py). One forward
+  default, the fast path (ONNX Runtime, int8 weights; pneumonia_vit/inference/fast_path.py). One forward
   gives the logits and the head-input features the out-of-domain check reads. PNEUMONIA_VIT_FAST=0
   scores with the fp32 PyTorch model instead.
 - explaining (the page's /analyze, `analyze(..., explain=True)`, only with `Service.load(...,
@@ -13,9 +13,9 @@ Two models, one of each loaded once:
   (the same model with PNEUMONIA_VIT_FAST=0). Every decision is taken at the stored threshold.
 
 With `max_batch` > 1, `predict` (the API) scores concurrent requests together in one forward
-(pneumonia_vit/batching.py); each request still decodes and checks its own file first.
+(pneumonia_vit/serving/batching.py); each request still decodes and checks its own file first.
 
-No gradio here: predict.py and `python -m pneumonia_vit.domain_measure` use this module without
+No gradio here: predict.py and `python -m benchmarks.domain_check` use this module without
 the seconds that importing gradio takes.
 """
 
@@ -27,20 +27,20 @@ from pathlib import Path
 
 from PIL import Image
 
-from .backends import forward
+from ..images import LABELS, XrayReading, read_xray
+from ..inference.backends import forward
+from ..inference.classifier import Classifier
+from ..ood.check import DomainCheck, DomainStats, KindModel, check_domain
+from ..preprocess import pixel_values
 from .batching import MicroBatcher
-from .domain import DomainCheck, DomainStats, KindModel, check_domain
-from .explain import attention_rollout, overlay
-from .images import LABELS, XrayReading, read_xray
-from .model import Classifier
-from .preprocess import pixel_values
+from .heatmap import attention_rollout, overlay
 
 # The checkout the package runs from: a Space runs app.py beside the package and `pip install -e .`
 # installs it in place, so the bundled model is one folder up (a wheel install must name its model).
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "models" / "pneumonia-vit-tiny"
 PREVIEW_SIDE = 512  # the preview and heatmap the page shows, long side in pixels
-BATCH_WORKERS = 2  # forwards at once: the 2 vCPUs of a basic Space (pneumonia_vit/batching.py)
+BATCH_WORKERS = 2  # forwards at once: the 2 vCPUs of a basic Space (pneumonia_vit/serving/batching.py)
 
 
 @dataclass
@@ -59,7 +59,7 @@ class Analysis:
 
 
 class Service:
-    """A loaded classifier plus the out-of-domain rules its folder carries (pneumonia_vit/domain.py):
+    """A loaded classifier plus the out-of-domain rules its folder carries (pneumonia_vit/ood/check.py):
     `kind_model` (rule 3) and `domain_stats` (rule 4), each None where the folder has no file for it.
 
     `classifier` scores (fast path by default); `explainer`, the fp32 PyTorch model with eager

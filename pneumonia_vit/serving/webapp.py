@@ -17,13 +17,13 @@ Endpoints (gradio_client):
 
 /predict answers every input as it always has (the decision at the threshold, even for an input
 outside the model's domain); /assess is the same scoring with the out-of-domain verdict
-(pneumonia_vit/domain.py): where `in_domain` is false, `decision` is None and the probabilities are
+(pneumonia_vit/ood/check.py): where `in_domain` is false, `decision` is None and the probabilities are
 unreliable. On the page (/analyze) such an input gets a warning, its decision is "not applicable"
 and its probabilities are labelled unreliable.
 
 /predict and /assess are scored by the service's scoring model (the fast path unless PNEUMONIA_VIT_FAST=0) and,
 unless PNEUMONIA_VIT_BATCH=0, concurrent requests to them share one forward (serving.Service.predict;
-why not gradio's `batch=True`: pneumonia_vit/batching.py). /analyze, the page, runs the fp32 PyTorch
+why not gradio's `batch=True`: pneumonia_vit/serving/batching.py). /analyze, the page, runs the fp32 PyTorch
 model, whose attention weights make the heatmap.
 
 Input is a gr.File, not a gr.Image: gr.Image decodes uploads in the browser and on the server
@@ -46,9 +46,9 @@ from gradio.components.label import LabelConfidence, LabelData
 from gradio.data_classes import ListFiles
 from PIL import Image
 
-from .images import IMAGE_SUFFIXES, InvalidImageError
-from .serving import REPO, Analysis, Service
-from .settings import DEFAULT_MAX_WAITING
+from ..images import IMAGE_SUFFIXES, InvalidImageError
+from ..settings import DEFAULT_MAX_WAITING
+from .service import REPO, Analysis, Service
 
 EXAMPLES_DIR = REPO / "examples"
 MAX_UPLOAD_MB = 25  # a 3000x3000 16-bit DICOM is ~18 MB; Kermany JPEG originals are < 3 MB
@@ -65,7 +65,7 @@ DISCLAIMER = (
     "anyone. The model saw only pediatric (1-5 years) chest X-rays from one hospital (Kermany et al. 2018)."
 )
 
-log = logging.getLogger("pneumonia_vit.webapp")
+log = logging.getLogger("pneumonia_vit.serving.webapp")
 
 
 NOT_APPLICABLE = "Not applicable: outside this model's domain"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from .images import LABELS
+from ..images import LABELS
 
 DATASET_CREDIT = (
     "Kermany D.S. et al., \"Identifying Medical Diagnoses and Treatable Diseases by Image-Based Deep "

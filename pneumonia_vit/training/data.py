@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from .images import IMAGE_SUFFIXES, LABELS, load_xray
-from .preprocess import PixelSpec, pixel_values, resize_gray
+from ..images import IMAGE_SUFFIXES, LABELS, load_xray
+from ..preprocess import PixelSpec, pixel_values, resize_gray
 
 SPLITS = ("train", "validation", "test")
 
@@ -70,7 +70,7 @@ def check_prepared_folder(root: Path) -> None:
     import csv
     import warnings
 
-    from .images import InvalidImageError
+    from ..images import InvalidImageError
 
     index_path = root / "prepared_index.csv"
     if not index_path.exists():
@@ -127,7 +127,7 @@ def unlabeled_images(folders: list[str]) -> tuple[list[str], list[str]]:
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from .images import InvalidImageError
+    from ..images import InvalidImageError
 
     files = []
     for folder in map(Path, folders):

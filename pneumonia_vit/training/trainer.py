@@ -23,9 +23,9 @@ import yaml
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from .domain import STATS_FILE
-from .images import LABELS
-from .metrics import binary_metrics
+from ..images import LABELS
+from ..ood.check import STATS_FILE
+from .evaluation import binary_metrics
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Binary-classification metrics at a decision threshold, as an `evaluate` module.
 
-Loaded by path, offline: `evaluate.load("pneumonia_vit/binary_metrics")`; the folder is also a Hub
+Loaded by path, offline: `evaluate.load("pneumonia_vit/training/binary_metrics")`; the folder is also a Hub
 metric as it stands (this file and README.md), so it imports nothing from the project.
 """
 
@@ -22,7 +22,7 @@ Returns:
     present: undefined, not 0) and confusion_matrix ({"tn", "fp", "fn", "tp"}), as plain Python numbers.
     A ratio with a zero denominator (precision with nothing predicted positive) is 0.
 Examples:
-    >>> metric = evaluate.load("pneumonia_vit/binary_metrics")
+    >>> metric = evaluate.load("pneumonia_vit/training/binary_metrics")
     >>> metric.compute(references=[0, 1, 1], prediction_scores=[0.2, 0.4, 0.9], threshold=0.5)["sensitivity"]
     0.5
 """
