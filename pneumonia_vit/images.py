@@ -8,9 +8,16 @@ reports how colourful the file was before it became grey (the app's out-of-domai
 
 from __future__ import annotations
 
+import ctypes
 import io
+import math
 import os
 import re
+import sys
+import threading
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +35,25 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".pgm", ".tif", ".tif
 MAX_PIXELS = 50_000_000
 # Below this the lungs are a few pixels wide: nothing a classifier should be asked about.
 MIN_SIDE = 64
+# Longer sides are box-reduced by a whole factor before any colour, alpha or grey conversion: the model
+# reads 128 px and the page shows 512 px, and every Kermany original (<= ~2,900 px) is read unchanged.
+WORKING_SIDE = 4096
+# One DICOM frame decoded, at most: 50 megapixels of 16-bit grey. A deflated data set is inflated up to
+# that plus 1 MiB of header, then refused: its compressed size says nothing about what it inflates to.
+MAX_FRAME_BYTES = 2 * MAX_PIXELS
+MAX_INFLATED_BYTES = MAX_FRAME_BYTES + (1 << 20)
+# A decode above LARGE_PIXELS (every Kermany original is below: 8.4 MP at most) can hold ~300 MB at the
+# 50 MP limit (4 bytes a pixel decoded plus reduced working copies): two at once stay near 600 MB; the
+# rest wait for a slot, and small images never wait.
+LARGE_PIXELS = 12_000_000
+MAX_LARGE_DECODES = 2
+_LARGE_DECODE_SLOTS = threading.BoundedSemaphore(MAX_LARGE_DECODES)
 # The raster formats Pillow may open. Anything else (EPS, PDF, ...) is refused before decoding:
 # Pillow hands EPS to Ghostscript, which an upload endpoint must never run. MPO is how Pillow
 # names the JPEGs many cameras and phones write; PPM is Netpbm (PGM), data_prep's cached format.
 PIL_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+# Pillow modes of more than 8 bits a channel: stretched to 0..255 over their own range.
+HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
 
 _PATIENT_PATTERNS = (
     re.compile(r"^(person\d+)_"),  # person123_bacteria_456.jpeg: patient 123
@@ -51,13 +73,16 @@ class XrayReading:
     (0..255); 0.0 for files stored as grayscale. A radiograph saved as an RGB JPEG (some Kermany
     originals are) reads about 0; a photograph reads tens.
     stored_size, stored_mode: the file's own width x height and Pillow mode, before any draft
-    decoding or conversion (None where unknown: a PIL image passed in; the mode of a DICOM file).
+    decoding, reduction or conversion (None where unknown: a PIL image passed in; the mode of a DICOM file).
+    transparency: the fraction of pixels with alpha < 255 (0.0 without an alpha channel), on at most
+    ~256 px a side; such pixels are composited onto black.
     """
 
     image: Image.Image
     chroma: float = 0.0
     stored_size: tuple[int, int] | None = None
     stored_mode: str | None = None
+    transparency: float = 0.0
 
 
 def patient_id(file_name: str) -> str:
@@ -98,18 +123,99 @@ def _mean_chroma(rgb: np.ndarray) -> float:
     return float((sample.max(axis=-1) - sample.min(axis=-1)).mean())
 
 
+def _transparency(rgba: Image.Image) -> float:
+    alpha = np.asarray(rgba.getchannel("A"))
+    step = max(1, max(alpha.shape) // 256)
+    return float((alpha[::step, ::step] < 255).mean())
+
+
+def _reduction(width: int, height: int) -> int:
+    """The whole factor that brings the long side within WORKING_SIDE (1: the image is read as it is)."""
+    return math.ceil(max(width, height) / WORKING_SIDE)
+
+
+def _box_reduce(pixels: np.ndarray, factor: int) -> np.ndarray:
+    """Means of factor x factor blocks (a last partial row or column of blocks dropped), as float32,
+    summed one block offset at a time so that no full-size float copy is made."""
+    rows, columns = pixels.shape[0] // factor, pixels.shape[1] // factor
+    total = np.zeros((rows, columns, *pixels.shape[2:]), np.float32)
+    for i in range(factor):
+        for j in range(factor):
+            total += pixels[i : rows * factor : factor, j : columns * factor : factor]
+    return total / (factor * factor)
+
+
+def _release_freed_memory() -> None:
+    """Hands the pages of freed large buffers back to the system: glibc keeps them in the arenas of the
+    threads that freed them, and a server would otherwise hold its largest request's peak for good."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # a libc without malloc_trim (musl)
+            pass
+
+
+@contextmanager
+def _decode_slot(pixels: int) -> Iterator[None]:
+    """Waits for one of MAX_LARGE_DECODES slots when decoding more than LARGE_PIXELS."""
+    if pixels <= LARGE_PIXELS:
+        yield
+        return
+    try:
+        with _LARGE_DECODE_SLOTS:
+            yield
+    finally:
+        _release_freed_memory()
+
+
 def _is_dicom(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
-def _dicom_to_gray(data: bytes, name: str) -> XrayReading:
+def _inflated(deflated: bytes, name: str) -> bytes:
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        body = inflater.decompress(deflated, MAX_INFLATED_BYTES + 1)
+    except zlib.error as error:
+        raise InvalidImageError(f"{name}: the deflated DICOM data set is damaged ({error}).") from error
+    if len(body) > MAX_INFLATED_BYTES:
+        raise InvalidImageError(
+            f"{name}: the deflated DICOM data set inflates to more than {MAX_INFLATED_BYTES / 1e6:.0f} MB, the limit "
+            f"(one {MAX_PIXELS / 1e6:.0f}-megapixel 16-bit frame). Export the first frame alone, uncompressed, or as PNG."
+        )
+    return body
+
+
+def _read_dicom(data: bytes, name: str):
+    """The data set, its pixel data still encoded; a deflated one inflated within MAX_INFLATED_BYTES
+    (pydicom would inflate all of it at once, whatever its size)."""
     import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filereader import read_dataset, read_preamble
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
     try:
-        dataset = pydicom.dcmread(io.BytesIO(data), force=True)
+        stream = io.BytesIO(data)
+        read_preamble(stream, force=True)
+        meta = read_dataset(stream, is_implicit_VR=False, is_little_endian=True,
+                            stop_when=lambda tag, vr, length: tag.group != 2)
+        if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            return pydicom.dcmread(io.BytesIO(data), force=True)
+        with _decode_slot(MAX_PIXELS):  # inflating may take MAX_INFLATED_BYTES: a large decode
+            dataset = read_dataset(io.BytesIO(_inflated(data[stream.tell() :], name)), False, True)
+    except InvalidImageError:
+        raise
     except Exception as error:  # pydicom raises many exception types for damaged files
         raise InvalidImageError(f"{name}: not a readable DICOM file ({error}).") from error
+    dataset.file_meta = FileMetaDataset(meta)
+    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian  # what the inflated bytes are
+    return dataset
+
+
+def _check_dicom_budget(dataset, name: str) -> tuple[int, int]:
+    """Rows and columns, once the first frame's decoded size and its encoding are known to be within reach."""
+    from pydicom.pixels import get_decoder
+
     if "PixelData" not in dataset:
         raise InvalidImageError(f"{name}: the DICOM file holds no image (no Pixel Data element).")
     try:
@@ -117,49 +223,110 @@ def _dicom_to_gray(data: bytes, name: str) -> XrayReading:
     except (AttributeError, TypeError, ValueError) as error:
         raise InvalidImageError(f"{name}: the DICOM file does not say its image size (Rows/Columns).") from error
     _check_size(columns, rows, name)
-    try:
-        pixels = dataset.pixel_array
-    except Exception as error:
-        raise InvalidImageError(f"{name}: the DICOM pixel data cannot be decoded ({error}).") from error
-    samples = int(dataset.get("SamplesPerPixel") or 1)
-    if pixels.ndim == (4 if samples > 1 else 3):
-        pixels = pixels[0]  # a multi-frame series: the first frame is the radiograph
-    chroma = 0.0
-    if pixels.ndim == 3:
-        chroma = _mean_chroma(_to_uint8(pixels[..., :3]))
-        pixels = pixels.mean(axis=-1)
-    if pixels.ndim != 2:
-        raise InvalidImageError(f"{name}: the DICOM pixel data has an unexpected shape {pixels.shape}.")
-    try:
-        pixels = apply_voi_lut(apply_modality_lut(pixels, dataset), dataset)
-    except Exception as error:  # a damaged or inconsistent LUT
-        raise InvalidImageError(f"{name}: the DICOM grey-level tables cannot be applied ({error}).") from error
-    gray = _to_uint8(pixels)
+    samples, bits = int(dataset.get("SamplesPerPixel") or 1), int(dataset.get("BitsAllocated") or 16)
+    frame_bytes = rows * columns * samples * math.ceil(bits / 8)
+    if frame_bytes > MAX_FRAME_BYTES:
+        raise InvalidImageError(
+            f"{name}: one frame of this DICOM image takes {frame_bytes / 1e6:.0f} MB decoded ({samples} samples of "
+            f"{bits} bits a pixel); the limit is {MAX_FRAME_BYTES / 1e6:.0f} MB. Export it as 8- or 16-bit grey, or "
+            f"downscale it, before uploading."
+        )
+    syntax = getattr(dataset, "file_meta", {}).get("TransferSyntaxUID")
+    if syntax is not None and syntax.is_compressed:
+        try:
+            decodable = get_decoder(syntax).is_available
+        except NotImplementedError:
+            decodable = False
+        if not decodable:
+            raise InvalidImageError(
+                f"{name}: the DICOM pixel data is compressed as {syntax.name}, which this app cannot decode. "
+                f"Export it uncompressed (Explicit VR Little Endian), as JPEG or JPEG 2000 DICOM, or as PNG."
+            )
+    return rows, columns
+
+
+def _dicom_to_gray(data: bytes, name: str) -> XrayReading:
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    dataset = _read_dicom(data, name)
+    rows, columns = _check_dicom_budget(dataset, name)
+    with _decode_slot(rows * columns):
+        dataset.pixel_array_options(index=0)  # a multi-frame series: only the first frame, the radiograph
+        try:
+            pixels = dataset.pixel_array
+        except Exception as error:
+            raise InvalidImageError(f"{name}: the DICOM pixel data cannot be decoded ({error}).") from error
+        del dataset.PixelData  # the encoded copy, no longer needed
+        factor = _reduction(columns, rows)
+        if factor > 1:
+            pixels = _box_reduce(pixels, factor)
+        chroma = 0.0
+        if pixels.ndim == 3:
+            chroma = _mean_chroma(_to_uint8(pixels[..., :3]))
+            pixels = pixels.mean(axis=-1)
+        if pixels.ndim != 2:
+            raise InvalidImageError(f"{name}: the DICOM pixel data has an unexpected shape {pixels.shape}.")
+        try:
+            pixels = apply_voi_lut(apply_modality_lut(pixels, dataset), dataset)
+        except Exception as error:  # a damaged or inconsistent LUT
+            raise InvalidImageError(f"{name}: the DICOM grey-level tables cannot be applied ({error}).") from error
+        gray = _to_uint8(pixels)
+        del pixels
     if dataset.get("PhotometricInterpretation") == "MONOCHROME1":
         gray = 255 - gray  # MONOCHROME1 stores bone dark; the model was trained on bone bright
     return XrayReading(Image.fromarray(gray, mode="L"), chroma, (columns, rows))
 
 
-def _pil_to_gray(image: Image.Image, name: str, draft_size: int | None) -> XrayReading:
+def _decoded(image: Image.Image, name: str, draft_size: int | None) -> Image.Image:
+    """The first frame of `image` decoded (a multi-page file's other pages are never read), box-reduced
+    to WORKING_SIDE where larger: a new image then, the full-size one left to the caller to close."""
     _check_size(*image.size, name)
-    if draft_size and image.format == "JPEG":
-        # Let libjpeg decode at 1/2, 1/4 or 1/8 scale while staying at least draft_size a side.
-        image.draft("L", (draft_size, draft_size))
+    factor = _reduction(*image.size)
+    if image.format == "JPEG":
+        # libjpeg decodes at 1/2, 1/4 or 1/8 scale while staying at least the size asked for.
+        if draft_size:  # straight to grey: detail that a later resize to draft_size discards is skipped
+            image.draft("L", (draft_size, draft_size))
+        elif factor > 1:  # a large image: in its own colours, at least its working size
+            image.draft(image.mode, (image.width // factor, image.height // factor))
+        factor = _reduction(*image.size)
     try:
         image.load()
     except (OSError, SyntaxError, ValueError) as error:
         raise InvalidImageError(
             f"{name}: the image data is damaged or truncated ({error}). Upload the file again, or export it anew."
         ) from error
-    if getattr(image, "n_frames", 1) > 1:
-        image.seek(0)  # animated GIF/PNG: only the first frame is used
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    return _reduced(image, factor) if factor > 1 else image
+
+
+def _reduced(image: Image.Image, factor: int) -> Image.Image:
+    """Box-reduced by `factor` a strip of rows at a time, so that no converted copy (Pillow reduces RGBA
+    through a premultiplied copy; palettes and high bit depths need one) is ever full-size."""
+    if image.mode in HIGH_DEPTH_MODES:
+        mode = "F"
+    elif image.mode in ("P", "PA"):
+        mode = "RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB"
+    else:
+        mode = "L" if image.mode == "1" else image.mode
+    reduced = Image.new(mode, (math.ceil(image.width / factor), math.ceil(image.height / factor)))
+    strip_rows = 256 * factor
+    for top in range(0, image.height, strip_rows):
+        strip = image.crop((0, top, image.width, min(top + strip_rows, image.height)))
+        reduced.paste(strip.convert(mode).reduce(factor), (0, top // factor))
+    reduced.info = dict(image.info)
+    return reduced
+
+
+def _to_gray(image: Image.Image) -> XrayReading:
+    if image.mode in HIGH_DEPTH_MODES:
         return XrayReading(Image.fromarray(_to_uint8(np.asarray(image)), mode="L"))
+    transparency = 0.0
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Transparent areas become black, the colour of the air around a chest on a radiograph.
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        image = Image.alpha_composite(background, rgba)
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+        transparency = _transparency(rgba)
+        image = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        image.alpha_composite(rgba)
+        del rgba
     chroma = 0.0
     if image.mode not in ("L", "1"):
         rgb = image.convert("RGB")
@@ -167,7 +334,7 @@ def _pil_to_gray(image: Image.Image, name: str, draft_size: int | None) -> XrayR
         image = rgb.convert("L")
     elif image.mode == "1":
         image = image.convert("L")
-    return XrayReading(image, chroma)
+    return XrayReading(image, chroma, transparency=transparency)
 
 
 def load_xray(source: str | os.PathLike | bytes | Image.Image, draft_size: int | None = None) -> Image.Image:
@@ -186,7 +353,7 @@ def read_xray(source: str | os.PathLike | bytes | Image.Image, draft_size: int |
     leave `draft_size` out where the colour matters (the app does).
     """
     if isinstance(source, Image.Image):
-        return _pil_to_gray(source, "image", draft_size)
+        return _to_gray(_decoded(source, "image", draft_size))
     if isinstance(source, bytes):
         name, data = "upload", source
     else:
@@ -215,6 +382,11 @@ def read_xray(source: str | os.PathLike | bytes | Image.Image, draft_size: int |
             f"{name}: not a readable image. Upload a PNG, JPEG or DICOM (.dcm) chest X-ray."
         ) from error
     stored_size, stored_mode = image.size, image.mode  # before draft decoding changes them
-    reading = _pil_to_gray(image, name, draft_size)
-    gray = ImageOps.exif_transpose(reading.image) if "exif" in image.info else reading.image
-    return XrayReading(gray, reading.chroma, stored_size, stored_mode)
+    with _decode_slot(image.width * image.height):
+        decoded = _decoded(image, name, draft_size)
+        if decoded is not image:
+            image.close()  # frees the full-size pixels before the conversions
+        reading = _to_gray(decoded)
+        del decoded
+        gray = ImageOps.exif_transpose(reading.image) if "exif" in image.info else reading.image
+    return XrayReading(gray, reading.chroma, stored_size, stored_mode, reading.transparency)
