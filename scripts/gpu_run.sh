@@ -13,19 +13,20 @@
 #
 # Environment (all optional):
 #   PYTHON                 interpreter with (or to receive) the requirements   [python3 or python with torch]
+#                          and this repo's package (pip install --no-deps -e .)
 #   GPU_RUN_WORKDIR        prepared data, the run folder, the HF cache          [runs/gpu_run]
 #   GPU_RUN_CONFIG         training config                                      [configs/vit_small_gpu.yaml]
 #   GPU_RUN_SIZE           side of the prepared images                          [224]
 #   GPU_RUN_WORKERS        dataloader workers                                   [min(12, CPUs - 2)]
 #   GPU_RUN_BUDGET_S       wall-time budget of the whole script, seconds        [450]
-#   GPU_RUN_SKIP_INSTALL=1 never run pip
+#   GPU_RUN_SKIP_INSTALL=1 never run pip: stop, saying what to install, when an import fails
 #   GPU_RUN_EXTRA_ARGS     more train_vit.py flags (word-split)
 set -euo pipefail
 
 smoke=0
 if [[ "${1:-}" == "--smoke" ]]; then smoke=1; shift; fi
 if [[ $# -lt 1 || $# -gt 2 || "$1" == -* ]]; then
-  sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 fi
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -36,9 +37,9 @@ work=$(cd "$work" && pwd)
 results=${2:-$work/results}
 mkdir -p "$results"
 results=$(cd "$results" && pwd)
-cd "$repo"
 
 # The interpreter: $PYTHON, else the first of python3 / python that has torch (the machine's CUDA build).
+# A relative path is taken from the caller's folder: the script runs from the repo and checks from "/".
 py=${PYTHON:-}
 if [[ -z "$py" ]]; then
   for candidate in python3 python; do
@@ -46,6 +47,9 @@ if [[ -z "$py" ]]; then
   done
   py=${py:-python3}
 fi
+if [[ $py == */* ]]; then py=$(cd "$(dirname "$py")" 2>/dev/null && pwd)/$(basename "$py"); fi
+command -v "$py" >/dev/null || { echo "gpu_run: no such interpreter: ${PYTHON:-$py}" >&2; exit 2; }
+cd "$repo"
 budget=${GPU_RUN_BUDGET_S:-450}
 if [[ $smoke == 1 ]]; then
   config=${GPU_RUN_CONFIG:-configs/vit_smoke_cpu.yaml}
@@ -74,21 +78,28 @@ if [[ $smoke == 0 ]] && "$py" -c "import torch" 2>/dev/null \
   exit 4
 fi
 
-# 1. Python packages: whatever torch is installed stays; the rest comes from requirements.txt.
+# 1. Python packages: whatever torch is installed stays; the rest comes from requirements.txt, and the
+#    project's own package from the repo. The check runs from "/" so that only an installed
+#    pneumonia_vit answers: data_prep/prepare.py runs with data_prep/, not the repo, on its sys.path.
 started=$SECONDS
-check_imports() { "$py" - <<'EOF' >>"$log" 2>&1
+check_imports() { (cd / && "$py" - "$repo") <<'EOF' >>"$log" 2>&1
 import sys
-sys.path.insert(0, ".")
 import torch, transformers, datasets, accelerate  # noqa: E401
 assert int(transformers.__version__.split(".")[0]) >= 5, f"transformers {transformers.__version__} < 5"
 assert int(datasets.__version__.split(".")[0]) >= 5, f"datasets {datasets.__version__} < 5"
+import pneumonia_vit
+print(f"pneumonia_vit installed at {pneumonia_vit.__path__[0]}")
+sys.path.insert(0, sys.argv[1])
 import train_vit, data_prep.prepare  # noqa: E401,F401  (everything training imports)
 EOF
 }
 if check_imports; then
   say "packages: already installed"
 elif [[ "${GPU_RUN_SKIP_INSTALL:-0}" == 1 ]]; then
-  say "error: training imports fail (see $log) and GPU_RUN_SKIP_INSTALL=1"; exit 3
+  say "error: training imports fail and GPU_RUN_SKIP_INSTALL=1: $(grep -E '^[A-Za-z]*(Error|Exception)' "$log" | tail -n 1)"
+  say "install them with: $py -m pip install -r $repo/requirements.txt && $py -m pip install --no-deps -e $repo"
+  say "(or run again without GPU_RUN_SKIP_INSTALL, which does both; the full error is in $log)"
+  exit 3
 else
   # Keep the machine's torch (a CUDA build); gradio is the demo app's, not needed to train.
   requirements="$work/requirements-train.txt"
@@ -97,9 +108,18 @@ else
   else
     grep -viE '^gradio([^a-z_-]|$)' requirements.txt > "$requirements"
   fi
+  "$py" -m pip --version >/dev/null 2>&1 || "$py" -m ensurepip --default-pip >>"$log" 2>&1 \
+    || { say "error: $py has no pip and ensurepip failed; see $log"; exit 3; }
   say "packages: pip install -r requirements.txt (without gradio$("$py" -c 'import torch' 2>/dev/null && echo ', keeping the installed torch'))"
   if ! "$py" -m pip install -q --disable-pip-version-check -r "$requirements" 2>&1 | tee -a "$log"; then
     say "error: pip install failed (no package index reachable?); see $log"; exit 3
+  fi
+  # The installed setuptools builds the package where there is one, so that no index is needed.
+  isolation=$("$py" -c "import setuptools; print('--no-build-isolation' if int(setuptools.__version__.split('.')[0]) >= 68 else '')" 2>/dev/null || true)
+  say "packages: pip install --no-deps $isolation -e $repo (the project's package)"
+  # shellcheck disable=SC2086
+  if ! "$py" -m pip install -q --disable-pip-version-check --no-deps $isolation -e "$repo" 2>&1 | tee -a "$log"; then
+    say "error: installing the project's package failed; see $log"; exit 3
   fi
   check_imports || { say "error: training imports still fail; see $log"; exit 3; }
 fi
