@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import yaml
 
 from ..images import LABELS
@@ -26,7 +28,46 @@ def _architecture(config, spec) -> str:
     return f"A {type(config).__name__.removesuffix('Config')} model ({spec.size}×{spec.size} input)"
 
 
-def model_card(results, config, spec, class_counts, split_sizes, source, data, command, training_args) -> str:
+def calibration_section(config, eces: dict[str, tuple[float, float]]) -> str:
+    """The card's calibration section; `eces`: split -> (ECE before, ECE after), as
+    inference.calibration.reliability_diagram returns them beside calibration.png."""
+    calibration = config.calibration
+    prior = calibration["assumed_prior"]
+    prior_text = (f"a pneumonia prior of **{prior:.0%}**: for a population with prior π, multiply the odds "
+                  f"P/(1-P) by (π/(1-π)) / ({prior:.2f}/{1 - prior:.2f})" if prior is not None else
+                  "the prior the model learned under its training loss (no stated number)")
+    rows = "\n".join(f"| {split} | {before:.3f} | {after:.3f} |" for split, (before, after) in eces.items())
+    return f"""## Calibration
+
+P(PNEUMONIA) is calibrated inside the weights: a map σ(a·z + c) of the logit difference z, fitted on the
+validation split only (`{calibration['method']}`: a = {calibration['slope']:.4f}, c = {calibration['intercept']:.4f}) and folded
+into the classification head, so a stock `pipeline()` gives the calibrated probability. The probabilities assume
+{prior_text}. The decision threshold was mapped the same way, so every decision is the one the uncalibrated
+model made. The method was chosen on validation by cross-validation over re-weighted class priors
+(`python -m pneumonia_vit.inference.calibration`); the test split played no part in it.
+
+Expected calibration error of P(PNEUMONIA), 10 equal-width bins (validation after: in-sample):
+
+| split | before | after |
+|---|---|---|
+{rows}
+
+![reliability diagram](calibration.png)
+
+"""
+
+
+def with_calibration(card: str, old_threshold: float | None, config, eces: dict[str, tuple[float, float]]) -> str:
+    """An existing card after calibration: the new threshold where the old one was shown, and the calibration
+    section (replaced if present) before `## Data`."""
+    if old_threshold is not None:
+        card = card.replace(f"{old_threshold:.4f}", f"{config.decision_threshold:.4f}")
+    card = re.sub(r"## Calibration\n.*?(?=\n## )\n", "", card, flags=re.S)
+    return card.replace("## Data\n", calibration_section(config, eces) + "## Data\n", 1)
+
+
+def model_card(results, config, spec, class_counts, split_sizes, source, data, command, training_args,
+               calibration_eces: dict[str, tuple[float, float]] | None = None) -> str:
     front_matter = {
         "license": "cc-by-4.0",
         "library_name": "transformers",
@@ -77,7 +118,7 @@ The test split is the official Kermany test split, evaluated once after training
 collected from other patients than the training split and validation scores overstate test
 scores on this dataset.
 
-## Data
+{calibration_section(config, calibration_eces) if calibration_eces else ""}## Data
 
 Kermany et al. 2018 pediatric chest X-rays (ages 1–5, Guangzhou Women and Children's Medical
 Center), prepared with `data_prep/prepare.py`: every image decoded as 8-bit grayscale and resized
