@@ -238,7 +238,8 @@ def _score(model, model_dir: str, dataset, batch_size: int) -> tuple[np.ndarray,
         return predict_scores(trainer, dataset)
 
 
-def _patients(dataset) -> list[str]:
+def patients(dataset) -> list[str]:
+    """The patient of each film of a prepared split, for `calibrate`'s groups."""
     from datasets import Image
 
     from ..images import patient_id
@@ -266,12 +267,12 @@ def main(argv: list[str] | None = None) -> Calibration:
     except ValueError as error:
         raise SystemExit(f"{model_dir}: {error}") from None
     splits = load_splits(args.data_dir)
-    patients = _patients(splits["validation"])
+    groups = patients(splits["validation"])
     scored = {name: _score(model, str(model_dir), splits[name], args.batch_size) for name in ("validation", "test")}
     old_threshold = getattr(model.config, "decision_threshold", None)
     # Both splits are scored by the unfolded model; the fit reads validation only, and test's scores are first
     # looked at below, once the calibration is fixed.
-    calibration = calibrate(model, *scored["validation"], groups=patients)
+    calibration = calibrate(model, *scored["validation"], groups=groups)
     if old_threshold is not None:
         for name, (_, scores) in scored.items():
             changed = int(((calibration.apply(scores) >= model.config.decision_threshold) != (scores >= old_threshold)).sum())
