@@ -35,13 +35,17 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".pgm", ".tif", ".tif
 MAX_PIXELS = 50_000_000
 # Below this the lungs are a few pixels wide: nothing a classifier should be asked about.
 MIN_SIDE = 64
-# Longer sides are box-reduced by a whole factor before any colour, alpha or grey conversion: the model
-# reads 128 px and the page shows 512 px, and every Kermany original (<= ~2,900 px) is read unchanged.
-WORKING_SIDE = 4096
-# One DICOM frame decoded, at most: 50 megapixels of 16-bit grey. A deflated data set is inflated up to
-# that plus 1 MiB of header, then refused: its compressed size says nothing about what it inflates to.
+# An image with a side over REDUCE_ABOVE px is box-reduced by a whole factor to at most WORKING_SIDE px a
+# side before any colour, alpha or grey conversion: the model reads 128 px and the page shows 512 px.
+# Every Kermany original (<= ~2,900 px) is read unchanged.
+REDUCE_ABOVE = 4096
+WORKING_SIDE = 2048
+# One DICOM frame decoded, at most: 50 megapixels of 16-bit grey. A deflated data set's compressed size
+# says nothing about what it inflates to: its header (the first MiB) is inflated and checked first, then
+# the rest up to one such frame plus that header, and beyond that it is refused.
 MAX_FRAME_BYTES = 2 * MAX_PIXELS
-MAX_INFLATED_BYTES = MAX_FRAME_BYTES + (1 << 20)
+DICOM_HEADER_BYTES = 1 << 20
+MAX_INFLATED_BYTES = MAX_FRAME_BYTES + DICOM_HEADER_BYTES
 # A decode above LARGE_PIXELS (every Kermany original is below: 8.4 MP at most) can hold ~300 MB at the
 # 50 MP limit (4 bytes a pixel decoded plus reduced working copies): two at once stay near 600 MB; the
 # rest wait for a slot, and small images never wait.
@@ -130,8 +134,8 @@ def _transparency(rgba: Image.Image) -> float:
 
 
 def _reduction(width: int, height: int) -> int:
-    """The whole factor that brings the long side within WORKING_SIDE (1: the image is read as it is)."""
-    return math.ceil(max(width, height) / WORKING_SIDE)
+    """The whole factor an image is reduced by (1: read as it is)."""
+    return 1 if max(width, height) <= REDUCE_ABOVE else math.ceil(max(width, height) / WORKING_SIDE)
 
 
 def _box_reduce(pixels: np.ndarray, factor: int) -> np.ndarray:
@@ -172,18 +176,44 @@ def _is_dicom(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
-def _inflated(deflated: bytes, name: str) -> bytes:
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+def _frame_bytes(header, name: str) -> int:
+    """The decoded size of one frame, once the stated image size is within the limits."""
     try:
-        body = inflater.decompress(deflated, MAX_INFLATED_BYTES + 1)
+        rows, columns = int(header.Rows), int(header.Columns)
+    except (AttributeError, TypeError, ValueError) as error:
+        raise InvalidImageError(f"{name}: the DICOM file does not say its image size (Rows/Columns).") from error
+    _check_size(columns, rows, name)
+    samples, bits = int(header.get("SamplesPerPixel") or 1), int(header.get("BitsAllocated") or 16)
+    frame_bytes = rows * columns * samples * math.ceil(bits / 8)
+    if frame_bytes > MAX_FRAME_BYTES:
+        raise InvalidImageError(
+            f"{name}: one frame of this DICOM image takes {frame_bytes / 1e6:.0f} MB decoded ({samples} samples of "
+            f"{bits} bits a pixel); the limit is {MAX_FRAME_BYTES / 1e6:.0f} MB. Export it as 8- or 16-bit grey, or "
+            f"downscale it, before uploading."
+        )
+    return frame_bytes
+
+
+def _inflated(deflated: bytes, name: str) -> bytes:
+    """The data set of a deflated DICOM file inflated: its header first, and the rest only if what the
+    header states (size, frames) and what actually comes out both stay within MAX_INFLATED_BYTES."""
+    from pydicom.filereader import read_dataset
+
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    too_large = (f"{name}: the deflated DICOM data set inflates to more than {MAX_INFLATED_BYTES / 1e6:.0f} MB, the "
+                 f"limit. Export the first frame alone, uncompressed or as PNG, and upload that.")
+    try:
+        head = inflater.decompress(deflated, DICOM_HEADER_BYTES)
+        header = read_dataset(io.BytesIO(head), False, True, stop_when=lambda tag, vr, length: tag == 0x7FE00010)
+        if "Rows" in header:
+            if _frame_bytes(header, name) * int(header.get("NumberOfFrames") or 1) > MAX_INFLATED_BYTES:
+                raise InvalidImageError(too_large)
+        rest = inflater.decompress(inflater.unconsumed_tail, MAX_INFLATED_BYTES - len(head) + 1)
     except zlib.error as error:
         raise InvalidImageError(f"{name}: the deflated DICOM data set is damaged ({error}).") from error
-    if len(body) > MAX_INFLATED_BYTES:
-        raise InvalidImageError(
-            f"{name}: the deflated DICOM data set inflates to more than {MAX_INFLATED_BYTES / 1e6:.0f} MB, the limit "
-            f"(one {MAX_PIXELS / 1e6:.0f}-megapixel 16-bit frame). Export the first frame alone, uncompressed, or as PNG."
-        )
-    return body
+    if len(head) + len(rest) > MAX_INFLATED_BYTES:
+        raise InvalidImageError(too_large)
+    return head + rest
 
 
 def _read_dicom(data: bytes, name: str):
@@ -212,44 +242,32 @@ def _read_dicom(data: bytes, name: str):
     return dataset
 
 
-def _check_dicom_budget(dataset, name: str) -> tuple[int, int]:
-    """Rows and columns, once the first frame's decoded size and its encoding are known to be within reach."""
+def _check_decoder(dataset, name: str) -> None:
     from pydicom.pixels import get_decoder
 
-    if "PixelData" not in dataset:
-        raise InvalidImageError(f"{name}: the DICOM file holds no image (no Pixel Data element).")
-    try:
-        rows, columns = int(dataset.Rows), int(dataset.Columns)
-    except (AttributeError, TypeError, ValueError) as error:
-        raise InvalidImageError(f"{name}: the DICOM file does not say its image size (Rows/Columns).") from error
-    _check_size(columns, rows, name)
-    samples, bits = int(dataset.get("SamplesPerPixel") or 1), int(dataset.get("BitsAllocated") or 16)
-    frame_bytes = rows * columns * samples * math.ceil(bits / 8)
-    if frame_bytes > MAX_FRAME_BYTES:
-        raise InvalidImageError(
-            f"{name}: one frame of this DICOM image takes {frame_bytes / 1e6:.0f} MB decoded ({samples} samples of "
-            f"{bits} bits a pixel); the limit is {MAX_FRAME_BYTES / 1e6:.0f} MB. Export it as 8- or 16-bit grey, or "
-            f"downscale it, before uploading."
-        )
     syntax = getattr(dataset, "file_meta", {}).get("TransferSyntaxUID")
-    if syntax is not None and syntax.is_compressed:
-        try:
-            decodable = get_decoder(syntax).is_available
-        except NotImplementedError:
-            decodable = False
-        if not decodable:
-            raise InvalidImageError(
-                f"{name}: the DICOM pixel data is compressed as {syntax.name}, which this app cannot decode. "
-                f"Export it uncompressed (Explicit VR Little Endian), as JPEG or JPEG 2000 DICOM, or as PNG."
-            )
-    return rows, columns
+    if syntax is None or not syntax.is_compressed:
+        return
+    try:
+        decodable = get_decoder(syntax).is_available
+    except NotImplementedError:
+        decodable = False
+    if not decodable:
+        raise InvalidImageError(
+            f"{name}: the DICOM pixel data is compressed as {syntax.name}, which this app cannot decode. "
+            f"Export it uncompressed (Explicit VR Little Endian), as JPEG or JPEG 2000 DICOM, or as PNG."
+        )
 
 
 def _dicom_to_gray(data: bytes, name: str) -> XrayReading:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     dataset = _read_dicom(data, name)
-    rows, columns = _check_dicom_budget(dataset, name)
+    if "PixelData" not in dataset:
+        raise InvalidImageError(f"{name}: the DICOM file holds no image (no Pixel Data element).")
+    _frame_bytes(dataset, name)
+    _check_decoder(dataset, name)
+    rows, columns = int(dataset.Rows), int(dataset.Columns)
     with _decode_slot(rows * columns):
         dataset.pixel_array_options(index=0)  # a multi-frame series: only the first frame, the radiograph
         try:
@@ -288,7 +306,8 @@ def _decoded(image: Image.Image, name: str, draft_size: int | None) -> Image.Ima
             image.draft("L", (draft_size, draft_size))
         elif factor > 1:  # a large image: in its own colours, at least its working size
             image.draft(image.mode, (image.width // factor, image.height // factor))
-        factor = _reduction(*image.size)
+        if factor > 1:  # what libjpeg's scaling left to reduce
+            factor = math.ceil(max(image.size) / WORKING_SIDE)
     try:
         image.load()
     except (OSError, SyntaxError, ValueError) as error:
@@ -311,7 +330,7 @@ def _reduced(image: Image.Image, factor: int) -> Image.Image:
     strip_rows = 256 * factor
     for top in range(0, image.height, strip_rows):
         strip = image.crop((0, top, image.width, min(top + strip_rows, image.height)))
-        reduced.paste(strip.convert(mode).reduce(factor), (0, top // factor))
+        reduced.paste((strip if strip.mode == mode else strip.convert(mode)).reduce(factor), (0, top // factor))
     reduced.info = dict(image.info)
     return reduced
 

@@ -58,19 +58,25 @@ def _saved(dataset) -> bytes:
     return buffer.getvalue()
 
 
-def dicom_bytes(pixels: np.ndarray | None, photometric: str = "MONOCHROME2", frames: int | None = None) -> bytes:
-    """A minimal valid Part-10 DICOM file (explicit VR little endian) holding `pixels` (or no image)."""
+def dicom_bytes(pixels: np.ndarray | None, photometric: str = "MONOCHROME2", frames: int | None = None,
+                transfer_syntax: str | None = None) -> bytes:
+    """A minimal valid Part-10 DICOM file holding `pixels` (or no image), explicit VR little endian unless
+    `transfer_syntax` says otherwise (pydicom deflates the data set for the deflated one)."""
     if pixels is None:
         return _saved(_dicom_dataset(None))
     dataset = _dicom_dataset((*pixels.shape[-2:], pixels.dtype.itemsize * 8), photometric, frames)
     dataset.PixelData = pixels.tobytes()
+    if transfer_syntax:
+        dataset.file_meta.TransferSyntaxUID = transfer_syntax
     return _saved(dataset)
 
 
 @functools.cache
-def deflated_dicom_bomb(rows: int = 16384, columns: int = 32768, frames: int | None = None) -> bytes:
+def deflated_dicom_bomb(rows: int = 16384, columns: int = 32768, frames: int | None = None,
+                        pixel_bytes: int | None = None) -> bytes:
     """A Deflated Explicit VR Little Endian DICOM of about 1 MB whose 16-bit pixel data (zeros) inflates to
-    rows x columns x 2 bytes (1 GiB by default), made without ever holding the inflated bytes."""
+    rows x columns x 2 bytes (1 GiB by default), or to `pixel_bytes` (a header that understates it), made
+    without ever holding the inflated bytes."""
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
     dataset = _dicom_dataset((rows, columns, 16), frames=frames)
@@ -78,7 +84,7 @@ def deflated_dicom_bomb(rows: int = 16384, columns: int = 32768, frames: int | N
     without_pixels = _saved(dataset)
     meta_end = 144 + struct.unpack("<I", without_pixels[140:144])[0]  # after (0002,0000)'s group length
     header = zlib.decompress(without_pixels[meta_end:], -zlib.MAX_WBITS)
-    pixel_bytes = rows * columns * 2 * (frames or 1)
+    pixel_bytes = pixel_bytes or rows * columns * 2 * (frames or 1)
     header += b"\xe0\x7f\x10\x00OW\x00\x00" + struct.pack("<I", pixel_bytes)  # (7FE0,0010) Pixel Data, OW
     # After a full flush the compressor forgets what came before: every 16 MiB of zeros deflates to the
     # same bytes, so the stream is built from one compressed chunk.
