@@ -1,8 +1,5 @@
 """Data preparation throughput: data_prep's conversion against the naive Pillow loop, on the 640
-full-resolution originals (test + val splits of /work/shared/data/chest_xray_originals).
-
-    python -m benchmarks.data_prep            # full run: 640 images, 5 rounds, about 1 minute on 2 cores
-    python -m benchmarks.data_prep --quick    # smoke run: 64 images, 1 round
+full-resolution originals (the test and val splits of --originals; --quick: 64 of them, 1 round).
 
 - naive: `Image.open(p).convert("L").resize((224, 224))` in a loop, one process, nothing saved;
 - data_prep: `data_prep.prepare.convert_all`, exactly as `prepare()` runs it: `_convert` (read,
@@ -16,38 +13,27 @@ Output agreement: PSNR and mean / max absolute difference (grey levels) of the p
 against the naive result, and against the same conversion without draft decoding (the draft's own
 share). The cached format: encoding and decoding time and size per image of PGM (data_prep now),
 BMP and PNG (data_prep before: zlib level 1, RLE strategy; and Pillow's default, level 6).
-Results: benchmarks/results/data_prep.{json,md} (data_prep-quick.* with --quick).
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import resource
 import sys
 import time
 import zlib
 from multiprocessing import Pool
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from benchmarks._common import ORIGINALS, markdown_table, spread, write_results
+from benchmarks.harness import markdown_table, options, spread, verdict, write_results
 from data_prep.prepare import PREPARED_FORMAT, _convert, convert_all
 from pneumonia_vit.cpus import usable_cores
 from pneumonia_vit.images import load_xray
 from pneumonia_vit.preprocess import resize_gray
 
 SIZE = 224
-
-
-def naive(paths: list[str]) -> list[np.ndarray]:
-    return [np.asarray(Image.open(p).convert("L").resize((SIZE, SIZE))) for p in paths]
-
-
-def prepared(paths: list[str], workers: int) -> list[dict]:
-    return list(convert_all(paths, SIZE, workers))
 
 
 def prepared_on_processes(paths: list[str], workers: int) -> list[dict]:
@@ -64,12 +50,12 @@ def cached_formats(images: list[np.ndarray]) -> dict:
         "PNG, Pillow's default (level 6)": ("PNG", {}),
     }
     results = {}
-    for name, (fmt, options) in candidates.items():
+    for name, (fmt, settings) in candidates.items():
         start = time.perf_counter()
         encoded = []
         for array in images:
             buffer = io.BytesIO()
-            Image.fromarray(array).save(buffer, format=fmt, **options)
+            Image.fromarray(array).save(buffer, format=fmt, **settings)
             encoded.append(buffer.getvalue())
         encode_s = time.perf_counter() - start
         start = time.perf_counter()
@@ -82,59 +68,49 @@ def cached_formats(images: list[np.ndarray]) -> dict:
     return results
 
 
-def _cpu_seconds() -> float:
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+def cpu_seconds() -> float:
+    """CPU seconds of this process, its threads and its (reaped) workers."""
+    return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+               for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
 
 
 def agreement(ours: list[np.ndarray], reference: list[np.ndarray]) -> dict:
-    ours_arr = np.stack(ours).astype(np.float64)
-    ref_arr = np.stack(reference).astype(np.float64)
-    error = ours_arr - ref_arr
+    error = np.stack(ours).astype(np.float64) - np.stack(reference).astype(np.float64)
     mse_per_image = (error ** 2).mean(axis=(1, 2))
 
     def psnr(mse):
         return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
 
-    return {
-        "psnr_db": psnr(mse_per_image.mean()),
-        "worst_image_psnr_db": psnr(mse_per_image.max()),
-        "mean_abs_diff": float(np.abs(error).mean()),
-        "max_abs_diff": float(np.abs(error).max()),
-        "p99_abs_diff": float(np.quantile(np.abs(error), 0.99)),
-    }
+    return {"psnr_db": psnr(mse_per_image.mean()), "worst_image_psnr_db": psnr(mse_per_image.max()),
+            "mean_abs_diff": float(np.abs(error).mean()), "max_abs_diff": float(np.abs(error).max()),
+            "p99_abs_diff": float(np.quantile(np.abs(error), 0.99))}
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--originals", default=str(ORIGINALS))
+    parser = options(__doc__, "originals")
     parser.add_argument("--workers", type=int, default=usable_cores())
     args = parser.parse_args(argv)
-
-    root = Path(args.originals)
-    paths = sorted(str(p) for split in ("test", "val") for p in (root / split).rglob("*.jpeg"))
+    paths = sorted(str(p) for split in ("test", "val") for p in (args.originals / split).rglob("*.jpeg"))
     if not paths:
-        raise SystemExit(f"no originals under {root}/test or {root}/val")
+        raise SystemExit(f"no originals under {args.originals}/test or {args.originals}/val")
     if args.quick:
         paths = spread(paths, 64)
     rounds = 1 if args.quick else 5
     print(f"{len(paths)} originals, {rounds} round(s), {args.workers} worker(s)", flush=True)
 
-    times = {"naive": [], "data_prep": [], "data_prep_processes": [], "data_prep_1_thread": []}
-    cpu = {name: [] for name in times}  # CPU seconds of this process, its threads and its (reaped) workers
-    outputs = {}
+    candidates = {
+        "naive": lambda: [np.asarray(Image.open(p).convert("L").resize((SIZE, SIZE))) for p in paths],
+        "data_prep": lambda: list(convert_all(paths, SIZE, args.workers)),
+        "data_prep_processes": lambda: prepared_on_processes(paths, args.workers),
+        "data_prep_1_thread": lambda: list(convert_all(paths, SIZE, 1)),
+    }
+    times, cpu, outputs = {name: [] for name in candidates}, {name: [] for name in candidates}, {}
     for _ in range(rounds):
-        for name, run in (("naive", lambda: naive(paths)),
-                          ("data_prep", lambda: prepared(paths, args.workers)),
-                          ("data_prep_processes", lambda: prepared_on_processes(paths, args.workers)),
-                          ("data_prep_1_thread", lambda: prepared(paths, 1))):
-            cpu_start = _cpu_seconds()
-            start = time.perf_counter()
+        for name, run in candidates.items():
+            cpu_start, start = cpu_seconds(), time.perf_counter()
             outputs[name] = run()
             times[name].append(time.perf_counter() - start)
-            cpu[name].append(_cpu_seconds() - cpu_start)
+            cpu[name].append(cpu_seconds() - cpu_start)
             print(f"{name}: {len(paths) / times[name][-1]:.1f} images/s, "
                   f"{1000 * cpu[name][-1] / len(paths):.2f} CPU ms per image", flush=True)
 
@@ -142,35 +118,28 @@ def main(argv=None) -> int:
     if failures:
         raise SystemExit(f"data_prep could not read {len(failures)} file(s): {failures[:3]}")
     ours = [np.asarray(Image.open(io.BytesIO(r["encoded"]))) for r in outputs["data_prep"]]
-    without_draft = [np.asarray(resize_gray(load_xray(p), SIZE)) for p in paths]
     formats = cached_formats(ours)
-
-    best = {name: min(t) for name, t in times.items()}
     cpu_ms = {name: 1000 * min(c) / len(paths) for name, c in cpu.items()}
-    throughput = {name: len(paths) / t for name, t in best.items()}
+    throughput = {name: len(paths) / min(t) for name, t in times.items()}
     vs_naive = agreement(ours, outputs["naive"])
-    vs_no_draft = agreement(ours, without_draft)
+    vs_no_draft = agreement(ours, [np.asarray(resize_gray(load_xray(p), SIZE)) for p in paths])
     ratio = throughput["data_prep"] / throughput["naive"]
+    goal = verdict(f"Goal: data_prep >= 5x the naive loop: {ratio:.2f}x", ratio >= 5)
     data = {
         "images": len(paths), "rounds": rounds, "workers": args.workers, "seconds": times,
         "images_per_s": throughput, "ratio_vs_naive": ratio, "cpu_ms_per_image": cpu_ms,
         "cpu_seconds": cpu, "ratio_vs_naive_by_path": {name: t / throughput["naive"] for name, t in throughput.items()},
         "agreement_vs_naive": vs_naive, "agreement_vs_same_without_draft": vs_no_draft,
-        "cached_formats": formats,
+        "cached_formats": formats, "verdict": "PASS" if ratio >= 5 else "FAIL",
     }
-
-    def row(name, label, agreement_cells):
-        return [label, throughput[name], f"{throughput[name] / throughput['naive']:.2f}x", cpu_ms[name], *agreement_cells]
-
     same = ["(same output)", "", ""]
-    rows = [
-        row("naive", "naive loop (1 process, nothing saved)", ["-", "-", "-"]),
-        row("data_prep", f"data_prep, {args.workers} threads (hash + draft decode + resize + PGM)",
-            [f"{vs_naive['psnr_db']:.1f}", f"{vs_naive['mean_abs_diff']:.2f}", f"{vs_naive['max_abs_diff']:.0f}"]),
-        row("data_prep_processes", f"the same on {args.workers} processes", same),
-        row("data_prep_1_thread", "the same on 1 thread", same),
-    ]
-    format_rows = [[name, f["encode_ms"], f["decode_ms"], f["kib"]] for name, f in formats.items()]
+    rows = [[label, throughput[name], f"{throughput[name] / throughput['naive']:.2f}x", cpu_ms[name], *cells]
+            for name, label, cells in (
+                ("naive", "naive loop (1 process, nothing saved)", ["-", "-", "-"]),
+                ("data_prep", f"data_prep, {args.workers} threads (hash + draft decode + resize + PGM)",
+                 [f"{vs_naive['psnr_db']:.1f}", f"{vs_naive['mean_abs_diff']:.2f}", f"{vs_naive['max_abs_diff']:.0f}"]),
+                ("data_prep_processes", f"the same on {args.workers} processes", same),
+                ("data_prep_1_thread", "the same on 1 thread", same))]
     markdown = (
         f"### Data preparation: {len(paths)} full-resolution originals -> {SIZE} px grayscale\n\n"
         + markdown_table(["path", "images/s", "vs naive", "CPU ms per image", "PSNR vs naive (dB)",
@@ -183,14 +152,13 @@ def main(argv=None) -> int:
           f"ViTImageProcessor (worst image {vs_naive['worst_image_psnr_db']:.1f} dB).\n\n"
         + f"Cached format (the {len(ours)} prepared images; every format holds the same pixels; decoding is paid again "
           f"at every training epoch):\n\n"
-        + markdown_table(["format", "encode ms per image", "decode ms per image", "KiB per image"], format_rows)
-        + f"\n\n- Goal: data_prep >= 5x the naive loop -> {ratio:.2f}x: {'PASS' if ratio >= 5 else 'FAIL'}. "
-          f"CPU time per image: naive {cpu_ms['naive']:.2f} ms, data_prep {cpu_ms['data_prep_1_thread']:.2f} ms "
+        + markdown_table(["format", "encode ms per image", "decode ms per image", "KiB per image"],
+                         [[name, f["encode_ms"], f["decode_ms"], f["kib"]] for name, f in formats.items()])
+        + f"\n\n- {goal}. CPU time per image: naive {cpu_ms['naive']:.2f} ms, data_prep {cpu_ms['data_prep_1_thread']:.2f} ms "
           f"({cpu_ms['naive'] / cpu_ms['data_prep_1_thread']:.2f}x less); with {args.workers} fully used cores the "
           f"ceiling is about {args.workers * cpu_ms['naive'] / cpu_ms['data_prep_1_thread']:.1f}x."
     )
-    data["verdict"] = "PASS" if ratio >= 5 else "FAIL"
-    write_results("data_prep", args.quick, data, markdown)
+    write_results("data_prep", args.quick, data, markdown, args.output)
     return 0
 
 

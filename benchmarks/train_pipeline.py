@@ -1,9 +1,7 @@
 """What the training input pipeline costs: CPU train steps/s of the bundled model's architecture
 (configs/vit_tiny_cpu.yaml: ViT 128 px, patch 16, width 192, 6 layers, batch 32, AdamW) fed by the
-real pipeline against the same model fed from batches already in memory.
-
-    python -m benchmarks.train_pipeline            # full run, about 4 minutes on 2 cores
-    python -m benchmarks.train_pipeline --quick    # smoke run, about 1 minute
+real pipeline against the same model fed from batches already in memory (--quick: 384 images,
+shorter blocks, 1 round).
 
 Feeds, all with batch 32 and `pneumonia_vit.training.data.collate`:
 - memory: the same tensors every step (the model's cost alone: the reference);
@@ -16,12 +14,10 @@ Feeds, all with batch 32 and `pneumonia_vit.training.data.collate`:
   same augmentation and normalisation per step in the main process: identical batches to
   "pipeline, 0 workers" for the same seed (checked here), without the per-step decoding.
 Blocks of steps alternate between the feeds so that load changes hit them alike.
-Results: benchmarks/results/train_pipeline.{json,md} (train_pipeline-quick.* with --quick).
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -30,13 +26,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks._common import BUNDLED_CONFIG, REPO, markdown_table, write_results
+from benchmarks.harness import BUNDLED_CONFIG, interleaved, markdown_table, options, verdict, write_results
 from pneumonia_vit.images import LABELS, load_xray
 from pneumonia_vit.preprocess import PixelSpec, pixel_values
 from pneumonia_vit.training.data import Augmentation, BatchTransform, collate, load_splits, with_sample_index
 
 BATCH = 32
 SEED = 42
+MEMORY = "memory (reference)"
+TRAINER_DEFAULT = "pipeline, 0 workers (Trainer default)"
 
 
 class CachedDecode(torch.utils.data.Dataset):
@@ -59,15 +57,6 @@ class CachedDecode(torch.utils.data.Dataset):
         return {"pixel_values": pixel_values([image], self.spec)[0], "labels": self.labels[index]}
 
 
-def make_model():
-    from transformers import ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(0)
-    config = ViTConfig(num_labels=len(LABELS), hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, **BUNDLED_CONFIG)
-    model = ViTForImageClassification(config).train()
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-
-
 def loader(dataset, workers: int, seed: int = 42):
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, collate_fn=collate, num_workers=workers,
@@ -79,54 +68,50 @@ def endless(make_iterator):
         yield from make_iterator()
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--data-dir", default=str(REPO / "data" / "chest_xray_prepared"))
-    args = parser.parse_args(argv)
-    block, rounds = (3, 1) if args.quick else (10, 4)
+def trainer_step():
+    """One AdamW step of a fresh model of the bundled architecture, as a function of the batch."""
+    from transformers import ViTConfig, ViTForImageClassification
 
+    torch.manual_seed(0)
+    config = ViTConfig(num_labels=len(LABELS), hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, **BUNDLED_CONFIG)
+    model = ViTForImageClassification(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+
+    def step(batch):
+        model(pixel_values=batch["pixel_values"], labels=batch["labels"]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main(argv=None) -> int:
+    args = options(__doc__, "data_dir").parse_args(argv)
+    block, rounds = (3, 1) if args.quick else (10, 4)
     spec = PixelSpec(size=BUNDLED_CONFIG["image_size"])
     train = load_splits(args.data_dir)["train"]
     if args.quick:
         train = train.shuffle(seed=0).select(range(BATCH * 12))
     print(f"train split: {len(train)} images", flush=True)
     plain = with_sample_index(train).with_transform(BatchTransform(spec, Augmentation(), seed=SEED))
-
     start = time.perf_counter()
     cached = CachedDecode(train, spec, Augmentation(), seed=SEED)
-    cache_seconds = time.perf_counter() - start
-    print(f"decoded {len(cached)} images once in {cache_seconds:.1f} s "
-          f"({cached.pixels.nbytes / 2**20:.0f} MiB)", flush=True)
+    cache_seconds, cache_mib = time.perf_counter() - start, cached.pixels.nbytes / 2**20
+    print(f"decoded {len(cached)} images once in {cache_seconds:.1f} s ({cache_mib:.0f} MiB)", flush=True)
 
     # Same seed -> the cached feed gives exactly the pipeline's batches.
-    identical = True
-    for feed in (plain, cached):
-        batches = [batch for _, batch in zip(range(2), loader(feed, 0, seed=7))]
-        if feed is plain:
-            reference = batches
-        else:
-            identical = all(torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["labels"], b["labels"])
-                            for a, b in zip(reference, batches))
+    reference, batches = ([batch for _, batch in zip(range(2), loader(feed, 0, seed=7))] for feed in (plain, cached))
+    identical = all(torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["labels"], b["labels"])
+                    for a, b in zip(reference, batches))
     print(f"cached decode gives identical batches: {identical}", flush=True)
-
-    memory_batches = reference
     feeds = {
-        "memory (reference)": endless(lambda: iter(memory_batches)),
-        "pipeline, 0 workers (Trainer default)": endless(lambda: iter(loader(plain, 0))),
+        MEMORY: endless(lambda: iter(reference)),
+        TRAINER_DEFAULT: endless(lambda: iter(loader(plain, 0))),
         "pipeline, 1 worker": endless(lambda: iter(loader(plain, 1))),
         "cached decode, 0 workers": endless(lambda: iter(loader(cached, 0))),
     }
-    model, optimizer = make_model()
-
-    def step(batch):
-        loss = model(pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    # Pipeline-only cost: time to produce one batch without training.
-    fetch, fetch_cpu = {}, {}
+    step = trainer_step()
+    fetch, fetch_cpu = {}, {}  # the pipeline's cost alone: time to produce one batch without training
     for name, feed in feeds.items():
         next(feed)
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -135,38 +120,30 @@ def main(argv=None) -> int:
         fetch[name] = (time.perf_counter() - start) / 3
         fetch_cpu[name] = (time.process_time() - cpu_start) / 3  # this process only (not a worker's)
         step(next(feed))  # warm-up step
-    times = {name: [] for name in feeds}
-    for _ in range(rounds):
-        for name, feed in feeds.items():
-            start = time.perf_counter()
-            for _ in range(block):
-                step(next(feed))
-            times[name].append((time.perf_counter() - start) / block)
-            print(f"{name}: {1 / times[name][-1]:.2f} steps/s", flush=True)
+    blocks = interleaved({name: (lambda i, feed=feed: [step(next(feed)) for _ in range(block)])
+                          for name, feed in feeds.items()}, rounds, warmup=0)
 
-    per_step = {name: statistics.median(t) for name, t in times.items()}
-    reference_step = per_step["memory (reference)"]
+    per_step = {name: statistics.median(times) / block for name, times in blocks.items()}
     rows, results = [], {}
     for name, seconds in per_step.items():
-        overhead = 100 * (seconds - reference_step) / reference_step
+        overhead = 100 * (seconds - per_step[MEMORY]) / per_step[MEMORY]
         results[name] = {"seconds_per_step": seconds, "steps_per_s": 1 / seconds, "images_per_s": BATCH / seconds,
                          "pipeline_overhead_percent": overhead, "batch_fetch_alone_s": fetch[name],
-                         "batch_fetch_alone_cpu_s": fetch_cpu[name], "blocks": times[name]}
+                         "batch_fetch_alone_cpu_s": fetch_cpu[name], "blocks": [t / block for t in blocks[name]]}
         rows.append([name, 1 / seconds, BATCH / seconds, f"{overhead:+.1f}%", 1000 * fetch[name], 1000 * fetch_cpu[name]])
-    best = min((name for name in per_step if name != "memory (reference)"), key=per_step.get)
-    default = results["pipeline, 0 workers (Trainer default)"]["pipeline_overhead_percent"]
+    best = min((name for name in per_step if name != MEMORY), key=per_step.get)
+    default = results[TRAINER_DEFAULT]["pipeline_overhead_percent"]
     markdown = (
         f"### Training input pipeline: bundled architecture, batch {BATCH}, {len(train)} training images\n\n"
         + markdown_table(["feed", "steps/s", "images/s", "cost vs memory", "one batch alone (ms)", "its CPU ms (main process)"], rows)
         + f"\n\nCached decode: {len(cached)} images decoded once in {cache_seconds:.1f} s, "
-          f"{cached.pixels.nbytes / 2**20:.0f} MiB; identical batches to the pipeline for the same seed: {identical}."
-        + f"\n\n- Goal: pipeline costs < 10% -> Trainer default (0 workers) {default:+.1f}%: "
-          f"{'PASS' if default < 10 else 'FAIL'}; best feed: {best} ({results[best]['pipeline_overhead_percent']:+.1f}%)"
+          f"{cache_mib:.0f} MiB; identical batches to the pipeline for the same seed: {identical}."
+        + f"\n\n- {verdict(f'Goal: pipeline costs < 10%: Trainer default (0 workers) {default:+.1f}%', default < 10)}; "
+          f"best feed: {best} ({results[best]['pipeline_overhead_percent']:+.1f}%)"
     )
     data = {"images": len(train), "batch": BATCH, "block_steps": block, "rounds": rounds, "feeds": results,
-            "cached_identical_to_pipeline": identical, "cache_seconds": cache_seconds,
-            "cache_mib": cached.pixels.nbytes / 2**20}
-    write_results("train_pipeline", args.quick, data, markdown)
+            "cached_identical_to_pipeline": identical, "cache_seconds": cache_seconds, "cache_mib": cache_mib}
+    write_results("train_pipeline", args.quick, data, markdown, args.output)
     return 0
 
 
