@@ -46,9 +46,10 @@ WORKING_SIDE = 2048
 MAX_FRAME_BYTES = 2 * MAX_PIXELS
 DICOM_HEADER_BYTES = 1 << 20
 MAX_INFLATED_BYTES = MAX_FRAME_BYTES + DICOM_HEADER_BYTES
-# A decode above LARGE_PIXELS (every Kermany original is below: 8.4 MP at most) can hold ~300 MB at the
-# 50 MP limit (4 bytes a pixel decoded plus reduced working copies): two at once stay near 600 MB; the
-# rest wait for a slot, and small images never wait.
+# A decode holds the decoded pixels (up to 4 bytes each: 200 MB at MAX_PIXELS), the grey result and
+# strip-sized copies. Above LARGE_PIXELS (every Kermany original is below: 8.4 MP at most) it waits for
+# one of MAX_LARGE_DECODES slots, so large decodes never hold more than twice that at once; smaller
+# images never wait.
 LARGE_PIXELS = 12_000_000
 MAX_LARGE_DECODES = 2
 _LARGE_DECODE_SLOTS = threading.BoundedSemaphore(MAX_LARGE_DECODES)
@@ -104,7 +105,9 @@ def _to_uint8(pixels: np.ndarray) -> np.ndarray:
     low, high = float(pixels.min()), float(pixels.max())
     if high <= low:
         return np.zeros(pixels.shape, dtype=np.uint8)
-    return np.round((pixels - low) * (255.0 / (high - low))).astype(np.uint8)
+    pixels -= low  # in place: one float copy of the image, not three
+    pixels *= 255.0 / (high - low)
+    return np.round(pixels, out=pixels).astype(np.uint8)
 
 
 def _check_size(width: int, height: int, name: str) -> None:
@@ -125,12 +128,6 @@ def _mean_chroma(rgb: np.ndarray) -> float:
     step = max(1, max(rgb.shape[:2]) // 256)
     sample = rgb[::step, ::step, :3].astype(np.int16)
     return float((sample.max(axis=-1) - sample.min(axis=-1)).mean())
-
-
-def _transparency(rgba: Image.Image) -> float:
-    alpha = np.asarray(rgba.getchannel("A"))
-    step = max(1, max(alpha.shape) // 256)
-    return float((alpha[::step, ::step] < 255).mean())
 
 
 def _reduction(width: int, height: int) -> int:
@@ -336,24 +333,31 @@ def _reduced(image: Image.Image, factor: int) -> Image.Image:
 
 
 def _to_gray(image: Image.Image) -> XrayReading:
+    """Grey, its chroma and transparency, converted a strip of rows at a time: beside the decoded image
+    only the grey result is ever full-size."""
     if image.mode in HIGH_DEPTH_MODES:
         return XrayReading(Image.fromarray(_to_uint8(np.asarray(image)), mode="L"))
-    transparency = 0.0
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        # Transparent areas become black, the colour of the air around a chest on a radiograph.
-        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
-        transparency = _transparency(rgba)
-        image = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        image.alpha_composite(rgba)
-        del rgba
-    chroma = 0.0
-    if image.mode not in ("L", "1"):
-        rgb = image.convert("RGB")
-        chroma = _mean_chroma(np.asarray(rgb))
-        image = rgb.convert("L")
-    elif image.mode == "1":
-        image = image.convert("L")
-    return XrayReading(image, chroma, transparency=transparency)
+    if image.mode in ("L", "1"):
+        return XrayReading(image if image.mode == "L" else image.convert("L"))
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    step = max(1, max(image.size) // 256)  # chroma and transparency are sampled on ~256 px a side
+    strip_rows = step * math.ceil(512 / step)  # strips start on sampled rows: the samples of the whole image
+    gray = Image.new("L", image.size)
+    chroma_sum = transparent = samples = 0
+    for top in range(0, image.height, strip_rows):
+        strip = image.crop((0, top, image.width, min(top + strip_rows, image.height)))
+        if has_alpha:
+            rgba = strip if strip.mode == "RGBA" else strip.convert("RGBA")
+            transparent += int((np.asarray(rgba.getchannel("A"))[::step, ::step] < 255).sum())
+            # Transparent areas become black, the colour of the air around a chest on a radiograph.
+            strip = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+            strip.alpha_composite(rgba)
+        rgb = strip if strip.mode == "RGB" else strip.convert("RGB")
+        sample = np.asarray(rgb)[::step, ::step].astype(np.int16)
+        chroma_sum += int((sample.max(axis=-1) - sample.min(axis=-1)).sum())
+        samples += sample.shape[0] * sample.shape[1]
+        gray.paste(rgb.convert("L"), (0, top))
+    return XrayReading(gray, chroma_sum / samples, transparency=transparent / samples if has_alpha else 0.0)
 
 
 def load_xray(source: str | os.PathLike | bytes | Image.Image, draft_size: int | None = None) -> Image.Image:
