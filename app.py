@@ -39,6 +39,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 # Gradio 6 rebuilds a pandas summary of up to 10,000 past events after every event, for its
 # monitoring dashboard, which this app does not enable: 3-8 ms of CPU per API request on 2 cores.
 os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "1000")
+# ... and keeps those events (10,000 by default, ~1 KB each) for the dashboard alone: a memory that grows with
+# the first 10,000 requests.
+os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "100")
 
 from pneumonia_vit.serving.service import Service  # noqa: E402
 from pneumonia_vit.serving.webapp import build_demo, launch  # noqa: E402

@@ -34,9 +34,11 @@ size limits). The file goes to `load_xray` as uploaded; the page previews what i
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
 import logging
 import os
+import secrets
 import tempfile
 import time
 from pathlib import Path
@@ -44,17 +46,26 @@ from pathlib import Path
 import gradio as gr
 from gradio.components.label import LabelConfidence, LabelData
 from gradio.data_classes import ListFiles
+from gradio.route_utils import FnIndexInferError
+from gradio.utils import get_upload_folder
 from PIL import Image
+from starlette.middleware import Middleware
 
 from ..images import IMAGE_SUFFIXES, InvalidImageError
 from ..settings import DEFAULT_MAX_WAITING
 from .service import REPO, Analysis, Service
+from .uploads import RequestGuard, UploadLedger, UploadLimits, releasing, shortened, unknown_endpoint
 
 EXAMPLES_DIR = REPO / "examples"
 MAX_UPLOAD_MB = 25  # a 3000x3000 16-bit DICOM is ~18 MB; Kermany JPEG originals are < 3 MB
 # gradio's own upload cap, above MAX_UPLOAD_MB so that a file a little too large still reaches `run`
 # and hears the limit in MB (gradio_client states gradio's cap in bytes, naming no component).
 TRANSPORT_CAP_MB = 2 * MAX_UPLOAD_MB
+CACHE_NAME_KEY = secrets.token_bytes(32)  # cached_image's folder names
+# gradio keeps a copy of the page's configuration for each of its last N sessions (10,000 by default, ~10 KB
+# each: the memory a Space grows by with every new visitor); this app keeps nothing per session, and a
+# session whose copy was dropped gets a new one at its next request.
+SESSION_CAPACITY = 256
 CONCURRENCY = 2  # a cpu-basic Space has 2 vCPUs; more parallel forwards only share them
 # A waiting request (settings.DEFAULT_MAX_WAITING of them at most) holds only the path of its upload,
 # which gradio keeps on disk (at most TRANSPORT_CAP_MB each): the memory a crowd costs is that of the
@@ -121,23 +132,34 @@ def upload_file(**options) -> gr.File:
     def preprocess(payload):
         if payload is None:
             return None
-        file = payload[0] if isinstance(payload, ListFiles) else payload
-        return str(file.path)
+        path = str((payload[0] if isinstance(payload, ListFiles) else payload).path)
+        # gradio checks that a path is in its upload folder only for some payloads (not for a URL
+        # marked as a stream): the app reads no file that was not uploaded to it.
+        if not Path(path).resolve().is_relative_to(Path(get_upload_folder()).resolve()):
+            log.info("refused a path outside the upload folder: %s", shortened(path))
+            raise gr.Error("Upload the file (gradio_client: handle_file(path)); the app reads only files uploaded "
+                           "to it.", title="Not an uploaded file", print_exception=False)
+        if not Path(path).is_file():
+            raise gr.Error("The uploaded file is gone: each upload serves one request, upload the file again.",
+                           title="Upload expired", print_exception=False)
+        return path
 
     upload.preprocess = preprocess
     return upload
 
 
 def cached_image(image: Image.Image | None, cache_dir: str) -> str | None:
-    """`image` as a JPEG in gradio's cache, named by its content; written under a temporary name and
-    renamed into place. gradio's own saving rewrites the same file in place when two answers hold the
-    same image, and a client downloading it at that moment loses its connection mid-body."""
+    """`image` as a JPEG in gradio's cache, in a folder named by a keyed hash of its content (a plain hash
+    would tell anyone holding a candidate image whether it was analysed here; the key lives and dies
+    with the process); written under a temporary name and renamed into place. gradio's own saving
+    rewrites the same file in place when two answers hold the same image, and a client downloading it at
+    that moment loses its connection mid-body."""
     if image is None:
         return None
     buffer = io.BytesIO()
     image.save(buffer, "JPEG")
     data = buffer.getvalue()
-    folder = Path(cache_dir) / hashlib.sha256(data).hexdigest()
+    folder = Path(cache_dir) / hmac.new(CACHE_NAME_KEY, data, hashlib.sha256).hexdigest()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "image.jpeg"
     if not path.exists():
@@ -310,9 +332,18 @@ def build_demo(service: Service, examples_dir: Path = EXAMPLES_DIR, max_waiting:
     return demo
 
 
-def launch(demo: gr.Blocks, **overrides):
+def launch(demo: gr.Blocks, upload_limits: UploadLimits | None = None, **overrides):
     """Launch with this app's limits; server name and port come from GRADIO_SERVER_NAME / _PORT
-    (gradio's defaults: 127.0.0.1:7860 locally, 0.0.0.0 on Spaces, where the variable is set)."""
+    (gradio's defaults: 127.0.0.1:7860 locally, 0.0.0.0 on Spaces, where the variable is set).
+    Uploads are bounded and deleted once used (pneumonia_vit/serving/uploads.py)."""
+    ledger = UploadLedger(get_upload_folder(), upload_limits or UploadLimits(max_file_bytes=TRANSPORT_CAP_MB * 2**20),
+                          # the files the app put in gradio's cache before serving: the examples' copies
+                          keep=frozenset().union(*demo.temp_file_sets, *(block.keep_in_cache for block in demo.blocks.values())),
+                          forget=lambda path: [files.discard(path) for files in demo.temp_file_sets])
+    for block_fn in demo.fns.values():
+        block_fn.fn = releasing(block_fn.fn, ledger) if block_fn.fn is not None else None
+        if block_fn.validator is not None:
+            block_fn.validator = releasing(block_fn.validator, ledger, validator=True)
     settings = dict(
         max_file_size=f"{TRANSPORT_CAP_MB}mb",
         # Only the examples are served from disk; uploads and outputs live in gradio's cache.
@@ -321,6 +352,10 @@ def launch(demo: gr.Blocks, **overrides):
         ssr_mode=False,
         css=PAGE_CSS,
         show_error=False,  # unexpected exceptions reach users as a generic error, not a traceback
+        state_session_capacity=SESSION_CAPACITY,
+        enable_monitoring=False,  # gradio's traffic dashboard: not used, and each visit prints its link to the log
+        app_kwargs={"middleware": [Middleware(RequestGuard, ledger=ledger)],
+                    "exception_handlers": {FnIndexInferError: unknown_endpoint, KeyError: unknown_endpoint}},
     )
     settings.update(overrides)
     return demo.launch(**settings)
