@@ -96,11 +96,10 @@ def models(requested: Path | None, vit_base: bool) -> list[tuple[str, Path, bool
 
 def labelled_files(folder: Path) -> list[tuple[Path, int]]:
     """(path, label) of every image below folder/{NORMAL,PNEUMONIA}, sorted."""
-    from pneumonia_vit.images import IMAGE_SUFFIXES, LABELS
+    from pneumonia_vit.images import LABELS
+    from pneumonia_vit.ood.corpus import image_files
 
-    files = []
-    for label, name in enumerate(LABELS):
-        files += [(path, label) for path in sorted((folder / name).iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES]
+    files = [(path, label) for label, name in enumerate(LABELS) for path in image_files(folder / name)]
     if not files:
         raise FileNotFoundError(f"no images in {folder}/NORMAL or {folder}/PNEUMONIA")
     return files
