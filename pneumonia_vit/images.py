@@ -147,8 +147,8 @@ def _box_reduce(pixels: np.ndarray, factor: int) -> np.ndarray:
 
 
 def _release_freed_memory() -> None:
-    """Hands the pages of freed large buffers back to the system: glibc keeps them in the arenas of the
-    threads that freed them, and a server would otherwise hold its largest request's peak for good."""
+    """Hands the pages of freed large buffers back to the system: glibc would keep part of them in the
+    arena of the thread that freed them, resident after the request."""
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6").malloc_trim(0)

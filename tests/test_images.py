@@ -180,7 +180,7 @@ def test_chroma_of_grey_rgb_is_zero_and_of_colour_is_high(tmp_path, data_root):
 # /proc/self/clear_refs restarts VmHWM (the peak resident size) from the resident size of that moment,
 # so VmHWM afterwards minus VmRSS before is what the one file cost at its peak, not sampled.
 PEAK_SCRIPT = """
-import json, sys, time
+import json, sys
 from pneumonia_vit.images import InvalidImageError, read_xray
 
 def kib(field):
@@ -189,13 +189,13 @@ def kib(field):
 for warm in sys.argv[2:]:
     read_xray(warm)
 open("/proc/self/clear_refs", "w").write("5")
-before, start = kib("VmRSS:"), time.perf_counter()
+before = kib("VmRSS:")
 try:
     reading = read_xray(sys.argv[1])
     outcome = {"size": reading.image.size, "transparency": reading.transparency}
 except InvalidImageError as error:
     outcome = {"error": str(error)}
-print(json.dumps({**outcome, "seconds": time.perf_counter() - start, "peak_mib": (kib("VmHWM:") - before) / 1024}))
+print(json.dumps({**outcome, "peak_mib": (kib("VmHWM:") - before) / 1024}))
 """
 
 
@@ -212,7 +212,7 @@ def test_deflated_dicom_bomb_is_refused_on_its_header_before_its_pixels_are_infl
     assert len(bomb.read_bytes()) < 1.1e6
     result = read_in_fresh_process(bomb, files)
     assert "537 megapixels); the limit is 50 megapixels. Downscale" in result["error"]
-    assert result["peak_mib"] < 20 and result["seconds"] < 1, result
+    assert result["peak_mib"] < 20, result
     frames = deflated_dicom_bomb(4000, 4000, frames=10)  # 320 MB stated: refused on the header too
     with pytest.raises(InvalidImageError, match="inflates to more than 101 MB, the limit. Export the first frame"):
         load_xray(frames)
@@ -224,7 +224,7 @@ def test_deflated_dicom_that_understates_its_pixel_data_is_inflated_only_up_to_t
     result = read_in_fresh_process(bomb, files)
     assert "inflates to more than 101 MB" in result["error"]
     # zlib joins its output blocks into one bytes object at the end: the inflated limit, twice at worst.
-    assert result["peak_mib"] < 2 * MAX_INFLATED_BYTES / 2**20 + 30 and result["seconds"] < 2, result
+    assert result["peak_mib"] < 2 * MAX_INFLATED_BYTES / 2**20 + 30, result
 
 
 def test_deflated_dicom_within_the_limit_reads_as_the_plain_one(original):
