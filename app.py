@@ -8,26 +8,25 @@
     PNEUMONIA_VIT_QUEUE=256 python app.py          # let 256 requests wait (default 128), then "busy"
 
 Models, each loaded once, at start-up:
-- the API's /predict (the label value only) scores with the fast path: the model exported to ONNX
-  with int8 weights, run by ONNX Runtime (pneumonia_vit/inference/fast_path.py; exported into
-  ~/.cache/pneumonia-vit or $PNEUMONIA_VIT_CACHE on the first start, a few seconds; its threads:
-  $PNEUMONIA_VIT_THREADS, default every usable core). Its
-  probabilities differ from the fp32 model's by ~1e-3;
-- the page's /analyze (probabilities, domain check, heatmap) runs the fp32 PyTorch model with eager
-  attention, whose attention weights the heatmap is made of. It is loaded at start-up too (about
-  3 s and 150 MB, mostly importing transformers' model code): every upload on the page needs it.
-Both decide at the threshold stored with the model. PNEUMONIA_VIT_FAST=0 turns the fast path off:
-the fp32 PyTorch model, loaded once, then serves /predict too (the same numbers as the page);
+- the scoring model, for every endpoint and the page alike (/predict, /predict_batch, /assess, /analyze):
+  the fast path, the model exported to ONNX with int8 weights, run by ONNX Runtime
+  (pneumonia_vit/inference/fast_path.py; exported into ~/.cache/pneumonia-vit or $PNEUMONIA_VIT_CACHE on
+  the first start, a few seconds; its threads: $PNEUMONIA_VIT_THREADS, default every usable core).
+  Its probabilities differ from the fp32 model's by ~1e-3;
+- the fp32 PyTorch model with eager attention, whose attention weights the page's heatmap is made
+  of (about 3 s and 150 MB, mostly importing transformers' model code).
+Every answer is taken at the threshold stored with the model, and none outside the model's domain.
+PNEUMONIA_VIT_FAST=0 turns the fast path off: the fp32 PyTorch model, loaded once, then scores too;
 predict.py reads the same switch. Where onnxruntime is missing or the export fails, the app logs a
-warning and serves fp32 PyTorch.
+warning and serves fp32 PyTorch. A check that cannot run for the served model (no kind model, no
+feature statistics) is logged at start and named on the page.
 
-Batching: concurrent /predict requests are scored together, up to 8 per forward and 2 forwards at a
-time (PNEUMONIA_VIT_BATCH=N sets the most per forward, 0 turns batching off). Each request decodes
-and checks its own file first, so an unreadable upload is an error for its sender only. On the fast
-path an image's probability then moves by ~1e-3 with the requests it shares a forward with (int8
-activations are scaled per batch); a request scored alone, and every request with
-PNEUMONIA_VIT_BATCH=0, gets exactly the same number every time. benchmarks/api_throughput.py
-measures the settings against each other.
+Batching: concurrent /predict requests are handed to one scoring thread together, up to 8 at a time
+and 2 threads (PNEUMONIA_VIT_BATCH=N sets the most at a time, 0 turns batching off); each image still
+gets a forward of its own, so that its answer never depends on its companions
+(pneumonia_vit/serving/service.py). Each request decodes and checks its own file first, so an
+unreadable upload is an error for its sender only. benchmarks/api_throughput.py measures the
+settings against each other, and /predict_batch against one-file calls.
 
 The page and the API are built in pneumonia_vit/serving/webapp.py.
 """
@@ -52,7 +51,7 @@ logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up re
 settings = ServingSettings.from_environment(os.environ)
 service = Service.load(settings.model_id, explain=True, max_batch=settings.max_batch, **settings.fast_path())
 logging.getLogger("pneumonia_vit.app").info(
-    "serving %s: /predict with %s%s, /analyze with torch-fp32 (eager attention)", service.model_id, service.backend,
+    "serving %s: /predict with %s%s, heatmaps with torch-fp32 (eager attention)", service.model_id, service.backend,
     f", up to {service.max_batch} requests per forward" if service.batcher is not None else ", unbatched")
 demo = build_demo(service, max_waiting=settings.max_waiting)
 

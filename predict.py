@@ -4,8 +4,9 @@
     python predict.py path/to/xrays --output out.csv --model you/pneumonia-vit --recursive
 
 Columns: file (relative to the folder), p_normal, p_pneumonia, decision (at the model's stored
-threshold), out_of_domain (empty, or why the image does not look like the training X-rays), error
-(empty, or why the file could not be read; the other columns are then empty). Every file is
+threshold; empty where the image is out of domain: no diagnosis is given there, as on every way in),
+out_of_domain (empty, or why the image does not look like the training X-rays), error (empty, or why
+the file could not be read; the other columns are then empty). Every file is
 listed, including files that are not images, so nothing is dropped silently.
 
 Scoring runs on the fast path (ONNX Runtime, int8 weights, exported into a cache on first use; see
@@ -24,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pneumonia_vit.images import InvalidImageError, read_xray
+from pneumonia_vit.images import InvalidImageError
 from pneumonia_vit.settings import ServingSettings
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ def list_files(folder: Path, recursive: bool, skip: Path | None = None) -> list[
 
 
 def predict_folder(service: Service, folder: Path, output: Path, recursive: bool = False, batch_size: int = 32) -> dict:
-    """Writes the CSV; returns counts. Files are read one at a time and scored in batches."""
+    """Writes the CSV; returns counts. Files are decoded `batch_size` at a time (what is held in memory)."""
     files = list_files(folder, recursive, skip=output)
     counts = {"files": len(files), "predicted": 0, "errors": 0, "out_of_domain": 0}
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -51,27 +52,16 @@ def predict_folder(service: Service, folder: Path, output: Path, recursive: bool
         writer.writeheader()
         for start in range(0, len(files), batch_size):
             chunk = files[start : start + batch_size]
-            readings, readable, rows = [], [], {}
-            for path in chunk:
-                try:
-                    readings.append(read_xray(path))
-                    readable.append(path)
-                except InvalidImageError as error:
-                    rows[path] = {"file": path.relative_to(folder).as_posix(), "error": str(error)}
+            for path, result in zip(chunk, service.analyze_files(chunk)):
+                row = {"file": path.relative_to(folder).as_posix()}
+                if isinstance(result, InvalidImageError):
+                    row["error"] = str(result)
                     counts["errors"] += 1
-            for path, analysis in zip(readable, service.analyze_many(readings, batch_size)):
-                domain = analysis.domain
-                rows[path] = {
-                    "file": path.relative_to(folder).as_posix(),
-                    "p_normal": f"{analysis.probabilities['NORMAL']:.6f}",
-                    "p_pneumonia": f"{analysis.p_pneumonia:.6f}",
-                    "decision": analysis.decision,
-                    "out_of_domain": "; ".join(domain.reasons),
-                }
-                counts["predicted"] += 1
-                counts["out_of_domain"] += not domain.in_domain
-            for path in chunk:
-                writer.writerow(rows[path])
+                else:
+                    row.update(result.answer("csv"))
+                    counts["predicted"] += 1
+                    counts["out_of_domain"] += result.decision is None
+                writer.writerow(row)
     return counts
 
 

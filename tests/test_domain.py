@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -199,14 +200,14 @@ def test_bundled_check_flags_adult_turned_and_inverted_films_and_passes_the_exam
             assert not check.in_domain and check.looks_like in ("altered_chest_film", "not_an_xray"), path.name
 
 
-def test_measure_command_reports_flag_rates(model_with_stats, small_prepared):
+def test_measure_command_reports_flag_rates(model_with_stats, small_prepared, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.domain_check", "--model", str(model_with_stats),
-         "--measure", str(small_prepared / "test")],
+         "--measure", str(small_prepared / "test"), "--output", str(tmp_path / "domain_check")],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    row = json.loads(result.stdout.strip().splitlines()[-1])
+    [row] = json.loads((tmp_path / "domain_check.json").read_text())["sets"]
     assert row["images"] == len(list((small_prepared / "test").rglob("*" + PREPARED_SUFFIX)))
     assert 0 <= row["flagged"] <= row["images"] and set(row["looks_like"]) <= {
         "pediatric_chest_xray", "adult_chest_xray", "altered_chest_film", "not_an_xray", "unfamiliar_to_the_model"}
@@ -255,8 +256,33 @@ def test_service_flags_photo_blank_and_noise(model_with_stats):
         assert service.analyze(path, explain=False).domain.chroma == 0.0
 
 
-def test_model_without_fitted_rules_serves_with_colour_and_contrast_rules(tiny_model_dir):
-    service = Service.load(str(tiny_model_dir))
-    assert service.domain_stats is None and service.kind_model is None
+def test_resolution_and_transparency_rules_name_the_cause_and_what_to_do():
+    film = Image.open(EXAMPLES[0]).convert("L")
+    assert check_domain(XrayReading(film, 0.0, stored_size=film.size, transparency=0.005), None, None, min_side=128).in_domain
+    small = check_domain(XrayReading(film.resize((100, 90)), 0.0), None, None, min_side=128)
+    assert small.fired == ["resolution"] and small.looks_like == "low_resolution"
+    assert "only 100x90 pixels" in small.reasons[0] and "at least 128 pixels on the short side: upload" in small.reasons[0]
+    # The file's own size counts, not the reduced copy a very large file is read into.
+    assert check_domain(XrayReading(film.resize((100, 90)), 0.0, stored_size=(5000, 4500)), None, None, min_side=128).in_domain
+    transparent = check_domain(XrayReading(film, 0.0, transparency=0.5), None, None)
+    assert transparent.fired == ["transparency"] and transparent.looks_like == "transparent_image"
+    assert "partly transparent (50% of pixels)" in transparent.reasons[0]
+    assert "export the image without an alpha channel (flattened) and upload it again" in transparent.reasons[0]
+
+
+def test_a_model_without_fitted_rules_borrows_the_bundled_kind_model_and_says_what_is_off(tiny_model_dir, caplog):
+    """A train_vit.py run folder may lack the kind model, which does not depend on the classifier: the
+    bundled one checks its inputs, and the start-up log says so and that the feature distance cannot run."""
+    if not (BUNDLED_MODEL / CHECK_FILE).is_file():
+        pytest.skip("no bundled kind model")
+    with caplog.at_level(logging.WARNING, logger="pneumonia_vit.serving"):
+        service = Service.load(str(tiny_model_dir))
+    assert service.domain_stats is None and service.kind_model.fingerprint == KindModel.load(BUNDLED_MODEL).fingerprint
+    assert len(service.check_notes) == 2 and all(note in caplog.text for note in service.check_notes)
+    assert "the bundled model's" in service.check_notes[0] and "feature-distance check off" in service.check_notes[1]
+    adult = service.analyze(ADULT_EXAMPLE, explain=False)
+    assert "kind" in adult.domain.fired and adult.decision is None and "adult chest X-ray" in adult.refusal
     check = service.analyze(EXAMPLES[0], explain=False).domain
-    assert check.distance is None and check.in_domain and "colour and contrast" in check.message()
+    assert check.distance is None and check.in_domain and "image-kind" in check.message()
+    bare = Service(service.classifier, None, str(tiny_model_dir))
+    assert "image-kind check off" in bare.check_notes[0] and "colour and contrast" in bare.analyze(EXAMPLES[0], False).domain.message()

@@ -2,9 +2,9 @@
 chest X-rays the model learned from?
 
 The classifier answers NORMAL or PNEUMONIA for anything, an adult X-ray or a cat photo included.
-Four rules (RULES) flag an input whose answer means nothing; the app shows the reason and takes no
-decision on it, predict.py writes the reason to its CSV. A flagged input is still scored: its
-probabilities are shown, marked unreliable.
+The rules (RULES) flag an input whose answer means nothing; no way in gives a decision for it
+(serving/service.py: Analysis), each says the reason. A flagged input is still scored: /assess and
+the page show its probabilities, marked unreliable. Four rules about what the image shows:
 
 1. colour: a radiograph carries no colour. The file's mean chroma (max-minus-min of R, G, B,
    in grey levels) above MAX_CHROMA flags photographs, screenshots and coloured drawings.
@@ -32,7 +32,14 @@ probabilities are shown, marked unreliable.
    against the pediatric flag rate (benchmarks/domain_check.py reports what it adds). Stored as
    domain_stats.safetensors, written by train_vit.py at the end of training.
 
-A model folder without either file is served with the rules it has (at least 1 and 2).
+Two rules about the file itself, before any of these, each naming what to do:
+- resolution: the short side below the model's input side (`min_side`, given by the caller): the
+  film would be upscaled to be read, and the model learned only from films with more detail.
+- transparency: more than MAX_TRANSPARENCY of the pixels are not opaque (XrayReading.transparency):
+  a radiograph has no alpha channel, and what the transparent part hid is unknown.
+
+A model folder without either file is served with the rules it has (at least colour, blank and
+the file rules); serving.Service says at start-up which ones cannot run.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ CHECK_FILE = "domain_check.safetensors"
 CHECK_FORMAT = "pneumonia_vit.domain_check/2"  # /1 was a multilayer perceptron on thumbnail statistics
 MAX_CHROMA = 6.0  # grey levels; JPEG noise on a grey RGB file stays below 1
 MIN_STD = 10.0  # grey levels, on 0..255
+MAX_TRANSPARENCY = 0.01  # fraction of pixels with alpha < 255 above which a file is refused
 DEFAULT_QUANTILE = 0.999
 # The kind model reads a 64x64 thumbnail (check_input; benchmarks/results/domain_check.md times the check).
 CHECK_SIDE = 64
@@ -68,7 +76,8 @@ LOOKS_LIKE = {
     "not_an_xray": "it does not look like an X-ray (a photo, document, drawing, chart or other image)",
 }
 COLOUR, BLANK, UNFAMILIAR = "colour_image", "blank_image", "unfamiliar_to_the_model"
-RULES = ("colour", "blank", "kind", "features")
+LOW_RESOLUTION, TRANSPARENT = "low_resolution", "transparent_image"
+RULES = ("resolution", "transparency", "colour", "blank", "kind", "features")
 
 
 def _refit(what: str) -> str:
@@ -313,8 +322,9 @@ def grey_std(image: Image.Image) -> float:
 
 
 def check_domain(reading: XrayReading, features: np.ndarray | None, stats: DomainStats | None,
-                 kind_model: KindModel | None = None) -> DomainCheck:
-    """Applies the rules: 3 where `kind_model` is given, 4 where `stats` and `features` are."""
+                 kind_model: KindModel | None = None, min_side: int | None = None) -> DomainCheck:
+    """Applies the rules: resolution where `min_side` is given, kind where `kind_model` is, features
+    where `stats` and `features` are."""
     check = DomainCheck(chroma=reading.chroma, grey_std=grey_std(reading.image))
     looks_like = []
 
@@ -323,6 +333,15 @@ def check_domain(reading: XrayReading, features: np.ndarray | None, stats: Domai
         check.reasons.append(reason)
         looks_like.append(kind)
 
+    width, height = reading.stored_size or reading.image.size
+    if min_side is not None and min(width, height) < min_side:
+        flag("resolution", f"it is only {width}x{height} pixels; the model reads films at {min_side}x{min_side} and "
+                           f"needs at least {min_side} pixels on the short side: upload the X-ray at a higher "
+                           "resolution (the original file, not a thumbnail or screenshot)", LOW_RESOLUTION)
+    if reading.transparency > MAX_TRANSPARENCY:
+        flag("transparency", f"it is partly transparent ({reading.transparency:.0%} of pixels); X-ray files have no "
+                             "transparency: export the image without an alpha channel (flattened) and upload it again",
+             TRANSPARENT)
     if check.chroma > MAX_CHROMA:
         flag("colour", f"it is a colour image (mean chroma {check.chroma:.0f}; X-rays are grey)", COLOUR)
     if check.grey_std < MIN_STD:

@@ -1,18 +1,20 @@
-"""The model as the app and predict.py serve it: one file in, probabilities, the decision at the
-model's stored threshold, an out-of-domain verdict and (for the app) a heatmap out.
+"""The model as the app and predict.py serve it: one file in, probabilities, the out-of-domain
+verdict, the decision at the model's stored threshold where the verdict allows one, and (for the
+page) a heatmap out.
 
-Two models, one of each loaded once:
-- scoring (the API's /predict, predict.py, `analyze(..., explain=False)`): `Classifier.load`'s
-  default, the fast path (ONNX Runtime, int8 weights; pneumonia_vit/inference/fast_path.py). One forward
-  gives the logits and the head-input features the out-of-domain check reads. PNEUMONIA_VIT_FAST=0
-  scores with the fp32 PyTorch model instead.
-- explaining (the page's /analyze, `analyze(..., explain=True)`, only with `Service.load(...,
-  explain=True)`): the fp32 PyTorch model with the eager attention kernel, whose attention weights
-  the heatmap is made of. Its probabilities and features come from the same forward, so the page's
-  numbers are those of the model the heatmap explains; they differ from the fast path's by ~1e-3
-  (the same model with PNEUMONIA_VIT_FAST=0). Every decision is taken at the stored threshold.
+One answer on every way in: each image is scored by the scoring model, `Classifier.load`'s default,
+the fast path (ONNX Runtime, int8 weights; pneumonia_vit/inference/fast_path.py), PNEUMONIA_VIT_FAST=0
+the fp32 PyTorch model, in a forward of its own. The fast path scales int8 activations per forward,
+so an image scored beside others can move by ~0.01 and cross the threshold (4 of the 1,471 test and
+adult films did in batches of 32): one image per forward makes an answer a function of its file
+alone, whichever endpoint, batch or client it came through. The page's heatmap comes from a second
+forward of the fp32 PyTorch model with the eager attention kernel (loaded with explain=True), whose
+attention weights it is made of; its probabilities are not used.
 
-With `max_batch` > 1, `predict` (the API) scores concurrent requests together in one forward
+`Analysis` holds the rule "no diagnosis outside the domain" and gives each way in its form
+(`Analysis.answer`).
+
+With `max_batch` > 1, `predict` (the API) hands concurrent requests to one scoring thread
 (pneumonia_vit/serving/batching.py); each request still decodes and checks its own file first.
 
 No gradio here: predict.py and `python -m benchmarks.domain_check` use this module without
@@ -21,46 +23,103 @@ the seconds that importing gradio takes.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
-from ..images import LABELS, XrayReading, read_xray
+from ..images import LABELS, InvalidImageError, XrayReading, read_xray
 from ..inference.backends import forward
 from ..inference.classifier import Classifier
-from ..ood.check import DomainCheck, DomainStats, KindModel, check_domain
+from ..ood.check import CHECK_FILE, STATS_FILE, DomainCheck, DomainStats, KindModel, check_domain
 from ..preprocess import pixel_values
 from .batching import MicroBatcher
 from .heatmap import attention_rollout, overlay
 
 # The checkout the package runs from: a Space runs app.py beside the package and `pip install -e .`
-# installs it in place, so the bundled model is one folder up (a wheel install must name its model).
-REPO = Path(__file__).resolve().parent.parent
+# installs it in place, so the bundled model is two folders up (a wheel install must name its model).
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO / "models" / "pneumonia-vit-tiny"
 PREVIEW_SIDE = 512  # the preview and heatmap the page shows, long side in pixels
 BATCH_WORKERS = 2  # forwards at once: the 2 vCPUs of a basic Space (pneumonia_vit/serving/batching.py)
+ADVICE = "upload a frontal chest X-ray of a child aged 1-5, whole, upright and in grey"
+FORMS = ("predict", "assess", "batch", "csv")
+
+log = logging.getLogger("pneumonia_vit.serving")
+
+
+class OutOfDomainError(ValueError):
+    """/predict's refusal: the message is `Analysis.refusal`."""
 
 
 @dataclass
 class Analysis:
     probabilities: dict[str, float]  # {"NORMAL": p, "PNEUMONIA": 1 - p}
-    decision: str  # the label at the model's stored threshold
     threshold: float
     domain: DomainCheck
     preview: Image.Image | None = None  # the X-ray as the model reads it, long side <= PREVIEW_SIDE
     heatmap: Image.Image | None = None  # attention rollout over the preview
-    batch_size: int = 1  # how many images shared the forward that scored this one
+    batch_size: int = 1  # how many requests the scoring thread took together with this one
 
     @property
     def p_pneumonia(self) -> float:
         return self.probabilities["PNEUMONIA"]
 
+    @property
+    def decision(self) -> str | None:
+        """The label at the model's stored threshold; None outside the domain: no diagnosis there."""
+        if not self.domain.in_domain:
+            return None
+        return LABELS[1] if self.p_pneumonia >= self.threshold else LABELS[0]
+
+    @property
+    def refusal(self) -> str | None:
+        """Why no diagnosis is given, in plain words, and what to do (None inside the domain)."""
+        if self.domain.in_domain:
+            return None
+        reasons = "; ".join(self.domain.reasons)
+        return f"Out of domain: {reasons[0].upper() + reasons[1:]}. No diagnosis is given for this image: {ADVICE}."
+
+    def answer(self, form: str) -> dict:
+        """The answer in each way in's form (FORMS; webapp.py documents the API's):
+        - "predict": gradio's Label value, {"label": decision, "confidences": [{"label", "confidence"} x 2]};
+          raises OutOfDomainError (its message the refusal) outside the domain;
+        - "assess": the decision (None outside the domain), probabilities, threshold, refusal and verdict;
+        - "batch": "predict"'s value and the verdict, or the refusal as this item's error;
+        - "csv": predict.py's columns (decision empty and out_of_domain giving the reasons outside the domain).
+        """
+        confidences = [{"label": name, "confidence": round(p, 6)}
+                       for name, p in sorted(self.probabilities.items(), key=lambda item: item[1], reverse=True)]
+        if form == "predict":
+            if self.decision is None:
+                raise OutOfDomainError(self.refusal)
+            return {"label": self.decision, "confidences": confidences}
+        if form == "batch":
+            if self.decision is None:
+                return {"error": self.refusal, "error_kind": "out_of_domain", "domain": self.domain.verdict()}
+            return {"label": self.decision, "confidences": confidences, "domain": self.domain.verdict()}
+        if form == "assess":
+            return {
+                "decision": self.decision,
+                "decision_applicable": self.decision is not None,
+                "probabilities": {name: round(p, 6) for name, p in self.probabilities.items()},
+                "probabilities_reliable": self.domain.in_domain,
+                "threshold": self.threshold,
+                "warning": self.refusal,
+                "domain": self.domain.verdict(),
+            }
+        if form == "csv":
+            return {"p_normal": f"{self.probabilities[LABELS[0]]:.6f}", "p_pneumonia": f"{self.p_pneumonia:.6f}",
+                    "decision": self.decision or "", "out_of_domain": "; ".join(self.domain.reasons)}
+        raise ValueError(f"unknown form {form!r}: one of {FORMS}")
+
 
 class Service:
-    """A loaded classifier plus the out-of-domain rules its folder carries (pneumonia_vit/ood/check.py):
-    `kind_model` (rule 3) and `domain_stats` (rule 4), each None where the folder has no file for it.
+    """A loaded classifier plus the out-of-domain rules (pneumonia_vit/ood/check.py): `kind_model` and
+    `domain_stats`, each None where it cannot run; `check_notes` says, in plain words, which checks are
+    off or borrowed (logged at start-up by `load`, shown on the page).
 
     `classifier` scores (fast path by default); `explainer`, the fp32 PyTorch model with eager
     attention, makes heatmaps (None unless loaded with explain=True; the same object as
@@ -69,7 +128,7 @@ class Service:
 
     def __init__(self, classifier: Classifier, domain_stats: DomainStats | None, model_id: str = "",
                  explain: bool = False, max_batch: int = 1, batch_workers: int = BATCH_WORKERS,
-                 kind_model: KindModel | None = None):
+                 kind_model: KindModel | None = None, check_notes: Sequence[str] = ()):
         labels = tuple(classifier.labels or ())
         if labels != LABELS:
             raise ValueError(f"{model_id}: model labels are {labels}; this app expects {LABELS}")
@@ -81,6 +140,12 @@ class Service:
             self.explainer.set_attn_implementation("eager")
         self.domain_stats = domain_stats
         self.kind_model = kind_model
+        self.check_notes = list(check_notes)
+        if kind_model is None:
+            self.check_notes.append(f"image-kind check off: no {CHECK_FILE} (adult, altered and non-X-ray inputs "
+                                    "are caught only by the other checks)")
+        if domain_stats is None:
+            self.check_notes.append(f"feature-distance check off: the model folder has no {STATS_FILE}")
         self.model_id = model_id
         self.max_batch = max_batch
         self.batcher = (MicroBatcher(self._score, max_batch, workers=batch_workers, name="predict-batcher")
@@ -90,15 +155,25 @@ class Service:
     def load(cls, model_id: str | Path | None = None, explain: bool = False, max_batch: int = 1,
              fast: bool = True, cache: str | Path | None = None, threads: int | None = None) -> Service:
         """`model_id`: None serves the bundled model. `explain`: also load the PyTorch model for heatmaps,
-        now (the app; predict.py needs none). `max_batch`: see `predict`. The rest: `Classifier.load`."""
+        now (the app; predict.py needs none). `max_batch`: see `predict`. The rest: `Classifier.load`.
+
+        The kind model does not depend on the classifier: a folder without one (a train_vit.py run) is
+        checked with the bundled model's."""
         model_id = str(model_id or DEFAULT_MODEL)
         if not Path(model_id).is_dir() and (model_id.startswith((".", "/")) or model_id.count("/") != 1):
             raise FileNotFoundError(
                 f"model {model_id!r} not found: give MODEL_ID as a local folder or a Hub id (owner/name)"
             )
         classifier = Classifier.load(model_id, fast=fast, cache=cache, threads=threads, keep_model=explain)
-        return cls(classifier, DomainStats.load(model_id), model_id, explain=explain, max_batch=max_batch,
-                   kind_model=KindModel.load(model_id))
+        kind_model, notes = KindModel.load(model_id), []
+        if kind_model is None and (DEFAULT_MODEL / CHECK_FILE).is_file():
+            kind_model = KindModel.load(DEFAULT_MODEL)
+            notes.append(f"image-kind check: the bundled model's ({model_id} has no {CHECK_FILE} of its own)")
+        service = cls(classifier, DomainStats.load(model_id), model_id, explain=explain, max_batch=max_batch,
+                      kind_model=kind_model, check_notes=notes)
+        for note in service.check_notes:
+            log.warning("%s: %s", model_id, note)
+        return service
 
     @property
     def backend(self) -> str:
@@ -108,37 +183,29 @@ class Service:
     def threshold(self) -> float:
         return self.classifier.threshold
 
-    def decide(self, p_pneumonia: float) -> str:
-        return LABELS[1] if p_pneumonia >= self.threshold else LABELS[0]
-
-    def _analysis(self, reading: XrayReading, p_pneumonia: float, features, batch_size: int) -> Analysis:
-        return Analysis(
-            probabilities={LABELS[0]: 1.0 - p_pneumonia, LABELS[1]: p_pneumonia},
-            decision=self.decide(p_pneumonia),
-            threshold=self.threshold,
-            domain=check_domain(reading, features, self.domain_stats, self.kind_model),
-            batch_size=batch_size,
-        )
-
     def _score(self, readings: Sequence[XrayReading]) -> list[Analysis]:
-        """Probabilities and domain checks of a batch, through the scoring model (no heatmaps)."""
-        probabilities, features = self.classifier.probabilities_and_features([reading.image for reading in readings])
-        return [
-            self._analysis(reading, float(probabilities[i, 1]),
-                           features[i : i + 1] if features is not None else None, len(readings))
-            for i, reading in enumerate(readings)
-        ]
+        """Probabilities and domain checks through the scoring model, one forward per image (module docstring)."""
+        analyses = []
+        for reading in readings:
+            probabilities, features = self.classifier.probabilities_and_features([reading.image])
+            p = float(probabilities[0, 1])
+            analyses.append(Analysis(
+                probabilities={LABELS[0]: 1.0 - p, LABELS[1]: p},
+                threshold=self.threshold,
+                domain=check_domain(reading, features, self.domain_stats, self.kind_model,
+                                    min_side=self.classifier.spec.size),
+                batch_size=len(readings),
+            ))
+        return analyses
 
-    def _explain(self, reading: XrayReading) -> Analysis:
-        """Probabilities, domain check and heatmap from one forward of the eager fp32 model."""
+    def _explain(self, reading: XrayReading, analysis: Analysis) -> Analysis:
+        """`analysis` with the preview and the heatmap of the eager fp32 model."""
         if self.explainer is None:
             raise RuntimeError("this Service was loaded without the explaining model: Service.load(..., explain=True)")
         spec = self.classifier.spec
         result = forward(self.explainer, pixel_values([reading.image], spec), output_attentions=True)
-        analysis = self._analysis(reading, float(result.probabilities[0, 1]), result.features[0:1], 1)
-        preview = reading.image.copy()
-        preview.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE), Image.Resampling.BILINEAR)
-        analysis.preview = preview
+        analysis.preview = reading.image.copy()
+        analysis.preview.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE), Image.Resampling.BILINEAR)
         grid = spec.size // self.explainer.config.patch_size
         analysis.heatmap = overlay(reading.image, attention_rollout(result.attentions, grid, 0), PREVIEW_SIDE)
         return analysis
@@ -146,29 +213,38 @@ class Service:
     def analyze(self, source, explain: bool = True) -> Analysis:
         """One file (path, bytes or PIL image); raises InvalidImageError for unusable input.
 
-        explain=True: the page's analysis with a heatmap (fp32 PyTorch model); explain=False: scored
-        by the scoring model, alone (no batching).
+        explain=True: with the page's preview and heatmap. The numbers are the scoring model's either way.
 
         No JPEG draft decoding: the colour check needs the file's colour, and a full decode keeps
         the grey image identical to `load_xray(path)`.
         """
         reading = read_xray(source)
-        return self._explain(reading) if explain else self._score([reading])[0]
+        analysis = self._score([reading])[0]
+        return self._explain(reading, analysis) if explain else analysis
 
     def predict(self, source) -> Analysis:
         """`analyze(source, explain=False)` for the API: the file is decoded in the calling thread (an
         unusable one raises InvalidImageError there, to this caller only), then, with `max_batch` > 1,
-        scored in one forward with the other requests waiting at that moment. With the fast path an
-        image's probability moves by ~1e-3 with its batch companions (int8 activations are scaled per
-        batch); alone it is exactly `Classifier.pneumonia_probability([image])`."""
+        scored by the scoring thread together with the other requests waiting at that moment."""
         if self.batcher is None:
             return self.analyze(source, explain=False)
         analysis, _ = self.batcher.run(lambda: read_xray(source))
         return analysis
 
-    def analyze_many(self, readings: Sequence[XrayReading], batch_size: int = 32) -> list[Analysis]:
-        """Batched scoring without heatmaps (predict.py)."""
-        analyses: list[Analysis] = []
-        for start in range(0, len(readings), batch_size):
-            analyses.extend(self._score(readings[start : start + batch_size]))
-        return analyses
+    def analyze_many(self, readings: Sequence[XrayReading]) -> list[Analysis]:
+        """Decoded files, scored without heatmaps."""
+        return self._score(readings)
+
+    def analyze_files(self, sources: Sequence) -> list[Analysis | InvalidImageError]:
+        """Each file's analysis, or the InvalidImageError that says why it cannot be read, in order
+        (/predict_batch, predict.py): one bad file fails alone."""
+        results: list[Analysis | InvalidImageError] = []
+        readings: list[XrayReading] = []
+        for source in sources:
+            try:
+                readings.append(read_xray(source))
+                results.append(None)
+            except InvalidImageError as error:
+                results.append(error)
+        scored = iter(self._score(readings))
+        return [next(scored) if result is None else result for result in results]

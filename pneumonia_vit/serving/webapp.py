@@ -1,30 +1,30 @@
 """The Gradio page and API around a `serving.Service`; app.py only loads the model and launches.
 
-Endpoints (gradio_client):
+Endpoints (gradio_client), in the order view_api() lists them; the answers' forms are
+serving.Analysis.answer's, the same model and the same rule "no diagnosis outside the domain" on each:
     Client(url).predict(handle_file("x.jpeg"), api_name="/predict")
-        -> {"label": decision at the stored threshold, "confidences": [{"label", "confidence"} x 2]}
+        -> {"label": decision at the stored threshold, "confidences": [{"label", "confidence"} x 2]};
+           outside the domain AppError titled "Out of domain", its message the reason and what to do
+    Client(url).predict([handle_file("a.jpeg"), ...], api_name="/predict_batch")      # up to MAX_BATCH_FILES
+        -> [{"file": name, "label", "confidences", "domain": {...}}
+            or {"file": name, "error": text, "error_kind": "out_of_domain" | "unreadable" | "too_large",
+                "domain": {...} | None}, ...] in input order
     Client(url).predict(handle_file("x.jpeg"), api_name="/assess")
         -> {"decision": "NORMAL" | "PNEUMONIA" | None, "decision_applicable": bool,
             "probabilities": {"NORMAL": p, "PNEUMONIA": p}, "probabilities_reliable": bool,
-            "threshold": t, "warning": None | plain-words text,
+            "threshold": t, "warning": None | the refusal,
             "domain": {"in_domain": bool, "looks_like": "pediatric_chest_xray" | "adult_chest_xray" |
                        "altered_chest_film" | "not_an_xray" | "colour_image" | "blank_image" |
-                       "unfamiliar_to_the_model", "reasons": [...], "rules_fired": ["colour" |
-                       "blank" | "kind" | "features", ...], "checks": "...",
+                       "low_resolution" | "transparent_image" | "unfamiliar_to_the_model",
+                       "reasons": [...], "rules_fired": [ood.check.RULES names], "checks": "...",
                        "p_pediatric_chest_xray": p | None}}
-    Client(url).predict(handle_file("x.jpeg"), api_name="/analyze")
-        -> (preview image, label value, decision and domain note as Markdown, heatmap image)
+    Client(url).predict(handle_file("x.jpeg"), api_name="/analyze")       # the page's own call
+        -> (preview image, label value, decision and domain note as Markdown, heatmap image, error Markdown)
 
-/predict answers every input as it always has (the decision at the threshold, even for an input
-outside the model's domain); /assess is the same scoring with the out-of-domain verdict
-(pneumonia_vit/ood/check.py): where `in_domain` is false, `decision` is None and the probabilities are
-unreliable. On the page (/analyze) such an input gets a warning, its decision is "not applicable"
-and its probabilities are labelled unreliable.
-
-/predict and /assess are scored by the service's scoring model (the fast path unless PNEUMONIA_VIT_FAST=0) and,
-unless PNEUMONIA_VIT_BATCH=0, concurrent requests to them share one forward (serving.Service.predict;
-why not gradio's `batch=True`: pneumonia_vit/serving/batching.py). /analyze, the page, runs the fp32 PyTorch
-model, whose attention weights make the heatmap.
+An unreadable file is AppError titled "Cannot read this file" (/predict, /assess); on the page the
+error stays in a panel beside the upload until the next upload, the result panels cleared.
+Every endpoint scores with the service's scoring model, the page included; the page's fp32 PyTorch
+model only draws the heatmap (serving/service.py says why).
 
 Input is a gr.File, not a gr.Image: gr.Image decodes uploads in the browser and on the server
 with PIL's defaults, which cannot read DICOM and would bypass `load_xray` (16-bit windowing, EXIF,
@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
+import json
 import logging
 import os
 import secrets
@@ -53,7 +54,7 @@ from starlette.middleware import Middleware
 
 from ..images import IMAGE_SUFFIXES, InvalidImageError
 from ..settings import DEFAULT_MAX_WAITING
-from .service import REPO, Analysis, Service
+from .service import REPO, Analysis, OutOfDomainError, Service
 from .uploads import RequestGuard, UploadLedger, UploadLimits, releasing, shortened, unknown_endpoint
 
 EXAMPLES_DIR = REPO / "examples"
@@ -81,21 +82,22 @@ log = logging.getLogger("pneumonia_vit.serving.webapp")
 
 NOT_APPLICABLE = "Not applicable: outside this model's domain"
 UNRELIABLE = " (unreliable)"
+MAX_BATCH_FILES = 32  # /predict_batch: about a second of scoring on 2 cores; more files, more calls
 # Examples carry their known answer in their file name: normal_1.jpeg, pneumonia_2.jpeg, adult_1.jpeg.
 KNOWN_LABELS = {"normal": "NORMAL", "pneumonia": "PNEUMONIA", "adult": "adult, outside the domain"}
-# The out-of-domain warning is the decision Markdown's only block quote (_decision_markdown).
+API_EXAMPLE = "pneumonia_1.jpeg"  # the X-ray view_api() and the "Use via API" page show as the example input
+# The out-of-domain warning is the decision Markdown's only block quote (_decision_markdown); an error
+# stays in the panel beside the upload until the next upload.
 PAGE_CSS = """
-#decision blockquote { border-left: 6px solid #c62828; background: #fdecea; color: #7f1d1d;
-                       padding: 0.6em 1em; margin: 0 0 0.8em 0; font-size: 1.1em; }
+#decision blockquote, #upload-error p { border-left: 6px solid #c62828; background: #fdecea; color: #7f1d1d;
+                                        padding: 0.6em 1em; margin: 0 0 0.8em 0; font-size: 1.1em; }
 """
 
 
-def decision_label(mark_out_of_domain: bool = False, **options) -> gr.Label:
-    """A gr.Label whose heading is the decision at the model's stored threshold.
-
-    gr.Label heads with the most probable class, i.e. a 0.5 cut-off; this model's cut-off was chosen
-    on validation (config.json `decision_threshold`). With `mark_out_of_domain` (the page), an input
-    outside the domain is headed "not applicable" and its probabilities are labelled unreliable.
+def decision_label(**options) -> gr.Label:
+    """A gr.Label that shows an `Analysis.answer("predict")`-shaped value as it is: headed by the decision
+    at the model's stored threshold (gr.Label's own postprocess heads with the most probable class,
+    a 0.5 cut-off) or by whatever heading the page gives it.
     The component's `postprocess` is replaced on this one instance rather than in a subclass: gradio
     writes a .pyi stub beside the source file of every Component subclass, which would litter the
     package at import time.
@@ -104,14 +106,8 @@ def decision_label(mark_out_of_domain: bool = False, **options) -> gr.Label:
     default = label.postprocess
 
     def postprocess(value):
-        if isinstance(value, Analysis):
-            ranked = sorted(value.probabilities.items(), key=lambda item: item[1], reverse=True)
-            marked = mark_out_of_domain and not value.domain.in_domain
-            suffix = UNRELIABLE if marked else ""
-            return LabelData(
-                label=NOT_APPLICABLE if marked else value.decision,
-                confidences=[LabelConfidence(label=name + suffix, confidence=round(p, 6)) for name, p in ranked],
-            )
+        if isinstance(value, dict) and isinstance(value.get("confidences"), list):
+            return LabelData(label=value["label"], confidences=[LabelConfidence(**item) for item in value["confidences"]])
         return default(value)
 
     label.postprocess = postprocess
@@ -170,27 +166,13 @@ def cached_image(image: Image.Image | None, cache_dir: str) -> str | None:
     return str(path)
 
 
-def warning_text(analysis: Analysis) -> str | None:
-    """The plain-words warning for an input outside the domain (None inside it)."""
-    domain = analysis.domain
-    if domain.in_domain:
-        return None
-    reasons = "; ".join(domain.reasons)
-    return f"Out of domain: {reasons[0].upper() + reasons[1:]}. No diagnosis is given for this image."
-
-
-def verdict(analysis: Analysis) -> dict:
-    """/assess's answer (documented at the top of this module)."""
-    applicable = analysis.domain.in_domain
-    return {
-        "decision": analysis.decision if applicable else None,
-        "decision_applicable": applicable,
-        "probabilities": {name: round(p, 6) for name, p in analysis.probabilities.items()},
-        "probabilities_reliable": applicable,
-        "threshold": analysis.threshold,
-        "warning": warning_text(analysis),
-        "domain": analysis.domain.verdict(),
-    }
+def _page_label(analysis: Analysis) -> dict:
+    """The decision and probabilities; outside the domain headed "not applicable", probabilities marked unreliable."""
+    if analysis.decision is not None:
+        return analysis.answer("predict")
+    ranked = sorted(analysis.probabilities.items(), key=lambda item: item[1], reverse=True)
+    return {"label": NOT_APPLICABLE, "confidences": [{"label": name + UNRELIABLE, "confidence": round(p, 6)}
+                                                     for name, p in ranked]}
 
 
 def _decision_markdown(analysis: Analysis, threshold_stored: bool = True) -> str:
@@ -198,20 +180,34 @@ def _decision_markdown(analysis: Analysis, threshold_stored: bool = True) -> str
     relation = "≥" if p >= analysis.threshold else "<"
     origin = ("chosen on the validation split and stored with the model" if threshold_stored
               else "the default: this model stores no threshold of its own")
-    domain = analysis.domain
-    if domain.in_domain:
+    if analysis.decision is not None:
         return (
             f"### Decision: {analysis.decision}\n"
             f"P(pneumonia) = {p:.3f} {relation} the model's threshold {analysis.threshold:.3f} ({origin})."
-            f"\n\n**In domain.** {domain.message()}"
+            f"\n\n**In domain.** {analysis.domain.message()}"
         )
     return (
-        f"> ### ⚠ {warning_text(analysis)}\n\n"
+        f"> ### ⚠ {analysis.refusal}\n\n"
         f"### Decision: not applicable\n"
         f"The model only knows frontal chest X-rays of children aged 1-5, so its answer here means nothing. "
         f"Shown for the curious only, **unreliable**: P(pneumonia) = {p:.3f} {relation} the model's threshold "
         f"{analysis.threshold:.3f}."
     )
+
+
+def measured_error_rates(model_id: str) -> dict[str, str]:
+    """For each true label, how often the model gets test films of it wrong, in words, from the model folder's
+    test_metrics.json (train_vit.py writes it); empty where there is none."""
+    path = Path(model_id) / "test_metrics.json"
+    if not path.is_file():
+        return {}
+    counts = json.loads(path.read_text())["confusion_matrix"]
+    normal, pneumonia = counts["tn"] + counts["fp"], counts["fn"] + counts["tp"]
+    return {
+        "NORMAL": f"the model calls {counts['fp'] / normal:.0%} of normal test children ({counts['fp']} of {normal}) pneumonia",
+        "PNEUMONIA": f"the model calls {counts['fn'] / pneumonia:.0%} of test children with pneumonia "
+                     f"({counts['fn']} of {pneumonia}) normal",
+    }
 
 
 def example_label(path: Path) -> str:
@@ -221,41 +217,76 @@ def example_label(path: Path) -> str:
     return f"{name} · known: {known}" if known else name
 
 
+def _wrong_example_note(name: str, examples: list[str], analysis: Analysis, error_rates: dict[str, str]) -> str:
+    """Where `name` is one of the examples and its known label is not the model's decision, says so."""
+    known = KNOWN_LABELS.get(Path(name).stem.split("_")[0])
+    if name not in {Path(path).name for path in examples} or analysis.decision in (None, known):
+        return ""
+    rate = f": {error_rates[known]}" if known in error_rates else ""
+    return (f"\n\n**This example is known to be {known}: the model is wrong here.** It is one of the model's "
+            f"known errors{rate}.")
+
+
 def _model_name(model_id: str) -> str:
     """A Hub id as is; a local folder by its name only (no server paths on the page)."""
     return Path(model_id).name if Path(model_id).is_dir() else model_id
 
 
+def _size_error(file_path: str) -> str | None:
+    megabytes = Path(file_path).stat().st_size / 2**20
+    if megabytes <= MAX_UPLOAD_MB:
+        return None
+    return (f"{Path(file_path).name}: the file is {megabytes:.0f} MB; the limit is {MAX_UPLOAD_MB} MB. "
+            "Save the X-ray as JPEG or PNG, or downscale it, before uploading.")
+
+
+def _api_file(example: dict | list, **options) -> gr.File:
+    """A hidden upload_file for an API endpoint, whose "Use via API" example input is `example`
+    (gr.File's own is a PDF). With file_count="multiple", each file goes through upload_file's checks."""
+    component = upload_file(visible=False, **options)
+    if options.get("file_count") == "multiple":
+        single = component.preprocess
+        component.preprocess = lambda payload: None if payload is None else [single(item) for item in payload.root]
+    component.example_payload = lambda: example
+    return component
+
+
 def build_demo(service: Service, examples_dir: Path = EXAMPLES_DIR, max_waiting: int = DEFAULT_MAX_WAITING) -> gr.Blocks:
-    def run(file_path: str | None, explain: bool) -> Analysis | None:
+    def logged(kind: str, file_path: str, analysis: Analysis, started: float) -> Analysis:
+        log.info("%s %s p=%.4f %s in %.0f ms%s", kind, Path(file_path).suffix, analysis.p_pneumonia,
+                 "in-domain" if analysis.domain.in_domain else "OUT-OF-DOMAIN", 1000 * (time.perf_counter() - started),
+                 f" (batch of {analysis.batch_size})" if analysis.batch_size > 1 else "")
+        return analysis
+
+    def run(file_path: str | None, explain: bool) -> Analysis:
         if not file_path:
             raise gr.Error("No file received: upload a PNG, JPEG or DICOM (.dcm) chest X-ray.", print_exception=False)
-        megabytes = Path(file_path).stat().st_size / 2**20
-        if megabytes > MAX_UPLOAD_MB:
-            message = (f"{Path(file_path).name}: the file is {megabytes:.0f} MB; the limit is {MAX_UPLOAD_MB} MB. "
-                       "Save the X-ray as JPEG or PNG, or downscale it, before uploading.")
-            log.info("rejected upload: %s", message)
-            raise gr.Error(message, title="File too large", print_exception=False)
+        too_large = _size_error(file_path)
+        if too_large:
+            log.info("rejected upload: %s", too_large)
+            raise gr.Error(too_large, title="File too large", print_exception=False)
         started = time.perf_counter()
         try:
             analysis = service.analyze(file_path, explain=True) if explain else service.predict(file_path)
         except InvalidImageError as error:
             log.info("rejected upload: %s", error)
             raise gr.Error(str(error), title="Cannot read this file", print_exception=False) from None
-        log.info("%s %s p=%.4f %s in %.0f ms%s", "analyze" if explain else "predict", Path(file_path).suffix,
-                 analysis.p_pneumonia, "in-domain" if analysis.domain.in_domain else "OUT-OF-DOMAIN",
-                 1000 * (time.perf_counter() - started),
-                 f" (batch of {analysis.batch_size})" if analysis.batch_size > 1 else "")
-        return analysis
+        return logged("analyze" if explain else "predict", file_path, analysis, started)
 
     def analyze(file_path: str | None):
+        """The page: the preview, decision, note and heatmap, or the error (in the panel beside the upload)."""
         if not file_path:  # the file was cleared: clear the results
-            return None, None, "", None
-        analysis = run(file_path, explain=True)
-        return (cached_image(analysis.preview, preview.GRADIO_CACHE), analysis,
-                _decision_markdown(analysis, threshold_stored), cached_image(analysis.heatmap, heatmap.GRADIO_CACHE))
+            return None, None, "", None, ""
+        try:
+            analysis = run(file_path, explain=True)
+        except gr.Error as error:
+            return None, None, "", None, f"**{error.title}.** {error.message}"
+        note = _wrong_example_note(Path(file_path).name, examples, analysis, error_rates)
+        return (cached_image(analysis.preview, preview.GRADIO_CACHE), _page_label(analysis),
+                _decision_markdown(analysis, threshold_stored) + note,
+                cached_image(analysis.heatmap, heatmap.GRADIO_CACHE), "")
 
-    async def admit(file_path: str | None):
+    async def admit(file_path):
         """Runs as each request joins the queue (on the event loop, no thread): a full queue refuses at
         once, saying what to do. Requests joining at the same instant may all pass, a few over the limit."""
         waiting = len(demo._queue)  # gradio counts its waiting events only here (no public API)
@@ -263,32 +294,88 @@ def build_demo(service: Service, examples_dir: Path = EXAMPLES_DIR, max_waiting:
             return gr.validate(False, f"busy: {waiting} requests ahead, retry in a few seconds.")
         return gr.validate(True, "")
 
-    def predict(file_path: str | None):
-        """P(NORMAL) and P(PNEUMONIA) for one chest X-ray file (PNG, JPEG or DICOM); the label is the
-        decision at the model's stored threshold."""
-        return run(file_path, explain=False)
+    def predict(file_path: str | None) -> dict:
+        try:
+            return run(file_path, explain=False).answer("predict")
+        except OutOfDomainError as refusal:
+            raise gr.Error(str(refusal), title="Out of domain", print_exception=False) from None
+
+    def predict_batch(file_paths: list[str] | None) -> list[dict]:
+        if not file_paths:
+            raise gr.Error("No files received: send a list of PNG, JPEG or DICOM (.dcm) chest X-rays.",
+                           print_exception=False)
+        if len(file_paths) > MAX_BATCH_FILES:
+            raise gr.Error(f"{len(file_paths)} files in one call; the limit is {MAX_BATCH_FILES}: send them in "
+                           f"calls of at most {MAX_BATCH_FILES}.", title="Too many files", print_exception=False)
+        started = time.perf_counter()
+        answers: list[dict] = []
+        sized: list[tuple[int, str]] = []  # (index, path) of the files within the size limit
+        for path in file_paths:
+            too_large = _size_error(path)
+            answers.append({"file": Path(path).name, **({"error": too_large, "error_kind": "too_large", "domain": None}
+                                                         if too_large else {})})
+            if not too_large:
+                sized.append((len(answers) - 1, path))
+        for (index, path), result in zip(sized, service.analyze_files([path for _, path in sized])):
+            if isinstance(result, InvalidImageError):
+                answers[index].update(error=str(result), error_kind="unreadable", domain=None)
+            else:
+                answers[index].update(logged("predict_batch", path, result, started).answer("batch"))
+        return answers
 
     def assess(file_path: str | None) -> dict:
-        """/predict's scoring with the out-of-domain verdict: the decision is None, and the
-        probabilities unreliable, for an input that is not a pediatric chest X-ray."""
-        return verdict(run(file_path, explain=False))
+        return run(file_path, explain=False).answer("assess")
 
     examples = sorted(str(path) for path in examples_dir.glob("*.jpeg")) if examples_dir.is_dir() else []
     if service.explainer is None:
         raise ValueError("the page needs the explaining model: Service.load(..., explain=True)")
     patch = service.explainer.config.patch_size
     threshold_stored = service.classifier.info.threshold_stored
+    error_rates = measured_error_rates(service.model_id)
+    api_example = next((path for path in examples if Path(path).name == API_EXAMPLE), examples[0] if examples else None)
+    example_file = ({"path": os.path.relpath(api_example, REPO) if Path(api_example).is_relative_to(REPO) else api_example,
+                     "meta": {"_type": "gradio.FileData"}} if api_example else None)
+    checks_note = "".join(f"\n\n*Note: {note}.*" for note in service.check_notes)
     with gr.Blocks(title="Pneumonia X-ray ViT (research demo)", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(
             "# Pediatric pneumonia on chest X-rays: a small Vision Transformer\n"
-            f"Upload a frontal chest X-ray (PNG, JPEG or DICOM). Model: `{_model_name(service.model_id)}`."
+            f"Upload a frontal chest X-ray (PNG, JPEG or DICOM). Model: `{_model_name(service.model_id)}`.{checks_note}",
+            elem_id="model",
         )
         gr.Markdown(DISCLAIMER, elem_id="disclaimer")
+        # The API endpoints come first, so that view_api() and the "Use via API" page list them first.
+        # Their inputs, button and outputs are never shown: they exist so that the endpoints have gr.File
+        # in and gr.Label / gr.JSON out, which gradio_client reads, with names that document them.
+        # /predict and /assess, batched: their own group, max_batch requests in flight, scored by one
+        # thread. Unbatched (PNEUMONIA_VIT_BATCH=0), and /predict_batch: the page's group, CONCURRENCY at a time.
+        api_trigger = gr.Button(visible=False)
+        api_file = _api_file(example_file, label="Chest X-ray file (PNG, JPEG or DICOM)")
+        api_files = _api_file([example_file] if example_file else [], file_count="multiple",
+                              label=f"Chest X-ray files (PNG, JPEG or DICOM), at most {MAX_BATCH_FILES}")
+        group = (dict(concurrency_id="predict", concurrency_limit=service.max_batch) if service.batcher is not None
+                 else dict(concurrency_id="model"))
+        api_trigger.click(predict, inputs=api_file, validator=admit, api_name="predict", **group,
+                          outputs=decision_label(visible=False, label="Decision at the model's threshold, and probabilities"),
+                          api_description="The decision at the model's stored threshold and the probabilities of one "
+                                          "chest X-ray; an input outside the model's domain is an error titled "
+                                          "'Out of domain' that says why and what to do.")
+        api_trigger.click(predict_batch, inputs=api_files, validator=admit, api_name="predict_batch",
+                          concurrency_id="model", outputs=gr.JSON(visible=False, label="One answer per file, in input order"),
+                          api_description=f"/predict for up to {MAX_BATCH_FILES} files in one call: one object per file, "
+                                          "in input order, with the file's name and /predict's answer and the domain "
+                                          "verdict, or that file's own error; one bad file never fails the others.")
+        api_trigger.click(assess, inputs=api_file, validator=admit, api_name="assess", **group,
+                          outputs=gr.JSON(visible=False, label="Decision, probabilities and domain verdict"),
+                          api_description="/predict's answer as data: the decision (None outside the domain), both "
+                                          "probabilities and whether they are reliable, the threshold, the refusal "
+                                          "and the out-of-domain verdict.")
         with gr.Row():
             with gr.Column():
                 # The page's file picker offers these suffixes; DICOM files need .dcm to be offered.
                 upload = upload_file(label="Chest X-ray (PNG, JPEG or DICOM .dcm)", file_types=list(IMAGE_SUFFIXES),
                                      elem_id="upload")
+                upload.example_payload = api_file.example_payload  # /analyze's example in the API description
+                upload_error = gr.Markdown(label="Error", elem_id="upload-error")
                 preview = gr.Image(label="X-ray as the model reads it", type="pil", format="jpeg",
                                    interactive=False, height=360, elem_id="preview")
                 if examples:
@@ -299,27 +386,16 @@ def build_demo(service: Service, examples_dir: Path = EXAMPLES_DIR, max_waiting:
                               "CC BY 4.0) and an adult X-ray (NIH ChestX-ray14, Wang et al. 2017)",
                     )
             with gr.Column():
-                label = decision_label(mark_out_of_domain=True, label="Decision at the model's threshold, and probabilities",
+                label = decision_label(label="Decision at the model's threshold, and probabilities",
                                        num_top_classes=2, elem_id="prediction")
                 decision = gr.Markdown(label="Decision and domain check", elem_id="decision")
                 heatmap = gr.Image(label="Attention rollout: where the model looked (not evidence of disease)",
                                    type="pil", format="jpeg", interactive=False, height=360, elem_id="heatmap")
-        # The page's analyses: at most CONCURRENCY PyTorch forwards at a time.
-        upload.change(analyze, inputs=upload, outputs=[preview, label, decision, heatmap], api_name="analyze",
-                      concurrency_id="model", validator=admit)
-        # The API endpoints: /predict (issue #3, the label value only, no images) and /assess (the
-        # same with the domain verdict, as JSON). Their button and outputs are never shown: they
-        # exist so that the endpoints have gr.File in and gr.Label / gr.JSON out, which gradio_client
-        # reads. /predict's label is not the page's: it keeps the decision for every input.
-        # Batched: their own group, max_batch requests in flight, one forward at a time for all of them.
-        # Unbatched (PNEUMONIA_VIT_BATCH=0): they share the page's group, CONCURRENCY forwards in all.
-        api_trigger = gr.Button(visible=False)
-        api_label = decision_label(visible=False)
-        api_verdict = gr.JSON(visible=False)
-        group = (dict(concurrency_id="predict", concurrency_limit=service.max_batch) if service.batcher is not None
-                 else dict(concurrency_id="model"))
-        api_trigger.click(predict, inputs=upload, outputs=api_label, api_name="predict", validator=admit, **group)
-        api_trigger.click(assess, inputs=upload, outputs=api_verdict, api_name="assess", validator=admit, **group)
+        # The page's analyses: at most CONCURRENCY heatmaps at a time.
+        upload.change(analyze, inputs=upload, outputs=[preview, label, decision, heatmap, upload_error],
+                      api_name="analyze", concurrency_id="model", validator=admit,
+                      api_description="The page's own call: the preview, the decision, its note and the heatmap, "
+                                      "or an error in the last output.")
         gr.Markdown(
             f"The heatmap is attention rollout (Abnar & Zuidema 2020) over the model's {patch}-pixel patches: "
             "where the [CLS] token gathers information from, for either answer. Examples and training data: "
