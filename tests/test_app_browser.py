@@ -7,6 +7,7 @@ the tests skip outside CI and fail in CI.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -66,7 +67,8 @@ def page(app_url):
 
 @pytest.fixture(scope="module")
 def classifier(served_model_dir) -> Classifier:
-    return Classifier.load(str(served_model_dir), fast=False)
+    """What the page scores with, as the API does: the fast path (the fp32 model only draws the heatmap)."""
+    return Classifier.load(str(served_model_dir), fast=True)
 
 
 def expected(classifier: Classifier, path: Path) -> tuple[str, str]:
@@ -119,12 +121,19 @@ def test_uploading_dicom_then_a_bad_file_then_a_good_one(page, classifier, tmp_p
     assert wait_for_result(page, probability) == decision
 
     upload(odd["text_named.jpg"].path)
-    page.get_by_text("not a readable image", exact=False).first.wait_for()
+    error = page.locator("#upload-error")
+    error.get_by_text("not a readable image", exact=False).wait_for()
+    page.wait_for_timeout(15_000)  # the toast would have faded by now; the panel beside the upload stays
+    assert "Cannot read this file." in error.inner_text() and "text_named.jpg: not a readable image" in error.inner_text()
+    assert error.bounding_box()["width"] > 200, "a visible block beside the upload"
+    assert "Error" not in page.locator("#prediction").inner_text() and page.locator("#decision").inner_text().strip() == ""
+    assert page.locator("#heatmap img").count() == 0 and page.locator("#preview img").count() == 0, "results cleared"
 
     example = REPO / "examples" / "normal_2.jpeg"
     decision, probability = expected(classifier, example)
     upload(example)
     assert wait_for_result(page, probability) == decision
+    assert error.inner_text().strip() == "", "the next upload clears the error"
 
 
 def test_adult_example_shows_the_warning_and_no_diagnosis(page, classifier):
@@ -144,3 +153,18 @@ def test_adult_example_shows_the_warning_and_no_diagnosis(page, classifier):
     assert "NORMAL (unreliable)" in labels and "PNEUMONIA (unreliable)" in labels, "probabilities visible, marked"
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "screenshot_out_of_domain.png"), full_page=True)
+
+
+def test_an_example_the_model_gets_wrong_says_so_with_its_error_rate(page, classifier, served_model_dir):
+    """normal_1 is one of the bundled model's known false positives."""
+    example = REPO / "examples" / "normal_1.jpeg"
+    decision, probability = expected(classifier, example)
+    if decision == "NORMAL":
+        pytest.skip(f"{served_model_dir.name} gets normal_1 right")
+    counts = json.loads((served_model_dir / "test_metrics.json").read_text())["confusion_matrix"]
+    page.get_by_text("normal 1 · known: NORMAL", exact=True).click()
+    assert wait_for_result(page, probability) == "PNEUMONIA"
+    text = page.locator("#decision").inner_text()
+    assert "This example is known to be NORMAL: the model is wrong here." in text
+    normal = counts["tn"] + counts["fp"]
+    assert f"the model calls {counts['fp'] / normal:.0%} of normal test children ({counts['fp']} of {normal}) pneumonia" in text
