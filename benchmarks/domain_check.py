@@ -1,39 +1,42 @@
 """How often the out-of-domain check fires, per set of images, as the app runs it (every rule the
-model folder has, through `serving.Service`):
+model folder has, through `serving.Service`).
 
-    python -m benchmarks.domain_check --model models/pneumonia-vit-tiny \\
-        --data_dir data/chest_xray_prepared --adult_dir ../shared/data/adult_cxr_224 \\
-        --originals ../shared/data/chest_xray_originals --output benchmarks/results/domain_check.md
-    python -m benchmarks.domain_check --model MODEL_DIR --measure FOLDER [FOLDER ...]
+    python -m benchmarks.domain_check                          # the sets below, for the bundled model
+    python -m benchmarks.domain_check --model MODEL_DIR --measure FOLDER [FOLDER ...]   # other folders instead
 
 Sets: the pediatric validation and test splits (prepared), the full-resolution test originals, the
 adult images per patient fold of ood.corpus.adult_fold (held_out: patients the check was
 neither fitted nor chosen on), and a corpus of non-X-rays written to --corpus_dir
-(`write_non_xray_corpus`). Prints one JSON line per set; --output also writes a Markdown table.
+(`write_non_xray_corpus`). Also the kind model's (rule 3's) time per decoded image on the test
+originals. Prints one JSON line per set; --quick measures 64 images of each.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import platform
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from benchmarks.harness import bundled_dir, interleaved, markdown_table, options, percentiles, spread, write_results
 from pneumonia_vit.images import InvalidImageError, read_xray
 from pneumonia_vit.ood.check import PEDIATRIC, RULES, KindModel, check_input
 from pneumonia_vit.ood.corpus import SYNTHETIC_FAMILIES, adult_files, heavy_crop, image_files, synthetic_image
 from pneumonia_vit.serving.service import Service
 
-log = logging.getLogger(__name__)
-
 CORPUS_SEED = 7  # the kind model's fit draws with ood.fit.SEED; this corpus with another seed
+EXPLANATION = (
+    "Flagged: any rule fired; the columns after the goal count each rule (ood/check.py) on its own, "
+    "`features only` the images that rule 4 alone flagged, and `kind model alone` what rule 3 flags without the "
+    "classifier's child score. The kind model and the child score were fitted on the pediatric train split and the adult "
+    "`fit` fold, their cut-offs set on the pediatric validation split; the adult `select` fold was looked at while "
+    "choosing their design and sets the child score's weight; the `held_out` fold and the test split were not used to "
+    "fit them or set their cut-offs. The non-X-ray corpus is drawn with another seed than the fit's drawn images "
+    "(same families), plus matplotlib's sample images and altered test-split films.")
 
 
 def _matplotlib_samples() -> dict[str, Image.Image]:
@@ -70,41 +73,27 @@ def write_non_xray_corpus(folder: str | Path, films: list[Path], seed: int = COR
             grey = index % 2 == 0
             images[f"{family}_{index}_{'grey' if grey else 'colour'}.png"] = synthetic_image(rng, family, grey)[1]
     images.update(_matplotlib_samples())
+    alterations = {"rotated90": lambda film: film.transpose(Image.Transpose.ROTATE_90),
+                   "rotated270": lambda film: film.transpose(Image.Transpose.ROTATE_270),
+                   "inverted": ImageOps.invert, "crop": lambda film: heavy_crop(film, rng)}
     chosen = [films[i] for i in rng.choice(len(films), size=altered_per_kind * 4, replace=False)]
     for index, path in enumerate(chosen):
-        film = read_xray(path).image
-        kind = ("rotated90", "rotated270", "inverted", "crop")[index % 4]
-        if kind == "rotated90":
-            film = film.transpose(Image.Transpose.ROTATE_90)
-        elif kind == "rotated270":
-            film = film.transpose(Image.Transpose.ROTATE_270)
-        elif kind == "inverted":
-            film = ImageOps.invert(film)
-        else:
-            film = heavy_crop(film, rng)
-        images[f"film_{kind}_{path.stem}.png"] = film
-    paths = []
+        kind = list(alterations)[index % 4]
+        images[f"film_{kind}_{path.stem}.png"] = alterations[kind](read_xray(path).image)
     for name, image in images.items():
-        path = folder / name
-        image.save(path)
-        paths.append(path)
-    return paths
+        image.save(folder / name)
+    return [folder / name for name in images]
 
 
 def measure(service: Service, paths: list[Path], batch_size: int = 32) -> dict:
     """How often each rule fires on `paths`; `passed` lists the files no rule flagged."""
-    counts = Counter()
-    looks_like = Counter()
-    passed = []
+    counts, looks_like, passed = Counter(), Counter(), []
     for start in range(0, len(paths), batch_size):
-        readings, names = [], []
-        for path in paths[start : start + batch_size]:
-            try:
-                readings.append(read_xray(path))
-                names.append(path.name)
-            except InvalidImageError:
+        chunk = paths[start : start + batch_size]
+        for path, analysis in zip(chunk, service.analyze_files(chunk)):
+            if isinstance(analysis, InvalidImageError):
                 counts["unreadable"] += 1
-        for name, analysis in zip(names, service.analyze_many(readings, batch_size)):
+                continue
             check = analysis.domain
             counts["images"] += 1
             counts["flagged"] += not check.in_domain
@@ -114,110 +103,63 @@ def measure(service: Service, paths: list[Path], batch_size: int = 32) -> dict:
                 counts["kind_model_alone"] += check.kind_probabilities[PEDIATRIC] < service.kind_model.threshold
             looks_like[check.looks_like] += 1
             if check.in_domain:
-                passed.append(name)
+                passed.append(path.name)
     result = {key: counts[key] for key in ("images", "flagged", *RULES, "features_only", "kind_model_alone", "unreadable")}
     result["flagged_fraction"] = round(counts["flagged"] / counts["images"], 4) if counts["images"] else None
-    result["looks_like"] = dict(looks_like)
-    result["passed"] = passed
-    return result
+    return {**result, "looks_like": dict(looks_like), "passed": passed}
 
 
 def check_milliseconds(kind_model: KindModel, paths: list[Path], repeats: int = 2) -> dict[str, float]:
     """Median time of rule 3 per image on already decoded images: the thumbnail (check_input), the
     network, and the two together."""
     images = [read_xray(path).image for path in paths]
-    timings = {"thumbnail": [], "network": [], "total": []}
-    for _ in range(repeats):
-        for image in images:
-            started = time.perf_counter()
-            inputs = check_input(image)
-            thumbnail_done = time.perf_counter()
-            kind_model.probabilities(inputs)
-            finished = time.perf_counter()
-            timings["thumbnail"].append(thumbnail_done - started)
-            timings["network"].append(finished - thumbnail_done)
-            timings["total"].append(finished - started)
-    return {part: 1000 * float(np.median(values)) for part, values in timings.items()}
-
-
-def _table(rows: list[dict], model: str, milliseconds: dict[str, float] | None) -> str:
-    lines = [
-        "# Out-of-domain check: how often it flags each set",
-        "",
-        f"Model folder: `{model}`. Measured with `python -m benchmarks.domain_check` on "
-        f"{platform.machine()} Linux, {platform.python_version()}, {time.strftime('%Y-%m-%d', time.gmtime())}.",
-        "Flagged: any rule fired (colour, blank, kind, feature distance); the columns after it "
-        "count each rule on its own, `features only` the images that rule 4 alone flagged, and `kind model alone` "
-        "what rule 3 flags without the classifier's child score. The kind model and the child score were fitted on the "
-        "pediatric train split and the adult `fit` fold, their cut-offs set on the pediatric validation split; the adult "
-        "`select` fold was looked at while choosing their design and sets the child score's weight; the `held_out` fold and the test split were not used to "
-        "fit them or set their cut-offs. The non-X-ray corpus is drawn with another seed than the fit's drawn images "
-        "(same families), plus matplotlib's sample images and altered test-split films.",
-        "",
-        "| Set | Images | Flagged | Rate | Goal | colour | blank | kind | features | features only | kind model alone |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['set']} | {row['images']} | {row['flagged']} | {100 * row['flagged'] / row['images']:.1f}% | {row.get('goal', '')} "
-            f"| {row['colour']} | {row['blank']} | {row['kind']} | {row['features']} | {row['features_only']} "
-            f"| {row['kind_model_alone']} |"
-        )
-    if milliseconds is not None:
-        lines += ["", f"Kind model (rule 3) time per decoded image, median over the full-size test "
-                      f"originals: {milliseconds['total']:.2f} ms (thumbnail {milliseconds['thumbnail']:.2f} ms, "
-                      f"network {milliseconds['network']:.2f} ms)."]
-    missed = [(row["set"], row["passed"]) for row in rows if row.get("expect_flagged") and row["passed"]]
-    for name, files in missed:
-        lines += ["", f"Not flagged in {name}: " + ", ".join(files)]
-    return "\n".join(lines) + "\n"
+    inputs = [check_input(image) for image in images]
+    times = interleaved({"thumbnail": lambda i: check_input(images[i % len(images)]),
+                         "network": lambda i: kind_model.probabilities(inputs[i % len(images)]),
+                         "total": lambda i: kind_model.probabilities(check_input(images[i % len(images)]))},
+                        repeats * len(images), warmup=0)
+    return {part: percentiles(seconds)["p50_ms"] for part, seconds in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.domain_check", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="model folder (or Hub id) whose domain check to measure")
-    parser.add_argument("--data_dir", help="prepared data: its validation/ and test/ splits")
-    parser.add_argument("--adult_dir", help="adult_cxr_224/: its images per patient fold")
-    parser.add_argument("--originals", help="chest_xray_originals/: its full-resolution test/ split")
-    parser.add_argument("--corpus_dir", default="outputs/non_xray_corpus",
-                        help="where to write the non-X-ray corpus (needs --data_dir for its test films)")
-    parser.add_argument("--measure", nargs="*", default=[], metavar="FOLDER", help="more folders of images to measure")
-    parser.add_argument("--output", help="a Markdown file for the table (benchmarks/results/domain_check.md)")
+    parser = options(__doc__, "model", "data_dir", "originals", "adult_dir")
+    parser.add_argument("--corpus_dir", type=Path, default=Path("outputs/non_xray_corpus"),
+                        help="where to write the non-X-ray corpus (drawn with the test split's films)")
+    parser.add_argument("--measure", nargs="+", type=Path, metavar="FOLDER", help="measure these folders instead")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-
-    service = Service.load(args.model)
-    sets: list[tuple[str, list[Path], str, bool]] = []  # name, files, goal, expect_flagged
-    if args.data_dir:
-        data_dir = Path(args.data_dir)
-        sets.append(("pediatric validation split", image_files(data_dir / "validation"), "<= 2%", False))
-        sets.append(("pediatric test split", image_files(data_dir / "test"), "<= 2%", False))
-    if args.originals:
-        sets.append(("pediatric test originals (full size)", image_files(Path(args.originals) / "test"), "<= 2%", False))
-    if args.adult_dir:
-        for fold, goal in (("held_out", ">= 95%"), ("select", ""), ("fit", "")):
-            sets.append((f"adult NIH patients, {fold} fold", adult_files(args.adult_dir, fold), goal, True))
-    if args.data_dir:
-        corpus = write_non_xray_corpus(args.corpus_dir, image_files(Path(args.data_dir) / "test"))
-        sets.append(("non-X-ray corpus", corpus, "100%", True))
-    for folder in args.measure:
-        sets.append((folder, image_files(folder), "", False))
-    if not sets:
-        parser.error("nothing to measure: give --data_dir, --adult_dir, --originals or --measure")
-
+    folder = bundled_dir(args.model)[0]
+    service = Service.load(str(folder))
+    model = folder.name
+    if args.measure:  # name, files, goal, expect_flagged
+        sets = [(str(folder), image_files(folder), "", False) for folder in args.measure]
+    else:
+        sets = [("pediatric validation split", image_files(args.data_dir / "validation"), "<= 2%", False),
+                ("pediatric test split", image_files(args.data_dir / "test"), "<= 2%", False),
+                ("pediatric test originals (full size)", image_files(args.originals / "test"), "<= 2%", False),
+                *((f"adult NIH patients, {fold} fold", adult_files(args.adult_dir, fold), goal, True)
+                  for fold, goal in (("held_out", ">= 95%"), ("select", ""), ("fit", ""))),
+                ("non-X-ray corpus", write_non_xray_corpus(args.corpus_dir, image_files(args.data_dir / "test")), "100%", True)]
     rows = []
     for name, paths, goal, expect_flagged in sets:
-        row = {"set": name, "goal": goal, "expect_flagged": expect_flagged, **measure(service, paths)}
-        shown = {k: v for k, v in row.items() if k != "passed" or expect_flagged}
-        print(json.dumps(shown), flush=True)
+        row = {"set": name, "goal": goal, "expect_flagged": expect_flagged,
+               **measure(service, spread(paths, 64) if args.quick else paths)}
+        print(json.dumps({k: v for k, v in row.items() if k != "passed" or expect_flagged}), flush=True)
         rows.append(row)
-    milliseconds = None
-    if service.kind_model is not None and args.originals:
-        milliseconds = check_milliseconds(service.kind_model, image_files(Path(args.originals) / "test"))
-        print(json.dumps({"kind_model_ms_per_image": {part: round(ms, 3) for part, ms in milliseconds.items()}}))
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(_table(rows, args.model, milliseconds))
+    data = {"model": model, "sets": rows}
+    markdown = f"### Out-of-domain check: how often it flags each set\n\nModel: `{model}`. {EXPLANATION}\n\n" + markdown_table(
+        ["Set", "Images", "Flagged", "Rate", "Goal", *RULES, "features only", "kind model alone"],
+        [[row["set"], row["images"], row["flagged"], f"{100 * row['flagged'] / row['images']:.1f}%", row["goal"],
+          *(row[rule] for rule in RULES), row["features_only"], row["kind_model_alone"]] for row in rows])
+    if service.kind_model is not None and not args.measure:
+        ms = data["kind_model_ms_per_image"] = check_milliseconds(
+            service.kind_model, spread(image_files(args.originals / "test"), 64) if args.quick else image_files(args.originals / "test"))
+        markdown += (f"\n\nKind model (rule 3) time per decoded image, median over the full-size test originals: "
+                     f"{ms['total']:.2f} ms (thumbnail {ms['thumbnail']:.2f} ms, network {ms['network']:.2f} ms).")
+    for row in rows:
+        if row["expect_flagged"] and row["passed"]:
+            markdown += f"\n\nNot flagged in {row['set']}: " + ", ".join(row["passed"])
+    write_results("domain_check", args.quick, data, markdown, args.output)
     return 0
 
 
