@@ -11,7 +11,9 @@ Here (`UploadLimits`):
   (`UploadLedger.release`); one that no request uses is deleted `unused_ttl_s` after it arrived, at
   the next upload, as is a partial file that a dropped upload left behind.
 The examples and the images the page shows (previews, heatmaps) are not uploads: gradio's
-`delete_cache` ages those.
+`delete_cache` ages those. The same middleware (`RequestGuard`) bounds every other request body, so that
+no client string of unbounded size reaches gradio's replies or the log; `unknown_endpoint` answers a
+call to an endpoint the app does not have.
 """
 
 from __future__ import annotations
@@ -86,11 +88,6 @@ class UploadLedger:
 
     def holds(self, path: str | Path) -> bool:
         return str(path) in self.uploads
-
-    def usage(self) -> tuple[int, int]:
-        """(files, bytes) held, counting uploads being received as their declared size."""
-        with self.lock:
-            return len(self.uploads), sum(upload.size for upload in self.uploads.values()) + self.reserved
 
     def admit(self, declared_bytes: int) -> str | None:
         """Reserve room for an upload of `declared_bytes`; the refusal's text if there is none."""
