@@ -215,7 +215,7 @@ def reliability_diagram(splits: dict[str, tuple], calibration: Calibration, path
         axis.plot([0, 1], [0, 1], color="grey", linewidth=0.8)
         axis.set(title=f"{name} ({len(labels)} films)", xlabel="mean P(PNEUMONIA) in bin", ylabel="share with pneumonia",
                  xlim=(0, 1), ylim=(0, 1))
-        axis.legend(loc="upper left")
+        axis.legend(loc="lower right")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
