@@ -30,7 +30,13 @@ result. Two things of gradio_client's own shape the numbers:
   the app does, and 1-client latency hardly tells the configurations apart.
 
 Goals (issue 5): at 8 clients at least 2x the images/s of the baseline, and p95 at 1 client at most
-20 % above the baseline's; no failed request. Also reported: the fast apps' probabilities on the
+20 % above the baseline's; no failed request.
+
+/predict_batch against one-file /predict calls (issue 29), on the default app, one client: the same
+BATCH_FILES files (the pediatric examples, the adult one and test-split films of both classes) sent
+as one-file /predict calls one after the other, then as one /predict_batch call, interleaved, --rounds x
+--batch-calls times each; images/s of each, and every file's answer compared (label and
+confidences, or the refusal). Goal: /predict_batch >= 5x the images/s of one-file calls, the same answers. Also reported: the fast apps' probabilities on the
 examples against the baseline's (tolerance 0.02, as tests/test_fast_path.py) and any decision
 that changed.
 Results: benchmarks/results/api_throughput.{json,md} (api_throughput-quick.* with --quick); the
@@ -50,12 +56,25 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks._common import REPO, SCRATCH, bundled_dir, markdown_table, percentiles, write_results
+from benchmarks.harness import (
+    REPO,
+    SCRATCH,
+    SHARED_DATA,
+    bundled_dir,
+    labelled_files,
+    markdown_table,
+    percentiles,
+    spread,
+    verdict,
+    write_results,
+)
 from tests.app_server import RunningApp, running_app
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-EXAMPLES = sorted((REPO / "examples").glob("*.jpeg"))
+# /predict refuses the adult example (no diagnosis outside the domain): the load is the children's films.
+EXAMPLES = sorted(path for path in (REPO / "examples").glob("*.jpeg") if not path.name.startswith("adult_"))
+BATCH_FILES = 32  # /predict_batch's limit (serving/webapp.py MAX_BATCH_FILES)
 BASELINE = "unbatched, torch fp32"
 BATCHED = "batched, fast"
 PROBABILITY_TOLERANCE = 0.02  # tests/test_fast_path.py
@@ -75,6 +94,8 @@ def parse_args(argv=None):
                         help="times the whole sweep is repeated, pooled in the results (default 2; --quick 1)")
     parser.add_argument("--max-batch", type=int, default=8, help="PNEUMONIA_VIT_BATCH of the batched app")
     parser.add_argument("--skip-unbatched-fast", action="store_true", help="only the baseline and the batched app")
+    parser.add_argument("--batch-calls", type=int, default=None,
+                        help="/predict_batch calls (and as many sets of one-file calls) per round (default 5; --quick 1)")
     parser.add_argument("--startup-timeout", type=float, default=300.0)
     return parser.parse_args(argv)
 
@@ -196,6 +217,68 @@ def measure(app: App, clients: int, requests: int) -> dict:
     }
 
 
+def batch_files() -> list[Path]:
+    """BATCH_FILES files: the examples (the adult one too) and test-split films spread over both classes."""
+    examples = sorted((REPO / "examples").glob("*.jpeg"))
+    test_split = SHARED_DATA / "chest_xray_224" / "test"
+    films = [path for path, _ in spread(labelled_files(test_split), BATCH_FILES)] if test_split.is_dir() else []
+    return (examples + films + examples * BATCH_FILES)[:BATCH_FILES]
+
+
+def one_file_answer(client, file) -> dict:
+    """/predict's answer in /predict_batch's shape: the label and confidences, or the refusal."""
+    from gradio_client.exceptions import AppError
+
+    try:
+        return client.predict(file, api_name="/predict")
+    except AppError as error:
+        return {"error": error.message}
+
+
+def measure_batch_endpoint(app: App, rounds: int, calls: int) -> dict:
+    """One client: the files as one-file /predict calls, then as one /predict_batch call, `calls` times
+    each per round, interleaved; every answer of one way compared with the other's."""
+    from gradio_client import Client, handle_file
+
+    paths = batch_files()
+    files = [handle_file(str(path)) for path in paths]
+    client = Client(app.url, verbose=False, ssl_verify=False)
+    client.predict(files[:2], api_name="/predict_batch")  # warm-up
+    one_file_answer(client, files[0])
+    seconds = {"/predict, one file a call": [], "/predict_batch": []}
+    mismatches = []
+    for _ in range(rounds * calls):
+        start = time.perf_counter()
+        singles = [one_file_answer(client, file) for file in files]
+        seconds["/predict, one file a call"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        batched = client.predict(files, api_name="/predict_batch")
+        seconds["/predict_batch"].append(time.perf_counter() - start)
+        for path, single, answer in zip(paths, singles, batched):
+            same = ({key: answer.get(key) for key in single} == single and answer["file"] == path.name)
+            if not same:
+                mismatches.append({"file": path.name, "predict": single, "predict_batch": answer})
+    return {"files": [path.name for path in paths], "refused": sum("error" in answer for answer in singles),
+            "mismatches": mismatches[:10], "mismatch_count": len(mismatches),
+            "images_per_s": {way: len(files) * len(times) / sum(times) for way, times in seconds.items()},
+            "seconds_per_call": {way: percentiles(times) for way, times in seconds.items()}}
+
+
+def batch_report(batch: dict) -> tuple[str, list[str]]:
+    """The /predict_batch section's Markdown and goal lines."""
+    one_file, batched = (batch["images_per_s"][way] for way in ("/predict, one file a call", "/predict_batch"))
+    markdown = (f"### /predict_batch vs one-file /predict calls ({BATCHED}, one client, {len(batch['files'])} files a "
+                f"set, {batch['refused']} of them refused)\n\n" + markdown_table(
+                    ["way", "images/s", "calls", "p50 s a set", "p95 s a set"],
+                    [[way, batch["images_per_s"][way], times["n"], times["p50_ms"] / 1000, times["p95_ms"] / 1000]
+                     for way, times in batch["seconds_per_call"].items()]))
+    return markdown, [
+        verdict(f"/predict_batch {batched:.1f} images/s vs one-file /predict {one_file:.1f} = {batched / one_file:.1f}x "
+                "(goal >= 5x)", batched >= 5 * one_file),
+        verdict(f"/predict_batch answers differing from /predict's: {batch['mismatch_count']}", not batch["mismatch_count"]),
+    ]
+
+
 def summary(runs: list[dict]) -> dict:
     """One (app, clients) cell over all rounds: images/s = answers / summed wall time."""
     every = [t for run in runs for t in run["latencies_s"]]
@@ -255,6 +338,10 @@ def main(argv=None) -> int:
                     done = summary([run])
                     print(f"  {done['images_per_s']:.1f} images/s, p50 {done['p50_ms']:.0f} ms, p95 {done['p95_ms']:.0f} ms, "
                           f"mean batch {done['mean_batch_size'] or 1:.2f}, {done['error_count']} errors", flush=True)
+        batched_app = apps[-1]
+        batched_app.pause(False)
+        print(f"{BATCHED}: /predict_batch vs one-file /predict calls ...", flush=True)
+        data["predict_batch"] = measure_batch_endpoint(batched_app, rounds, args.batch_calls or (1 if args.quick else 5))
     results = {app.name: [summary(raw[(app.name, clients)]) for clients in client_counts] for app in apps}
     for app in apps:
         data["apps"][app.name] = {"env": app.env, "backend": backends[app.name], "startup_s": app.startup_s,
@@ -291,7 +378,8 @@ def main(argv=None) -> int:
                         f"(tolerance {PROBABILITY_TOLERANCE}), decisions changed: {len(flips)}"
                         + (f" ({', '.join(flips)}: check that the baseline p is within the tolerance of the threshold)"
                            if flips else "") + f" -> {'PASS' if max(differences) <= PROBABILITY_TOLERANCE else 'FAIL'}")
-    data["verdicts"] = verdicts
+    batch_markdown, batch_verdicts = batch_report(data["predict_batch"])
+    data["verdicts"] = verdicts = verdicts + batch_verdicts
     markdown = "\n\n".join([
         f"### /predict through gradio_client ({rounds} round(s) x {requests} requests per client, examples/*.jpeg, "
         f"model `{Path(model).name}`{'' if trained else ', random weights'})\n\n"
@@ -300,6 +388,7 @@ def main(argv=None) -> int:
         "### Start-up (seconds to the first answer of /gradio_api/info)\n\n" + markdown_table(
             ["app", "environment", "/predict backend", "start-up s"],
             [[app.name, " ".join(f"{k}={v}" for k, v in app.env.items()), backends[app.name], app.startup_s] for app in apps]),
+        batch_markdown,
         "### Goals\n\n" + "\n".join(f"- {line}" for line in verdicts),
     ])
     write_results("api_throughput", args.quick, data, markdown)

@@ -354,7 +354,8 @@ def _to_gray(image: Image.Image) -> XrayReading:
             strip.alpha_composite(rgba)
         rgb = strip if strip.mode == "RGB" else strip.convert("RGB")
         sample = np.asarray(rgb)[::step, ::step].astype(np.int16)
-        chroma_sum += int((sample.max(axis=-1) - sample.min(axis=-1)).sum())
+        red, green, blue = sample[..., 0], sample[..., 1], sample[..., 2]  # faster than reducing an axis of 3
+        chroma_sum += int((np.maximum(np.maximum(red, green), blue) - np.minimum(np.minimum(red, green), blue)).sum())
         samples += sample.shape[0] * sample.shape[1]
         gray.paste(rgb.convert("L"), (0, top))
     return XrayReading(gray, chroma_sum / samples, transparency=transparent / samples if has_alpha else 0.0)
