@@ -83,7 +83,7 @@ class UploadLedger:
         self.keep = keep
         self.forget = forget  # called with each deleted path: gradio's own lists of files to age
         self.uploads: dict[str, _Upload] = {}
-        self.reserved = 0  # bytes of uploads being received
+        self.reserved = [0, 0]  # files and bytes of uploads being received
         self.lock = threading.Lock()
 
     def holds(self, path: str | Path) -> bool:
@@ -93,11 +93,13 @@ class UploadLedger:
         """Reserve room for an upload of `declared_bytes`; the refusal's text if there is none."""
         self.sweep()
         with self.lock:
-            held = sum(upload.size for upload in self.uploads.values()) + self.reserved
-            if len(self.uploads) < self.limits.max_files and held + declared_bytes <= self.limits.max_bytes:
-                self.reserved += declared_bytes
+            files = len(self.uploads) + self.reserved[0]
+            held = sum(upload.size for upload in self.uploads.values()) + self.reserved[1]
+            if files < self.limits.max_files and held + declared_bytes <= self.limits.max_bytes:
+                self.reserved[0] += 1
+                self.reserved[1] += declared_bytes
                 return None
-        log.warning("upload refused: the upload folder holds %d files, %.0f MB", len(self.uploads), held / 2**20)
+        log.warning("upload refused: the upload folder holds %d files, %.0f MB", files, held / 2**20)
         return ("The server's upload space is full (too many uploads waiting to be analysed): "
                 "retry in a minute.")
 
@@ -105,7 +107,8 @@ class UploadLedger:
         """The upload route answered: `paths` now hold what was reserved."""
         now = time.monotonic()
         with self.lock:
-            self.reserved -= declared_bytes
+            self.reserved[0] -= 1
+            self.reserved[1] -= declared_bytes
             for path in paths:
                 if path in self.keep:
                     continue
