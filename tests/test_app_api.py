@@ -417,6 +417,16 @@ def test_api_description_lists_predict_first_with_named_outputs_and_an_xray_exam
     assert info["/predict"]["returns"][0]["label"] == "Decision at the model's threshold, and probabilities"
 
 
+def test_the_page_names_the_checks_that_cannot_run_for_its_model(tiny_model_dir):
+    from pneumonia_vit.serving.service import Service
+    from pneumonia_vit.serving.webapp import build_demo
+
+    demo = build_demo(Service.load(str(tiny_model_dir), explain=True))
+    heading = next(block.value for block in demo.blocks.values() if getattr(block, "elem_id", None) == "model")
+    assert "feature-distance check off" in heading and "image-kind check: the bundled model's" in heading
+    assert str(tiny_model_dir.parent) not in heading, "no server paths on the page"
+
+
 def test_fast_path_and_batching_can_be_turned_off(served_model_dir, exact, tmp_path):
     """PNEUMONIA_VIT_FAST=0 PNEUMONIA_VIT_BATCH=0: the app as before the fast path, fp32 PyTorch for
     /predict too, each request scored on its own; bad input is still an error."""

@@ -169,7 +169,7 @@ class Service:
         kind_model, notes = KindModel.load(model_id), []
         if kind_model is None and (DEFAULT_MODEL / CHECK_FILE).is_file():
             kind_model = KindModel.load(DEFAULT_MODEL)
-            notes.append(f"image-kind check: the bundled model's ({model_id} has no {CHECK_FILE} of its own)")
+            notes.append(f"image-kind check: the bundled model's (this model folder has no {CHECK_FILE} of its own)")
         service = cls(classifier, DomainStats.load(model_id), model_id, explain=explain, max_batch=max_batch,
                       kind_model=kind_model, check_notes=notes)
         for note in service.check_notes:
