@@ -69,6 +69,7 @@ class _Upload:
     size: int
     holders: int  # upload requests that returned this path and whose request has not released it yet
     arrived: float  # time.monotonic() of the latest upload of it
+    inode: int  # of the file the latest upload of it left (each upload renames a new file onto the path)
 
 
 class UploadLedger:
@@ -113,12 +114,12 @@ class UploadLedger:
                 if path in self.keep:
                     continue
                 try:
-                    size = os.stat(path).st_size
+                    stat = os.stat(path)
                 except OSError:
                     continue
-                upload = self.uploads.setdefault(path, _Upload(size, 0, now))
+                upload = self.uploads.setdefault(path, _Upload(stat.st_size, 0, now, stat.st_ino))
                 upload.holders += 1
-                upload.arrived = now
+                upload.arrived, upload.inode = now, stat.st_ino
 
     def release(self, path: str) -> None:
         """A request that named `path` is done: delete the upload once no other request holds it."""
@@ -130,6 +131,12 @@ class UploadLedger:
             if upload.holders > 0:
                 return
             del self.uploads[path]
+            try:
+                # Another upload of the same bytes, not yet recorded, has replaced the file: it is its file now.
+                if os.stat(path).st_ino != upload.inode:
+                    return
+            except OSError:
+                return
         self._delete(path)
 
     def sweep(self) -> None:
