@@ -75,8 +75,6 @@ class DataArguments:
         default_factory=list,
         metadata={"help": "Folders of unlabeled X-rays, searched recursively (any file the app reads: JPEG, PNG, 16-bit, DICOM)."},
     )
-    crop_scale: float = field(default=0.3, metadata={"help": "Smallest random crop, as a fraction of the image area."})
-    aspect_jitter: float = field(default=1.45, metadata={"help": "Random crop width/height between 1/jitter and jitter."})
 
 
 @dataclass
@@ -102,6 +100,10 @@ class MaskedBatches:
                  for index in batch["sample_index"]]
         out["noise"] = torch.from_numpy(np.stack(noise))
         return out
+
+
+def parse_arguments(argv: list[str]) -> tuple:
+    return parse_with_config_file((ModelArguments, DataArguments, Augmentation, RunArguments, TrainingArguments), argv, "pretrain_mae.py")
 
 
 def build_model(model_args: ModelArguments) -> ViTMAEForPreTraining:
@@ -131,8 +133,7 @@ def encoder_as_classifier(mae: ViTMAEForPreTraining) -> ViTForImageClassificatio
 
 def main(argv: list[str] | None = None) -> Path:
     argv = sys.argv[1:] if argv is None else argv
-    model_args, data_args, run_args, training_args = parse_with_config_file(
-        (ModelArguments, DataArguments, RunArguments, TrainingArguments), argv, "pretrain_mae.py")
+    model_args, data_args, augmentation, run_args, training_args = parse_arguments(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     training_args.remove_unused_columns = False  # the transform reads the image paths and indices
     checkpoint = resume_checkpoint(training_args, run_args.overwrite_output_dir)
@@ -153,7 +154,6 @@ def main(argv: list[str] | None = None) -> Path:
     # Model and the transform that feeds it.
     model = build_model(model_args)
     spec = PixelSpec(size=model.config.image_size)
-    augmentation = Augmentation(crop_scale=data_args.crop_scale, aspect_jitter=data_args.aspect_jitter)
     transform = MaskedBatches(BatchTransform(spec, augmentation, seed=training_args.seed),
                               patches=(model.config.image_size // model.config.patch_size) ** 2)
     dataset = with_sample_index(Dataset.from_dict({"image": files}))

@@ -13,12 +13,6 @@
 A YAML or JSON file given first sets defaults; any --flag after it overrides them. Every
 `TrainingArguments` flag works (`--push_to_hub --hub_model_id you/pneumonia-vit`,
 `--resume_from_checkpoint last`, `--per_device_train_batch_size`, ...).
-
-Stages: load the prepared splits -> build the model (a checkpoint, or a config with overrides) ->
-train with early stopping on validation ROC-AUC (and distillation from --teacher_name_or_path) ->
-optionally average the last checkpoints' weights ->
-choose the decision threshold on validation and store it in the model config ->
-evaluate the test split once -> write metrics, plots and the model card -> push to the Hub.
 """
 
 from __future__ import annotations
@@ -30,8 +24,8 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple, get_type_hints
 
-import numpy as np
 import torch
 from transformers import (
     AutoConfig,
@@ -42,12 +36,14 @@ from transformers import (
 )
 
 from pneumonia_vit.images import LABELS
+from pneumonia_vit.inference.calibration import Calibration, calibrate, patients, reliability_diagram
 from pneumonia_vit.inference.classifier import load_pixel_spec
-from pneumonia_vit.ood.fit import fit_domain_stats
+from pneumonia_vit.ood.fit import add_domain_check
 from pneumonia_vit.preprocess import PixelSpec
+from pneumonia_vit.serving.service import DEFAULT_MODEL
 from pneumonia_vit.training.card import model_card
 from pneumonia_vit.training.data import Augmentation, BatchTransform, collate, load_splits, with_sample_index
-from pneumonia_vit.training.evaluation import THRESHOLD_RULES, choose_threshold, predict_scores, write_report
+from pneumonia_vit.training.evaluation import ThresholdPolicy, operating_point, predict_scores, write_report
 from pneumonia_vit.training.trainer import (
     AugmentationEpoch,
     DistillationTrainer,
@@ -69,21 +65,15 @@ class ModelArguments:
         metadata={"help": "Pretrained model to fine-tune: a Hub id (google/vit-base-patch16-224-in21k) or a local folder "
                   "(e.g. what pretrain_mae.py wrote). Leave unset to train from scratch from the config below."},
     )
-    config_name: str | None = field(
-        default=None, metadata={"help": "Config to build the model from, a Hub id or folder, if not the pretrained model's own."}
-    )
-    model_type: str = field(
-        default="vit", metadata={"help": "From scratch without --config_name: the architecture, with its default config."}
-    )
+    config_name: str | None = field(default=None, metadata={"help": "Config to build the model from, a Hub id or folder, if not the pretrained model's."})
+    model_type: str = field(default="vit", metadata={"help": "From scratch without --config_name: the architecture, with its default config."})
     config_overrides: str | None = field(
         default=None,
         metadata={"help": "Comma-separated settings over the config, e.g. "
                   "image_size=128,patch_size=8,hidden_size=192,num_hidden_layers=6,num_attention_heads=3,"
                   "intermediate_size=768,hidden_dropout_prob=0.1"},
     )
-    image_size: int | None = field(
-        default=None, metadata={"help": "From scratch: input side in pixels, for architectures whose config has none (CNNs)."}
-    )
+    image_size: int | None = field(default=None, metadata={"help": "From scratch: input side in pixels, for architectures whose config has none (CNNs)."})
     teacher_name_or_path: str | None = field(
         default=None,
         metadata={"help": "A trained classifier (e.g. a CNN from configs/resnet_teacher_cpu.yaml) whose probabilities the "
@@ -107,54 +97,20 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    data_dir: str | None = field(
-        default=None, metadata={"help": "Folder written by data_prep/prepare.py (train/, validation/, test/)."}
-    )
+    data_dir: str | None = field(default=None, metadata={"help": "Folder written by data_prep/prepare.py (train/, validation/, test/)."})
     dataset_name: str | None = field(
         default=None,
         metadata={"help": "Hub dataset with train/validation/test splits and NORMAL/PNEUMONIA labels, instead of --data_dir."},
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only this many training images (quick runs)."})
-    max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Use only this many validation and test images each (quick runs)."}
-    )
-    augment: bool = field(default=True, metadata={"help": "Augment the training images (pneumonia_vit/training/data.py: Augmentation)."})
-    crop_scale: float = field(default=0.6, metadata={"help": "Smallest random crop, as a fraction of the image area."})
-    aspect_jitter: float = field(
-        default=1.45, metadata={"help": "Random crop width/height between 1/jitter and jitter (1: square crops only)."}
-    )
-    zoom_out: float = field(
-        default=1.0,
-        metadata={"help": "Place half of the films on a black canvas up to this many times their side before the crop "
-                  "(1: never), so that the dark margin around the body does not tell the classes apart."},
-    )
-    rotation_degrees: float = field(default=7.0, metadata={"help": "Largest random rotation, degrees."})
-    gamma: float = field(default=0.4, metadata={"help": "Random gamma between 1/(1+gamma) and 1+gamma."})
-    exposure: float = field(default=0.15, metadata={"help": "Largest random brightness and contrast change, as a fraction."})
-    blur: float = field(default=1.0, metadata={"help": "Largest Gaussian blur radius, pixels (a quarter of the images)."})
-    noise: float = field(default=0.03, metadata={"help": "Largest Gaussian noise sigma, fraction of full scale (a quarter of the images)."})
-    jpeg_quality: int = field(default=30, metadata={"help": "Lowest JPEG re-encoding quality (a quarter of the images)."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only this many validation and test images each (quick runs)."})
+    augment: bool = field(default=True, metadata={"help": "Augment the training images with the flags below (Augmentation)."})
 
 
 @dataclass
 class RunArguments:
-    class_weighted_loss: bool = field(
-        default=True, metadata={"help": "Weight the loss by inverse class frequency (train has 2.9x more PNEUMONIA)."}
-    )
-    threshold_rule: str = field(
-        default="youden",
-        metadata={"help": f"How the validation split picks the P(PNEUMONIA) cut-off: one of {THRESHOLD_RULES}."},
-    )
-    min_sensitivity: float = field(default=0.95, metadata={"help": "For --threshold_rule min_sensitivity."})
-    threshold_centre_crop: float = field(
-        default=1.0,
-        metadata={"help": "Choose the cut-off on the validation films pooled with their middle, this fraction of their "
-                  "width and height (e.g. 0.85): a tighter framing, as other hospitals' films have, pushes normal "
-                  "children's scores up, and a cut-off chosen on whole films alone does not see it. 1: whole films only."},
-    )
-    early_stopping_patience: int = field(
-        default=5, metadata={"help": "Stop after this many evaluations without a better validation score (0: never)."}
-    )
+    class_weighted_loss: bool = field(default=True, metadata={"help": "Weight the loss by inverse class frequency (train has 2.9x more PNEUMONIA)."})
+    early_stopping_patience: int = field(default=5, metadata={"help": "Stop after this many evaluations without a better validation score (0: never)."})
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Train from scratch even if --output_dir holds checkpoints; an earlier run's "
                                  "checkpoints, weights, card and reports there are removed first."}
@@ -171,8 +127,17 @@ class RunArguments:
     )
 
 
-def parse_arguments(argv: list[str]):
-    return parse_with_config_file((ModelArguments, DataArguments, RunArguments, TrainingArguments), argv, "train_vit.py")
+class Arguments(NamedTuple):
+    model: ModelArguments
+    data: DataArguments
+    augmentation: Augmentation
+    threshold: ThresholdPolicy
+    run: RunArguments
+    training: TrainingArguments
+
+
+def parse_arguments(argv: list[str]) -> Arguments:
+    return Arguments(*parse_with_config_file(get_type_hints(Arguments).values(), argv, "train_vit.py"))
 
 
 def build_model(model_args: ModelArguments):
@@ -182,6 +147,7 @@ def build_model(model_args: ModelArguments):
     config = AutoConfig.from_pretrained(source, **labels) if source else AutoConfig.for_model(model_args.model_type, **labels)
     if model_args.config_overrides:
         config.update_from_string(model_args.config_overrides)
+    config.__dict__.pop("calibration", None)  # a calibrated source's map does not hold for the model trained here
     if model_args.distillation_token:
         if config.model_type != "deit" or not model_args.teacher_name_or_path:
             raise ValueError("--distillation_token needs a DeiT (--model_type deit) and a --teacher_name_or_path")
@@ -207,134 +173,141 @@ def build_model(model_args: ModelArguments):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, run_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_arguments(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    checkpoint = prepare_run(args)
+    splits = load_data(args.data, args.training)
+    model, spec = build_model(args.model)
+    class_counts = Counter(splits["train"]["label"])  # read before set_transform, which would decode every image
+    train_transform = set_transforms(splits, spec, args.augmentation if args.data.augment else None, args.training.seed)
+    trainer, stopwatch = build_trainer(args, model, spec, splits, class_counts, train_transform)
+    train(trainer, model, stopwatch, checkpoint, args, len(splits["train"]))
+    return finish(trainer, model, spec, splits, class_counts, args, command="python train_vit.py " + " ".join(argv))
+
+
+def prepare_run(args: Arguments) -> str | None:
+    """The Trainer settings this script relies on, the settings refused before any training, the seed; returns
+    the checkpoint to resume from."""
+    training_args = args.training
     training_args.remove_unused_columns = False  # the transforms read the "image" column
     training_args.label_names = ["labels"]  # collate's key; Trainer guesses it from forward(), which DeiT's two-head model lacks
     training_args.restore_callback_states_from_checkpoint = True  # a resumed run keeps its early-stopping patience count
-    checkpoint = resume_checkpoint(training_args, run_args.overwrite_output_dir)
-    check_averaging_possible(run_args.average_last_checkpoints, training_args)
+    checkpoint = resume_checkpoint(training_args, args.run.overwrite_output_dir)
+    check_averaging_possible(args.run.average_last_checkpoints, training_args)
     set_seed(training_args.seed)
+    return checkpoint
 
-    # Data: prepared imagefolder (or Hub dataset), optionally cut down for quick runs.
+
+def load_data(data_args: DataArguments, training_args: TrainingArguments):
+    """The prepared imagefolder (or Hub dataset), optionally cut down for quick runs."""
     with training_args.main_process_first():
         splits = load_splits(data_args.data_dir, data_args.dataset_name)
     limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples, "test": data_args.max_eval_samples}
     for name, limit in limits.items():
         if limit is not None and limit < len(splits[name]):
             splits[name] = splits[name].shuffle(seed=training_args.seed).select(range(limit))
+    return splits
 
-    # Model and the transforms that feed it.
-    model, spec = build_model(model_args)
-    augmentation = Augmentation(
-        crop_scale=data_args.crop_scale, aspect_jitter=data_args.aspect_jitter, zoom_out=data_args.zoom_out,
-        rotation_degrees=data_args.rotation_degrees,
-        gamma=data_args.gamma, exposure=data_args.exposure, blur=data_args.blur, noise=data_args.noise,
-        jpeg_quality=data_args.jpeg_quality,
-    ) if data_args.augment else None
-    class_counts = Counter(splits["train"]["label"])  # read before set_transform, which would decode every image
-    train_transform = BatchTransform(spec, augmentation, seed=training_args.seed)
+
+def set_transforms(splits, spec: PixelSpec, augmentation: Augmentation | None, seed: int) -> BatchTransform:
+    """Decoding (and augmenting the training split) on the fly; returns the training transform."""
+    train_transform = BatchTransform(spec, augmentation, seed=seed)
     splits["train"] = with_sample_index(splits["train"])
     splits["train"].set_transform(train_transform)
     for name in ("validation", "test"):
         splits[name].set_transform(BatchTransform(spec))
-    threshold_crop = BatchTransform(spec, crop=run_args.threshold_centre_crop)  # refuses a bad fraction before training
+    return train_transform
 
+
+def build_trainer(args: Arguments, model, spec: PixelSpec, splits, class_counts: Counter, train_transform: BatchTransform):
+    """The Trainer (with distillation from --teacher_name_or_path) and the stopwatch that times it."""
+    model_args, run_args, training_args = args.model, args.run, args.training
     stopwatch = Stopwatch(run_args.max_train_minutes)
     callbacks = [stopwatch, AugmentationEpoch(train_transform)]
     if run_args.early_stopping_patience and training_args.load_best_model_at_end:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=run_args.early_stopping_patience))
+    trainer_class = StrictReloadTrainer
     if model_args.teacher_name_or_path:
         trainer_class = functools.partial(
             DistillationTrainer, teacher=AutoModelForImageClassification.from_pretrained(model_args.teacher_name_or_path),
             weight=model_args.distillation_weight, temperature=model_args.distillation_temperature,
             token_weight=model_args.token_distillation_weight,
         )
-    else:
-        trainer_class = StrictReloadTrainer
+    loss_counts = class_counts if run_args.class_weighted_loss else Counter({0: 1, 1: 1})
     trainer = trainer_class(
-        model=model,
-        args=training_args,
-        data_collator=collate,
-        train_dataset=splits["train"],
-        eval_dataset=splits["validation"],
-        processing_class=spec.processor(),
-        compute_loss_func=weighted_loss(
-            class_counts if run_args.class_weighted_loss else Counter({0: 1, 1: 1}), training_args.label_smoothing_factor
-        ),
-        compute_metrics=compute_metrics,
-        callbacks=callbacks,
+        model=model, args=training_args, data_collator=collate, train_dataset=splits["train"],
+        eval_dataset=splits["validation"], processing_class=spec.processor(),
+        compute_loss_func=weighted_loss(loss_counts, training_args.label_smoothing_factor),
+        compute_metrics=compute_metrics, callbacks=callbacks,
     )
     if trainer.is_world_process_zero():
-        effective = training_args.per_device_train_batch_size * training_args.world_size * training_args.gradient_accumulation_steps
-        print(
-            f"effective batch size {effective} = {training_args.per_device_train_batch_size} per device x "
-            f"{training_args.world_size} processes x {training_args.gradient_accumulation_steps} accumulation steps; "
-            f"train {dict(sorted(class_counts.items()))}, validation {len(splits['validation'])}, test {len(splits['test'])}"
-        )
+        batch, world, accumulation = (training_args.per_device_train_batch_size, training_args.world_size,
+                                      training_args.gradient_accumulation_steps)
+        print(f"effective batch size {batch * world * accumulation} = {batch} per device x {world} processes x "
+              f"{accumulation} accumulation steps; train {dict(sorted(class_counts.items()))}, "
+              f"validation {len(splits['validation'])}, test {len(splits['test'])}")
+    return trainer, stopwatch
 
-    # Train (or resume), keeping the checkpoint with the best validation score.
+
+def train(trainer, model, stopwatch: Stopwatch, checkpoint: str | None, args: Arguments, train_size: int) -> None:
+    """Trains (or resumes), keeping the checkpoint with the best validation score; writes run_stats.json; with
+    --average_last_checkpoints, the mean of the last checkpoints then replaces the best one."""
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.log_metrics("train", train_result.metrics)
-    run_stats = stopwatch.stats(len(splits["train"]))  # global figures: images of all processes; memory of this GPU
+    run_stats = stopwatch.stats(train_size)  # global figures: images of all processes; memory of this GPU
     if trainer.is_world_process_zero():
-        Path(training_args.output_dir, "run_stats.json").write_text(json.dumps(run_stats, indent=2) + "\n")
+        Path(args.training.output_dir, "run_stats.json").write_text(json.dumps(run_stats, indent=2) + "\n")
         memory = "n/a (no GPU)" if run_stats["peak_gpu_memory_gib"] is None else f"{run_stats['peak_gpu_memory_gib']:.2f} GiB"
         print(f"throughput: {run_stats['images_per_second']} training images/s ({run_stats['train_images']} images in "
               f"{run_stats['train_seconds']} s, evaluation excluded); peak GPU memory {memory}")
-
-    # Weight averaging (optional): the mean of the last checkpoints replaces the best one.
-    if run_args.average_last_checkpoints:
-        averaged = average_last_checkpoints(model, training_args.output_dir, run_args.average_last_checkpoints)
+    if args.run.average_last_checkpoints:
+        averaged = average_last_checkpoints(model, args.training.output_dir, args.run.average_last_checkpoints)
         if trainer.is_world_process_zero():
             print(f"weights averaged over {len(averaged)} checkpoints: {', '.join(averaged)}")
 
+
+def finish(trainer, model, spec: PixelSpec, splits, class_counts: Counter, args: Arguments, command: str) -> dict:
+    """The operating point and the calibration, both fitted on validation and stored in the model, the out-of-domain
+    files, the one look at the test split, the reports and the card, then the save (with --push_to_hub, the push);
+    returns the metrics."""
+    output_dir, main_process = Path(args.training.output_dir), trainer.is_world_process_zero()
     # From here on the model scores in fp32, as the app serves it: with --bf16 (or --fp16) Accelerate wrapped its
     # forward in autocast, and the threshold must be chosen on the probabilities that users get.
     trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
-
-    # Threshold on validation, stored in the config so the app and every evaluation use it.
-    validation_labels, validation_scores = predict_scores(trainer, splits["validation"])
-    threshold_labels, threshold_scores = validation_labels, validation_scores
-    rule = f"min_sensitivity>={run_args.min_sensitivity}" if run_args.threshold_rule == "min_sensitivity" else "youden"
-    if run_args.threshold_centre_crop != 1:
-        crop_labels, crop_scores = predict_scores(trainer, splits["validation"].with_transform(threshold_crop))
-        threshold_labels = np.concatenate([validation_labels, crop_labels])
-        threshold_scores = np.concatenate([validation_scores, crop_scores])
-        rule += f" on whole + {run_args.threshold_centre_crop:g} centre-cropped films"
-    threshold = choose_threshold(threshold_labels, threshold_scores, run_args.threshold_rule, run_args.min_sensitivity)
-    model.config.decision_threshold = threshold
-    model.config.threshold_rule = rule
-
-    # Out-of-domain statistics for the app (pneumonia_vit/ood/check.py), saved beside the weights. A failure
-    # here must not cost the trained model: without the file the app runs its colour and contrast checks only.
-    if trainer.is_world_process_zero():
-        try:
-            fit_domain_stats(model, spec, splits["train"], splits["validation"], output_dir=training_args.output_dir)
-        except Exception as error:
-            print(f"warning: out-of-domain statistics not written ({error!r}); add them later with "
-                  f"python -m pneumonia_vit.ood.fit {training_args.output_dir} --data_dir DATA_DIR --feature_stats")
-
-    # The one look at the test split, with the threshold fixed beforehand.
-    test_labels, test_scores = predict_scores(trainer, splits["test"])
+    threshold, labels, scores = operating_point(trainer, splits["validation"], spec, args.threshold)
+    model.config.decision_threshold, model.config.threshold_rule = threshold, args.threshold.describe()
+    # The uncalibrated scores feed only the card's before/after calibration figures; nothing is chosen on test.
+    uncalibrated = {"validation": (labels, scores), "test": predict_scores(trainer, splits["test"])}
+    calibration = calibrate_head(model, labels, scores, splits["validation"])
+    domain_check = add_domain_check(model, spec, splits["train"], splits["validation"], output_dir, DEFAULT_MODEL) if main_process else []
     results = {}
-    if trainer.is_world_process_zero():
-        results["validation"] = write_report(validation_labels, validation_scores, threshold, training_args.output_dir, "validation")
-        results["test"] = write_report(test_labels, test_scores, threshold, training_args.output_dir, "test")
-        card = model_card(
+    for split in ("validation", "test"):  # as the saved model scores them, calibrated, at the stored threshold
+        split_labels, split_scores = predict_scores(trainer, splits[split])
+        if main_process:
+            results[split] = write_report(split_labels, split_scores, model.config.decision_threshold, output_dir, split)
+    if main_process:
+        eces = calibration and reliability_diagram(uncalibrated, calibration, output_dir / "calibration.png")
+        (output_dir / "README.md").write_text(model_card(
             results=results, config=model.config, spec=spec, class_counts=class_counts,
-            split_sizes={name: len(split) for name, split in splits.items()},
-            source=model_args.model_name_or_path,
-            data=data_args.dataset_name or data_args.data_dir,
-            command="python train_vit.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            training_args=training_args,
-        )
-        Path(training_args.output_dir, "README.md").write_text(card)
+            split_sizes={name: len(split) for name, split in splits.items()}, source=args.model.model_name_or_path,
+            data=args.data.dataset_name or args.data.data_dir, command=command, training_args=args.training,
+            calibration_eces=eces, out_of_domain=domain_check,
+        ))
         print(json.dumps({split: {k: v for k, v in m.items() if k != "confusion_matrix"} for split, m in results.items()}, indent=1))
     # With --push_to_hub, save_model also uploads the folder (weights, config with the threshold,
     # processor, card) through Trainer.push_to_hub, from the main process only.
     trainer.save_model()
     return results
+
+
+def calibrate_head(model, labels, scores, validation) -> Calibration | None:
+    """Calibrates P(PNEUMONIA) on the validation films (`calibrate`), or says why it cannot."""
+    try:
+        return calibrate(model, labels, scores, groups=patients(validation.with_format(None)))
+    except ValueError as error:  # scores that do not rank validation's classes, or separate them perfectly
+        print(f"warning: P(PNEUMONIA) left uncalibrated: {error}")
+        return None
 
 
 if __name__ == "__main__":

@@ -73,31 +73,58 @@ def _soft_label_term(logits: torch.Tensor, teacher_logits: torch.Tensor, tempera
                                        log_target=True, reduction="none").sum(-1)
 
 
-def test_distillation_loss_is_the_weighted_sum_of_label_soft_label_and_token_terms(student_and_teacher, tmp_path):
+WEIGHT, TEMPERATURE, TOKEN_WEIGHT = 0.7, 2.0, 1.5
+
+
+def _training_loss(student, teacher, output_dir: Path, **trainer_kwargs):
+    """DistillationTrainer's training loss on _batch() (WEIGHT, TEMPERATURE, TOKEN_WEIGHT), the trainer, the batch and
+    both models' outputs on it."""
     from transformers import TrainingArguments
 
     from pneumonia_vit.training.trainer import DistillationTrainer
 
-    student, teacher = student_and_teacher
-    weight, temperature, token_weight = 0.7, 2.0, 1.5
-    trainer = DistillationTrainer(model=student, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"),
-                                  teacher=teacher, weight=weight, temperature=temperature, token_weight=token_weight)
+    trainer = DistillationTrainer(model=student, args=TrainingArguments(output_dir=str(output_dir), use_cpu=True, report_to="none"),
+                                  teacher=teacher, weight=WEIGHT, temperature=TEMPERATURE, token_weight=TOKEN_WEIGHT,
+                                  **trainer_kwargs)
     inputs = _batch()
     student.train()
     loss = trainer.compute_loss(student, dict(inputs))
-
     with torch.no_grad():
         student_out = student(pixel_values=inputs["pixel_values"], output_hidden_states=True)
         teacher_out = teacher.eval()(pixel_values=inputs["pixel_values"], output_hidden_states=True)
+    return loss, trainer, inputs, student_out, teacher_out
+
+
+def test_distillation_loss_is_the_weighted_sum_of_label_soft_label_and_token_terms(student_and_teacher, tmp_path):
+    loss, trainer, inputs, student_out, teacher_out = _training_loss(*student_and_teacher, tmp_path)
+    student = student_and_teacher[0]
     label = F.cross_entropy(student_out.logits, inputs["labels"])
-    soft = _soft_label_term(student_out.logits, teacher_out.logits, temperature)
+    soft = _soft_label_term(student_out.logits, teacher_out.logits, TEMPERATURE)
     tokens = token_similarity_loss(student_out.hidden_states[-2], teacher_out.hidden_states)
-    expected = (1 - weight) * label + (weight * soft + token_weight * tokens).mean()
+    expected = (1 - WEIGHT) * label + (WEIGHT * soft + TOKEN_WEIGHT * tokens).mean()
     assert tokens.min() > 0
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
     student.eval()  # evaluation: the label loss alone
     assert trainer.compute_loss(student, dict(inputs)).item() == pytest.approx(label.item(), rel=1e-5)
+
+
+def test_a_calibrated_teacher_is_distilled_from_the_logits_it_learned(student_and_teacher, tmp_path):
+    """train_vit.py folds a calibration into every model it saves, a teacher included: the distillation terms
+    undo it, so the recipe's soft labels are those of the teacher as it was trained."""
+    import copy
+
+    from pneumonia_vit.inference.calibration import fold
+
+    student, teacher = student_and_teacher
+    calibrated = copy.deepcopy(teacher)
+    fold(calibrated, 3.0, -1.5)
+    calibrated.config.calibration = {"slope": 3.0, "intercept": -1.5}
+    with torch.no_grad():
+        assert not torch.allclose(calibrated.eval()(pixel_values=_batch()["pixel_values"]).logits.softmax(-1),
+                                  teacher.eval()(pixel_values=_batch()["pixel_values"]).logits.softmax(-1), atol=1e-3)
+    reference = _training_loss(student, teacher, tmp_path)[0]
+    assert _training_loss(student, calibrated, tmp_path)[0].item() == pytest.approx(reference.item(), rel=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -139,31 +166,22 @@ def test_train_vit_distils_from_a_teacher_folder_and_saves_only_the_vit(small_pr
 
 
 def test_distillation_token_takes_the_teacher_terms_and_cls_head_the_labels(student_and_teacher, tmp_path):
-    from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher, TrainingArguments
+    from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
 
-    from pneumonia_vit.training.trainer import DistillationTrainer, weighted_loss
+    from pneumonia_vit.training.trainer import weighted_loss
 
     _, teacher = student_and_teacher
     config = DeiTConfig(num_labels=2)
     config.update_from_string(TINY_VIT)
     torch.manual_seed(0)
     student = DeiTForImageClassificationWithTeacher(config)
-    weight, temperature, token_weight = 0.7, 2.0, 1.5
-    trainer = DistillationTrainer(model=student, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"),
-                                  teacher=teacher, weight=weight, temperature=temperature, token_weight=token_weight,
-                                  compute_loss_func=weighted_loss(Counter({0: 1, 1: 1}), 0.0))
-    inputs = _batch()
-    student.train()
-    loss = trainer.compute_loss(student, dict(inputs))
-
-    with torch.no_grad():
-        out = student(pixel_values=inputs["pixel_values"], output_hidden_states=True)
-        teacher_out = teacher.eval()(pixel_values=inputs["pixel_values"], output_hidden_states=True)
+    loss, _, inputs, out, teacher_out = _training_loss(student, teacher, tmp_path,
+                                                       compute_loss_func=weighted_loss(Counter({0: 1, 1: 1}), 0.0))
     assert out.hidden_states[-2].shape[1] == 2 + 16  # [CLS], distillation token, 4 x 4 patches
     label = F.cross_entropy(out.cls_logits, inputs["labels"])
-    soft = _soft_label_term(out.distillation_logits, teacher_out.logits, temperature)
+    soft = _soft_label_term(out.distillation_logits, teacher_out.logits, TEMPERATURE)
     tokens = token_similarity_loss(out.hidden_states[-2], teacher_out.hidden_states, special_tokens=2)
-    expected = (1 - weight) * label + (weight * soft + token_weight * tokens).mean()
+    expected = (1 - WEIGHT) * label + (WEIGHT * soft + TOKEN_WEIGHT * tokens).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     mean_head = F.cross_entropy(out.logits, inputs["labels"])
     assert abs(label.item() - mean_head.item()) > 1e-4  # the heads differ, so the test tells them apart

@@ -110,9 +110,8 @@ def test_gpu_training_configs_parse(name, parameters):
     import train_vit
 
     # bf16 and tf32 need a GPU: parse with the two overrides a CPU machine needs.
-    model_args, data_args, run_args, training_args = train_vit.parse_arguments(
-        [str(REPO / "configs" / f"{name}.yaml"), "--use_cpu", "--tf32", "false"]
-    )
+    args = train_vit.parse_arguments([str(REPO / "configs" / f"{name}.yaml"), "--use_cpu", "--tf32", "false"])
+    model_args, data_args, run_args, training_args = args.model, args.data, args.run, args.training
     assert training_args.bf16 and training_args.load_best_model_at_end and training_args.metric_for_best_model == "roc_auc"
     assert training_args.dataloader_num_workers >= 4
     if parameters:

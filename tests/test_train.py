@@ -66,14 +66,18 @@ def test_cli_overrides_the_yaml_file(trained):
 def test_output_folder_contents(trained):
     output = trained["output"]
     for name in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md",
-                 "validation_metrics.json", "test_metrics.json"):
+                 "validation_metrics.json", "test_metrics.json", "domain_stats.safetensors"):
         assert (output / name).is_file(), name
+    # The kind network does not depend on the classifier: the bundled one, byte for byte, so the app runs every rule.
+    bundled = REPO / "models" / "pneumonia-vit-tiny" / "domain_check.safetensors"
+    assert (output / "domain_check.safetensors").read_bytes() == bundled.read_bytes()
     for split in ("validation", "test"):
         for plot in ("confusion_matrix", "roc"):
             with Image.open(output / f"{split}_{plot}.png") as image:
                 assert image.format == "PNG" and min(image.size) > 100
 
     config = json.loads((output / "config.json").read_text())
+    assert ("calibration" in config) == (output / "calibration.png").is_file()  # the reliability diagram where calibrated
     assert 0 < config["decision_threshold"] < 1
     assert config["threshold_rule"] == "youden"
     assert config["id2label"] == {"0": "NORMAL", "1": "PNEUMONIA"}
@@ -114,18 +118,75 @@ def test_model_card(trained):
     sizes = split_sizes(trained["prepared"])
     assert f"test ({sizes['test']})" in card and f"validation ({sizes['validation']})" in card
     assert "--num_train_epochs 2" in card  # the command that made it
+    assert "## Out-of-domain check" in card and "`domain_check.safetensors` copied from" in card
 
 
-def test_saved_model_is_the_best_checkpoint(trained):
-    """load_best_model_at_end: the weights saved at the end are the best checkpoint's, every tensor."""
-    output = trained["output"]
+def best_checkpoint(output: Path) -> Path:
     last = max(output.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
-    best = Path(json.loads((last / "trainer_state.json").read_text())["best_model_checkpoint"])
-    assert best.parent == output
-    final, reference = load_tensors(output / "model.safetensors"), load_tensors(best / "model.safetensors")
-    assert final.keys() == reference.keys()
-    for name in final:
-        assert np.array_equal(final[name].numpy(), reference[name].numpy()), name
+    return Path(json.loads((last / "trainer_state.json").read_text())["best_model_checkpoint"])
+
+
+def test_saved_model_is_the_best_checkpoint_with_its_calibration_folded_into_the_head(trained, calibrated_run):
+    """load_best_model_at_end: the weights saved at the end are the best checkpoint's, every tensor; where the run
+    calibrated, the head's logit rows are scaled by the slope and PNEUMONIA's bias shifted by the intercept."""
+    import torch
+
+    for output in (trained["output"], calibrated_run["output"]):
+        best = best_checkpoint(output)
+        assert best.parent == output
+        final, reference = load_tensors(output / "model.safetensors"), load_tensors(best / "model.safetensors")
+        assert final.keys() == reference.keys()
+        calibration = json.loads((output / "config.json").read_text()).get("calibration")
+        if calibration:
+            slope, intercept = calibration["slope"], calibration["intercept"]
+            reference["classifier.weight"] = slope * reference["classifier.weight"]
+            reference["classifier.bias"] = slope * reference["classifier.bias"] + torch.tensor([0.0, intercept])
+        for name in final:
+            assert np.allclose(final[name].numpy(), reference[name].numpy(), atol=1e-6, rtol=0), name
+            assert np.array_equal(final[name].numpy(), reference[name].numpy()) or name.startswith("classifier."), name
+
+
+@pytest.fixture(scope="module")
+def calibrated_run(data_root, tmp_path_factory):
+    """A run whose validation scores a calibration can be fitted on: 240 real train films, 6 epochs without
+    augmentation (a tiny model's scores must rank validation's classes in every fold of the method's choice)."""
+    from real_subset import prepared_subset
+
+    import train_vit
+
+    folder = tmp_path_factory.mktemp("calibrated")
+    prepared = prepared_subset(data_root, folder, {"train": (120, 120), "test": (12, 12)})
+    output = folder / "run"
+    train_vit.main(tiny_run_argv(prepared, output, "--num_train_epochs", "6", "--augment", "false",
+                                 "--learning_rate", "0.002", "--per_device_train_batch_size", "16"))
+    return {"output": output, "prepared": prepared}
+
+
+def test_the_run_calibrates_on_validation_and_every_test_decision_stays_as_before(calibrated_run):
+    """The saved model's P(PNEUMONIA) is the calibrated map of the uncalibrated (best checkpoint's) P, and at the
+    stored threshold it decides every test film as the uncalibrated model did at the threshold chosen on validation."""
+    from scipy.special import expit, logit
+
+    from pneumonia_vit.training.evaluation import choose_threshold
+
+    output, prepared = calibrated_run["output"], calibrated_run["prepared"]
+    config = json.loads((output / "config.json").read_text())
+    calibration = config["calibration"]
+    assert calibration["fitted_on"] == "validation" and calibration["slope"] > 0
+    best = best_checkpoint(output)
+    old_threshold = choose_threshold(*fp32_scores(best, prepared), "youden")
+    assert config["decision_threshold"] == pytest.approx(
+        expit(calibration["slope"] * logit(old_threshold) + calibration["intercept"]), abs=1e-9)
+    labels, uncalibrated = fp32_scores(best, prepared, "test")
+    _, calibrated = fp32_scores(output, prepared, "test")
+    assert np.allclose(calibrated, expit(calibration["slope"] * logit(uncalibrated) + calibration["intercept"]), atol=1e-5)
+    assert not np.allclose(calibrated, uncalibrated, atol=1e-3)  # the map moved the probabilities
+    decisions = calibrated >= config["decision_threshold"]
+    assert np.array_equal(decisions, uncalibrated >= old_threshold)
+    reported = json.loads((output / "test_metrics.json").read_text())["confusion_matrix"]
+    assert (reported["tp"], reported["fp"]) == (int((decisions & (labels == 1)).sum()), int((decisions & (labels == 0)).sum()))
+    card = (output / "README.md").read_text()
+    assert "## Calibration" in card and (output / "calibration.png").stat().st_size > 0
 
 
 def test_averaging_the_last_checkpoints_of_a_finished_run(trained, tmp_path):
@@ -296,6 +357,7 @@ def test_overwrite_clears_the_previous_run_and_nothing_else(trained, tmp_path, c
     newest = max(output.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
     shutil.copytree(newest, output / "checkpoint-9999")
     (output / "notes.txt").write_text("the user's own file")
+    (output / "domain_check.safetensors").write_bytes(b"the user's own kind model")
     with caplog.at_level("INFO", logger="pneumonia_vit.training.trainer"):
         train_vit.main([trained["argv"][0], "--num_train_epochs", "1", "--output_dir", str(output),
                         "--overwrite_output_dir", "true"])
@@ -305,6 +367,8 @@ def test_overwrite_clears_the_previous_run_and_nothing_else(trained, tmp_path, c
     steps_per_epoch = -(-split_sizes(trained["prepared"])["train"] // 8)
     assert sorted(path.name for path in output.glob("checkpoint-*")) == [f"checkpoint-{steps_per_epoch}"]
     assert (output / "notes.txt").read_text() == "the user's own file"
+    assert (output / "domain_check.safetensors").read_bytes() == b"the user's own kind model"  # kept, not replaced
+    assert "the folder's own `domain_check.safetensors`, kept" in (output / "README.md").read_text()
     assert json.loads((output / "test_metrics.json").read_text())["n"] > 0
 
 
@@ -320,20 +384,39 @@ def test_config_files_yaml_json_and_typos(tmp_path):
     import train_vit
 
     (tmp_path / "run.yaml").write_text("config_overrides: hidden_size=48\nlearning_rate: 3.0e-4\nnum_train_epochs: 4\n")
-    model_args, data_args, run_args, training_args = train_vit.parse_arguments(
+    args = train_vit.parse_arguments(
         [str(tmp_path / "run.yaml"), "--learning_rate", "0.01", "--output_dir", str(tmp_path / "out")])
-    assert model_args.model_name_or_path is None and model_args.config_overrides == "hidden_size=48"
-    assert training_args.learning_rate == 0.01  # the command line wins
-    assert training_args.num_train_epochs == 4  # the file still counts where the command line is silent
-    assert training_args.output_dir == str(tmp_path / "out")
+    assert args.model.model_name_or_path is None and args.model.config_overrides == "hidden_size=48"
+    assert args.training.learning_rate == 0.01  # the command line wins
+    assert args.training.num_train_epochs == 4  # the file still counts where the command line is silent
+    assert args.training.output_dir == str(tmp_path / "out")
 
     (tmp_path / "run.json").write_text(json.dumps({"threshold_rule": "min_sensitivity", "min_sensitivity": 0.9}))
-    _, _, run_args, _ = train_vit.parse_arguments([str(tmp_path / "run.json")])
-    assert (run_args.threshold_rule, run_args.min_sensitivity) == ("min_sensitivity", 0.9)
+    threshold = train_vit.parse_arguments([str(tmp_path / "run.json")]).threshold
+    assert (threshold.threshold_rule, threshold.min_sensitivity) == ("min_sensitivity", 0.9)
 
     (tmp_path / "typo.yaml").write_text("model_type: vit\nlearnin_rate: 0.01\n")
     with pytest.raises(ValueError, match="unknown setting\\(s\\) learnin_rate"):
         train_vit.parse_arguments([str(tmp_path / "typo.yaml")])
+    (tmp_path / "rule.yaml").write_text("threshold_rule: f1\n")  # a file's value is checked as a flag's is
+    with pytest.raises(ValueError, match="threshold rule must be one of"):
+        train_vit.parse_arguments([str(tmp_path / "rule.yaml")])
+
+
+def test_the_augmentation_flags_are_one_declaration_shared_by_train_vit_and_pretrain_mae():
+    """Augmentation is parsed as it is declared: every field a flag of both scripts, with its default."""
+    import dataclasses
+
+    import pretrain_mae
+    import train_vit
+    from pneumonia_vit.training.data import Augmentation
+
+    flags = ["--crop_scale", "0.35", "--zoom_out", "1.3", "--jpeg_quality", "50"]
+    expected = Augmentation(crop_scale=0.35, zoom_out=1.3, jpeg_quality=50)
+    assert train_vit.parse_arguments(flags).augmentation == expected
+    assert pretrain_mae.parse_arguments(flags)[2] == expected
+    for field in dataclasses.fields(Augmentation):
+        assert field.metadata["help"], field.name
 
 
 def test_persistent_workers_are_refused_since_they_would_repeat_the_first_epochs_augmentation(small_prepared, tmp_path):
@@ -345,26 +428,36 @@ def test_persistent_workers_are_refused_since_they_would_repeat_the_first_epochs
                         "--dataloader_persistent_workers", "true"])
 
 
-def fp32_validation_scores(output: Path, prepared: Path, crop: float = 1.0):
-    """Labels and P(PNEUMONIA) of the saved model on the validation films (their middle, with `crop` < 1), in fp32."""
+def fp32_scores(folder: Path, prepared: Path, split: str = "validation", crop: float = 1.0):
+    """Labels and P(PNEUMONIA) of the model in `folder` on a split's films (their middle, with `crop` < 1), in fp32."""
     import torch
     from transformers import AutoModelForImageClassification
 
     from pneumonia_vit.inference.classifier import load_pixel_spec
     from pneumonia_vit.training.data import BatchTransform, collate, load_splits
 
-    model = AutoModelForImageClassification.from_pretrained(output).eval()
-    validation = load_splits(prepared)["validation"]
-    validation.set_transform(BatchTransform(load_pixel_spec(output), crop=crop))
-    batch = collate([validation[index] for index in range(len(validation))])
+    model = AutoModelForImageClassification.from_pretrained(folder).eval()
+    films = load_splits(prepared)[split]
+    films.set_transform(BatchTransform(load_pixel_spec(folder), crop=crop))
+    batch = collate([films[index] for index in range(len(films))])
     with torch.no_grad():
         scores = model(pixel_values=batch["pixel_values"]).logits.float().softmax(dim=-1)[:, 1].numpy()
     return batch["labels"].numpy(), scores
 
 
+def uncalibrated_threshold(config: dict) -> float:
+    """The threshold chosen on validation, before the calibration mapped it (the stored one where there is none)."""
+    from scipy.special import expit, logit
+
+    calibration = config.get("calibration")
+    if calibration is None:
+        return config["decision_threshold"]
+    return float(expit((logit(config["decision_threshold"]) - calibration["intercept"]) / calibration["slope"]))
+
+
 def tiny_run_argv(prepared: Path, output: Path, *flags: str) -> list[str]:
-    return ["--data_dir", str(prepared), "--output_dir", str(output), "--num_train_epochs", "1", *flags,
-            *[str(item) for key, value in TINY_CONFIG.items() for item in (f"--{key}", value)]]
+    return ["--data_dir", str(prepared), "--output_dir", str(output), "--num_train_epochs", "1",
+            *[str(item) for key, value in TINY_CONFIG.items() for item in (f"--{key}", value)], *flags]
 
 
 def test_bf16_run_chooses_its_threshold_on_the_fp32_scores_the_app_serves(small_prepared, tmp_path):
@@ -375,8 +468,8 @@ def test_bf16_run_chooses_its_threshold_on_the_fp32_scores_the_app_serves(small_
 
     output = tmp_path / "bf16"
     train_vit.main(tiny_run_argv(small_prepared, output, "--bf16", "true"))
-    stored = json.loads((output / "config.json").read_text())["decision_threshold"]
-    assert stored == pytest.approx(choose_threshold(*fp32_validation_scores(output, small_prepared), "youden"), abs=1e-6)
+    stored = uncalibrated_threshold(json.loads((output / "config.json").read_text()))
+    assert stored == pytest.approx(choose_threshold(*fp32_scores(best_checkpoint(output), small_prepared), "youden"), abs=1e-6)
 
 
 def test_threshold_centre_crop_chooses_the_cut_off_on_whole_and_cropped_validation_films_together(small_prepared, tmp_path):
@@ -390,11 +483,11 @@ def test_threshold_centre_crop_chooses_the_cut_off_on_whole_and_cropped_validati
     output = tmp_path / "pooled"
     train_vit.main(tiny_run_argv(small_prepared, output, "--threshold_centre_crop", "0.6"))
     config = json.loads((output / "config.json").read_text())
-    labels, whole = fp32_validation_scores(output, small_prepared)
-    _, middle = fp32_validation_scores(output, small_prepared, crop=0.6)
+    labels, whole = fp32_scores(best_checkpoint(output), small_prepared)
+    _, middle = fp32_scores(best_checkpoint(output), small_prepared, crop=0.6)
     pooled = choose_threshold(np.concatenate([labels, labels]), np.concatenate([whole, middle]))
-    assert config["decision_threshold"] == pytest.approx(pooled, abs=1e-6)
-    assert config["decision_threshold"] != pytest.approx(choose_threshold(labels, whole), abs=1e-6)
+    assert uncalibrated_threshold(config) == pytest.approx(pooled, abs=1e-6)
+    assert uncalibrated_threshold(config) != pytest.approx(choose_threshold(labels, whole), abs=1e-6)
     assert config["threshold_rule"] == "youden on whole + 0.6 centre-cropped films"
     # The reported validation figures stay those of the whole films, at that cut-off.
     reported = json.loads((output / "validation_metrics.json").read_text())

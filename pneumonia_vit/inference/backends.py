@@ -72,7 +72,7 @@ def forward(model: torch.nn.Module, pixel_values: torch.Tensor, output_attention
     return ForwardResult(
         logits=output.logits.float().cpu().numpy(),
         probabilities=output.logits.float().softmax(dim=-1).cpu().numpy(),
-        features=captured[0].float().cpu().numpy(),
+        features=captured[0].float().flatten(1).cpu().numpy(),  # a CNN's head reads (N, C, 1, 1)
         attentions=attentions,
     )
 

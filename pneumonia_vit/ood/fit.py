@@ -6,8 +6,8 @@
           --adult_dir ../shared/data/adult_cxr_224 --kind_model
 
 - what belongs to one trained classifier: the feature statistics (rule 4; train_vit.py fits them at
-  the end of training) and, given the adult images, the child score on the same features that rule 3
-  adds to the kind model's (`fit_child_score`; it needs the kind model in MODEL_DIR):
+  the end of training, `add_domain_check`) and, given the adult images, the child score on the same
+  features that rule 3 adds to the kind model's (`fit_child_score`; it needs the kind model in MODEL_DIR):
 
       python -m pneumonia_vit.ood.fit MODEL_DIR --data_dir data/chest_xray_prepared \\
           --adult_dir ../shared/data/adult_cxr_224 --feature_stats
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -29,7 +30,7 @@ from PIL import Image
 
 from ..images import load_xray
 from ..preprocess import PixelSpec, pixel_values
-from .check import CHECK_SIDE, DEFAULT_QUANTILE, KINDS, DomainStats, KindModel, kind_score
+from .check import CHECK_FILE, CHECK_SIDE, DEFAULT_QUANTILE, KINDS, STATS_FILE, DomainStats, KindModel, kind_score
 from .corpus import (
     ADULT_FOLDS,
     PEDIATRIC,
@@ -212,6 +213,31 @@ def fit_domain_stats(
         log.info("domain stats: %d training embeddings, cut-off %.2f = %.1f%% quantile of %d validation distances -> %s",
                  stats.train_count, stats.threshold, 100 * quantile, stats.validation_count, path)
     return stats
+
+
+def fitted_per_classifier() -> tuple[str, ...]:
+    """The files `add_domain_check` fits to one classifier: a new training run in the same folder replaces them."""
+    return (STATS_FILE,)
+
+
+def add_domain_check(model, spec: PixelSpec, train, validation, output_dir: str | Path, kind_model_from: str | Path) -> list[str]:
+    """Gives a newly trained classifier's folder the out-of-domain check: rule 4's statistics fitted to it, and the
+    kind model (rule 3), which does not depend on the classifier, copied from `kind_model_from` unless the folder has
+    one (rule 3's child score needs the adult images: the module docstring's second command adds it). Returns what
+    it did, in sentences."""
+    output_dir, source = Path(output_dir), Path(kind_model_from) / CHECK_FILE
+    stats = fit_domain_stats(model, spec, train, validation, output_dir)
+    done = [f"Feature-distance check (rule 4): `{STATS_FILE}`, fitted on this run's training split, cut-off "
+            f"{stats.threshold:.2f} at the {100 * stats.quantile:g}% quantile of its validation split."]
+    if (output_dir / CHECK_FILE).is_file():
+        done.append(f"Image-kind check (rule 3): the folder's own `{CHECK_FILE}`, kept.")
+    elif source.is_file():
+        shutil.copyfile(source, output_dir / CHECK_FILE)
+        done.append(f"Image-kind check (rule 3): `{CHECK_FILE}` copied from `{kind_model_from}` (it does not depend on the classifier).")
+    else:
+        done.append(f"No image-kind check (rule 3): {source} is missing; fit one with --kind_model (see ood/fit.py).")
+    log.info("%s: %s", output_dir, " ".join(done))
+    return done
 
 
 def fit_child_score(model, spec: PixelSpec, stats: DomainStats, kind_model: KindModel, data_dir: str | Path,

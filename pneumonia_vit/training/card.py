@@ -67,7 +67,8 @@ def with_calibration(card: str, old_threshold: float | None, config, eces: dict[
 
 
 def model_card(results, config, spec, class_counts, split_sizes, source, data, command, training_args,
-               calibration_eces: dict[str, tuple[float, float]] | None = None) -> str:
+               calibration_eces: dict[str, tuple[float, float]] | None = None, out_of_domain: list[str] = ()) -> str:
+    """`out_of_domain`: sentences on the out-of-domain check the folder carries (ood.fit.add_domain_check)."""
     front_matter = {
         "license": "cc-by-4.0",
         "library_name": "transformers",
@@ -89,6 +90,10 @@ def model_card(results, config, spec, class_counts, split_sizes, source, data, c
         del front_matter["base_model"]
     origin = f"fine-tuned from `{source}`" if source else "trained from scratch (random initialisation, no pretrained weights)"
     rows = "\n".join(_row(split, metrics) for split, metrics in results.items())
+    domain = "".join(f"- {sentence}\n" for sentence in out_of_domain)
+    if domain:
+        domain = ("## Out-of-domain check\n\nThe app gives no diagnosis for an input that does not look like the "
+                  f"training films (pneumonia_vit/ood/check.py). This folder carries:\n{domain}\n")
     return f"""---
 {yaml.safe_dump(front_matter, sort_keys=False).strip()}
 ---
@@ -118,7 +123,7 @@ The test split is the official Kermany test split, evaluated once after training
 collected from other patients than the training split and validation scores overstate test
 scores on this dataset.
 
-{calibration_section(config, calibration_eces) if calibration_eces else ""}## Data
+{calibration_section(config, calibration_eces) if calibration_eces else ""}{domain}## Data
 
 Kermany et al. 2018 pediatric chest X-rays (ages 1–5, Guangzhou Women and Children's Medical
 Center), prepared with `data_prep/prepare.py`: every image decoded as 8-bit grayscale and resized

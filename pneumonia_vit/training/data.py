@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -169,17 +169,23 @@ class Augmentation:
     Small rotations: children are positioned less precisely than adults.
     Gamma, brightness, contrast, blur, noise and JPEG quality: exposure, detector, processing and
     compression vary between machines and hospitals (the test patients were collected separately).
+
+    train_vit.py and pretrain_mae.py parse it as their augmentation flags (`--crop_scale 0.35`, ...).
     """
 
-    crop_scale: float = 0.6  # smallest crop, as a fraction of the image area
-    aspect_jitter: float = 1.45  # crop width/height drawn log-uniformly in [1/jitter, jitter]
-    zoom_out: float = 1.0  # largest canvas side / film side, drawn uniformly for half of the images (1: never)
-    rotation_degrees: float = 7.0
-    gamma: float = 0.4  # gamma drawn log-uniformly in [1/(1+gamma), 1+gamma]
-    exposure: float = 0.15  # brightness offset and contrast gain, as fractions
-    blur: float = 1.0  # largest Gaussian blur radius in output pixels (a quarter of the images)
-    noise: float = 0.03  # largest Gaussian noise sigma, as a fraction of full scale (a quarter of the images)
-    jpeg_quality: int = 30  # lowest JPEG quality (a quarter of the images are re-encoded)
+    crop_scale: float = field(default=0.6, metadata={"help": "Smallest random crop, as a fraction of the image area."})
+    aspect_jitter: float = field(default=1.45, metadata={"help": "Crop width/height drawn log-uniformly in [1/jitter, jitter] (1: square)."})
+    zoom_out: float = field(
+        default=1.0,
+        metadata={"help": "Place half of the films on a black canvas up to this many times their side before the crop "
+                  "(1: never), so that the dark margin around the body does not tell the classes apart."},
+    )
+    rotation_degrees: float = field(default=7.0, metadata={"help": "Largest random rotation, degrees."})
+    gamma: float = field(default=0.4, metadata={"help": "Random gamma drawn log-uniformly between 1/(1+gamma) and 1+gamma."})
+    exposure: float = field(default=0.15, metadata={"help": "Largest random brightness and contrast change, as a fraction."})
+    blur: float = field(default=1.0, metadata={"help": "Largest Gaussian blur radius, output pixels (a quarter of the images)."})
+    noise: float = field(default=0.03, metadata={"help": "Largest Gaussian noise sigma, fraction of full scale (a quarter of the images)."})
+    jpeg_quality: int = field(default=30, metadata={"help": "Lowest JPEG re-encoding quality (a quarter of the images)."})
 
     def __call__(self, image: Image.Image, size: int, rng: np.random.Generator) -> Image.Image:
         if self.zoom_out > 1 and rng.random() < 0.5:
@@ -225,6 +231,12 @@ def centre_crop(image: Image.Image, fraction: float, size: int) -> Image.Image:
     return image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, width - left, height - top))
 
 
+def check_crop(fraction: float) -> None:
+    """Refuses a centre crop that is not a fraction of the film's width and height."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"a centre crop is a fraction of the film's width and height in (0, 1], got {fraction}")
+
+
 SAMPLE_INDEX = "sample_index"  # the training split's column that seeds each image's augmentation
 
 
@@ -239,8 +251,7 @@ class BatchTransform:
     """
 
     def __init__(self, spec: PixelSpec, augmentation: Augmentation | None = None, seed: int = 0, crop: float = 1.0):
-        if not 0 < crop <= 1:
-            raise ValueError(f"a centre crop is a fraction of the film's width and height in (0, 1], got {crop}")
+        check_crop(crop)
         if augmentation is not None and crop != 1:
             raise ValueError("a centre crop is for scoring, not for an augmented training split")
         self.spec = spec

@@ -1,5 +1,5 @@
-"""Scoring a split and judging it: the binary metrics, the decision threshold and the report
-(metrics JSON, confusion-matrix and ROC plots).
+"""Scoring a split and judging it: the binary metrics, the decision threshold (ThresholdPolicy,
+operating_point) and the report (metrics JSON, confusion-matrix and ROC plots).
 
 The metrics are an `evaluate` module of their own (binary_metrics/ beside this file), loaded by path so
 it works offline; `import evaluate` takes seconds, so it happens on the first `binary_metrics` call,
@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import roc_curve
 
 from ..images import LABELS
+from ..preprocess import PixelSpec
+from .data import BatchTransform, check_crop
 
 THRESHOLD_RULES = ("youden", "min_sensitivity")
 METRIC_DIR = Path(__file__).resolve().parent / "binary_metrics"
@@ -40,7 +43,6 @@ def write_report(labels, scores, threshold: float, output_dir: str | Path, split
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -80,7 +82,6 @@ def write_report(labels, scores, threshold: float, output_dir: str | Path, split
     return metrics
 
 
-
 @functools.cache
 def binary_metric():
     """The `evaluate` module, loaded once per process (kept in memory: no cache files to lock)."""
@@ -95,6 +96,11 @@ def binary_metrics(labels, scores, threshold: float) -> dict:
                                    prediction_scores=np.asarray(scores, dtype=float), threshold=threshold)
 
 
+def check_rule(rule: str) -> None:
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"threshold rule must be one of {THRESHOLD_RULES}, got {rule!r}")
+
+
 def choose_threshold(labels, scores, rule: str = "youden", min_sensitivity: float = 0.95) -> float:
     """Picks the P(PNEUMONIA) cut-off on a validation split.
 
@@ -103,8 +109,7 @@ def choose_threshold(labels, scores, rule: str = "youden", min_sensitivity: floa
     The cut-off is placed halfway between the chosen score and the next lower one, so it does not
     sit exactly on a validation image.
     """
-    if rule not in THRESHOLD_RULES:
-        raise ValueError(f"threshold rule must be one of {THRESHOLD_RULES}, got {rule!r}")
+    check_rule(rule)
     labels = np.asarray(labels, dtype=int)
     scores = np.asarray(scores, dtype=float)
     if len(set(labels.tolist())) < 2:
@@ -119,3 +124,36 @@ def choose_threshold(labels, scores, rule: str = "youden", min_sensitivity: floa
         return float(np.nextafter(cutoffs[1], np.inf))
     lower = cutoffs[best + 1] if best + 1 < len(cutoffs) else 0.0
     return float((cutoffs[best] + lower) / 2)
+
+
+@dataclass
+class ThresholdPolicy:
+    """How the validation split picks the decision threshold, the P(PNEUMONIA) cut-off stored in the model config."""
+
+    threshold_rule: str = field(default="youden", metadata={"help": "How the cut-off is picked (choose_threshold).", "choices": THRESHOLD_RULES})
+    min_sensitivity: float = field(default=0.95, metadata={"help": "For --threshold_rule min_sensitivity."})
+    threshold_centre_crop: float = field(
+        default=1.0,
+        metadata={"help": "Choose the cut-off on the validation films pooled with their middle, this fraction of their "
+                  "width and height (e.g. 0.85): a tighter framing, as other hospitals' films have, pushes normal "
+                  "children's scores up, and a cut-off chosen on whole films alone does not see it. 1: whole films only."},
+    )
+
+    def __post_init__(self):  # at parse time: a bad setting is refused before training, not after it
+        check_rule(self.threshold_rule)
+        check_crop(self.threshold_centre_crop)
+
+    def describe(self) -> str:
+        rule = f"min_sensitivity>={self.min_sensitivity}" if self.threshold_rule == "min_sensitivity" else "youden"
+        return rule + (f" on whole + {self.threshold_centre_crop:g} centre-cropped films" if self.threshold_centre_crop != 1 else "")
+
+
+def operating_point(trainer, validation, spec: PixelSpec, policy: ThresholdPolicy) -> tuple[float, np.ndarray, np.ndarray]:
+    """The threshold `policy` picks on the `validation` films as `trainer` scores them (whole, pooled with their
+    middle where the policy says), with the whole films' labels and P(PNEUMONIA)."""
+    labels, scores = predict_scores(trainer, validation)
+    pooled_labels, pooled_scores = labels, scores
+    if policy.threshold_centre_crop != 1:
+        crop_labels, crop_scores = predict_scores(trainer, validation.with_transform(BatchTransform(spec, crop=policy.threshold_centre_crop)))
+        pooled_labels, pooled_scores = np.concatenate([labels, crop_labels]), np.concatenate([scores, crop_scores])
+    return choose_threshold(pooled_labels, pooled_scores, policy.threshold_rule, policy.min_sensitivity), labels, scores

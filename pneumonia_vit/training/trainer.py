@@ -24,7 +24,7 @@ from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArg
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ..images import LABELS
-from ..ood.check import STATS_FILE
+from ..ood.fit import fitted_per_classifier
 from .evaluation import binary_metrics
 
 logger = logging.getLogger(__name__)
@@ -123,13 +123,18 @@ class DistillationTrainer(StrictReloadTrainer):
       head and the labels through its [CLS] head; otherwise all go through the one head.
 
     A small CNN learns from local texture what a small ViT trained from scratch on 5,000 images does not
-    find by itself; the served model stays the ViT (README: ablation)."""
+    find by itself; the served model stays the ViT (README: ablation).
+
+    A teacher from train_vit.py carries a calibration folded into its head (logit difference a·z + c); the
+    recipe distils the logits the teacher learned, so z = (z' - c) / a is taken back from them."""
 
     def __init__(self, *args, teacher: torch.nn.Module, weight: float, temperature: float, token_weight: float = 0.0,
                  **kwargs):
         super().__init__(*args, **kwargs)
         self.teacher = teacher.eval().requires_grad_(False).to(self.args.device)
         self.weight, self.temperature, self.token_weight = weight, temperature, token_weight
+        calibration = getattr(teacher.config, "calibration", None)
+        self.teacher_calibration = (calibration["slope"], calibration["intercept"]) if calibration else None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         distilling_tokens = model.training and self.token_weight > 0
@@ -141,9 +146,13 @@ class DistillationTrainer(StrictReloadTrainer):
                 teacher_outputs = self.teacher(pixel_values=inputs["pixel_values"], output_hidden_states=distilling_tokens)
             distillation_head = getattr(outputs, "distillation_logits", None)
             logits = outputs.logits if distillation_head is None else distillation_head
+            teacher_logits = teacher_outputs.logits.float()
+            if self.teacher_calibration:
+                slope, intercept = self.teacher_calibration
+                teacher_logits = F.pad((teacher_logits[:, 1:] - teacher_logits[:, :1] - intercept) / slope, (1, 0))  # [0, z]
             t = self.temperature
             per_image = self.weight * t * t * F.kl_div(
-                F.log_softmax(logits.float() / t, dim=-1), F.log_softmax(teacher_outputs.logits.float() / t, dim=-1),
+                F.log_softmax(logits.float() / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1),
                 log_target=True, reduction="none").sum(dim=-1)
             if distilling_tokens:
                 per_image = per_image + self.token_weight * token_similarity_loss(
@@ -304,7 +313,7 @@ def checkpoint_problem(folder: Path, weights_and_optimizer: bool = True) -> str 
 # What a training run writes at the top of its output folder (weights, configs, card, reports).
 RUN_FILE_PATTERNS = (
     "README.md", "config.json", "preprocessor_config.json", "training_args.bin", "model*.safetensors",
-    "model.safetensors.index.json", "run_stats.json", STATS_FILE, "*_metrics.json",
+    "model.safetensors.index.json", "run_stats.json", *fitted_per_classifier(), "*_metrics.json",
     "*_confusion_matrix.png", "*_roc.png",
 )
 
