@@ -4,7 +4,8 @@ it (the baseline).
 
 Each case starts the real app on a free port (benchmarks/api_throughput.py's `running`), sends
 20 /predict and 5 /analyze requests (the page's endpoint, with the heatmap) through gradio_client
-with the shipped examples of children, then reads the server process's VmRSS and peak VmHWM from /proc.
+with the shipped examples of children (api_throughput.EXAMPLES), then reads the server process's
+VmRSS and peak VmHWM from /proc.
 Baseline: PNEUMONIA_VIT_FAST=0 PNEUMONIA_VIT_BATCH=0 (one fp32 PyTorch model serves everything).
 Fast: the defaults (int8 ONNX Runtime for /predict, fp32 PyTorch for the heatmap, both loaded at
 start-up); its ONNX cache is filled before the app starts, as on every start after the first.
@@ -18,7 +19,6 @@ from pathlib import Path
 from benchmarks.api_throughput import EXAMPLES, App, running
 from benchmarks.harness import SCRATCH, models, options, section, status_mib, write_results
 
-CHILDREN = [path for path in EXAMPLES if not path.name.startswith("adult_")]  # /predict refuses the adult example
 CONFIGS = {
     "baseline (fp32 PyTorch, unbatched)": {"PNEUMONIA_VIT_FAST": "0", "PNEUMONIA_VIT_BATCH": "0"},
     "fast (default)": {},
@@ -38,7 +38,7 @@ def measure(model: Path, name: str, env: dict) -> dict:
         client = Client(app.url, verbose=False, ssl_verify=False)
         for endpoint, count in (("/predict", 20), ("/analyze", 5)):
             for index in range(count):
-                client.predict(handle_file(str(CHILDREN[index % len(CHILDREN)])), api_name=endpoint)
+                client.predict(handle_file(str(EXAMPLES[index % len(EXAMPLES)])), api_name=endpoint)
         return {"after_start_mib": started, "after_requests_mib": round(status_mib("VmRSS", app.server.process.pid), 1),
                 "peak_mib": round(status_mib("VmHWM", app.server.process.pid), 1), "startup_s": round(app.startup_s, 1)}
 
