@@ -43,6 +43,7 @@ def write_report(labels, scores, threshold: float, output_dir: str | Path, split
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -51,34 +52,22 @@ def write_report(labels, scores, threshold: float, output_dir: str | Path, split
 
     matrix = metrics["confusion_matrix"]
     counts = np.array([[matrix["tn"], matrix["fp"]], [matrix["fn"], matrix["tp"]]])
-    figure, axes = plt.subplots(figsize=(4, 3.6))
-    axes.imshow(counts, cmap="Blues")
-    for (row, column), count in np.ndenumerate(counts):
-        axes.text(column, row, str(count), ha="center", va="center",
-                  color="white" if count > counts.max() / 2 else "black")
-    axes.set_xticks([0, 1], LABELS)
-    axes.set_yticks([0, 1], LABELS)
-    axes.set_xlabel("predicted")
-    axes.set_ylabel("true")
+    matrix_figure, axes = plt.subplots(figsize=(4.4, 3.8))
+    ConfusionMatrixDisplay(counts, display_labels=LABELS).plot(ax=axes, cmap="Blues", colorbar=False)
     axes.set_title(f"{split}: threshold {threshold:.3f}")
-    figure.tight_layout()
-    figure.savefig(output_dir / f"{split}_confusion_matrix.png", dpi=120)
-    plt.close(figure)
 
-    figure, axes = plt.subplots(figsize=(4, 4))
+    roc_figure, axes = plt.subplots(figsize=(4, 4))
     if len(set(np.asarray(labels).tolist())) == 2:
         fpr, tpr, _ = roc_curve(labels, scores)
         axes.plot(fpr, tpr, label=f"AUC {metrics['roc_auc']:.3f}")
     axes.plot([0, 1], [0, 1], linestyle=":", color="grey")
-    axes.scatter([1 - metrics["specificity"]], [metrics["sensitivity"]], color="red", zorder=3,
-                 label=f"threshold {threshold:.3f}")
-    axes.set_xlabel("1 - specificity")
-    axes.set_ylabel("sensitivity")
-    axes.set_title(f"ROC, {split} split")
+    axes.scatter([1 - metrics["specificity"]], [metrics["sensitivity"]], color="red", zorder=3, label=f"threshold {threshold:.3f}")
+    axes.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC, {split} split")
     axes.legend(loc="lower right")
-    figure.tight_layout()
-    figure.savefig(output_dir / f"{split}_roc.png", dpi=120)
-    plt.close(figure)
+    for name, figure in (("confusion_matrix", matrix_figure), ("roc", roc_figure)):
+        figure.tight_layout()
+        figure.savefig(output_dir / f"{split}_{name}.png", dpi=120)
+        plt.close(figure)
     return metrics
 
 
@@ -132,12 +121,9 @@ class ThresholdPolicy:
 
     threshold_rule: str = field(default="youden", metadata={"help": "How the cut-off is picked (choose_threshold).", "choices": THRESHOLD_RULES})
     min_sensitivity: float = field(default=0.95, metadata={"help": "For --threshold_rule min_sensitivity."})
-    threshold_centre_crop: float = field(
-        default=1.0,
-        metadata={"help": "Choose the cut-off on the validation films pooled with their middle, this fraction of their "
-                  "width and height (e.g. 0.85): a tighter framing, as other hospitals' films have, pushes normal "
-                  "children's scores up, and a cut-off chosen on whole films alone does not see it. 1: whole films only."},
-    )
+    threshold_centre_crop: float = field(default=1.0, metadata={"help": (
+        "Choose the cut-off on the validation films pooled with their middle, this fraction of their width and height "
+        "(e.g. 0.85; 1: whole films only): a tighter framing, as other hospitals' films have, raises normal children's scores.")})
 
     def __post_init__(self):  # at parse time: a bad setting is refused before training, not after it
         check_rule(self.threshold_rule)
