@@ -144,7 +144,10 @@ def test_calibrated_model_keeps_every_decision_and_a_stock_pipeline_gives_its_pr
         assert (new != old).any()
 
 
-def test_command_calibrates_a_folder_with_its_card_and_refuses_to_do_it_twice(prepared, trained_tiny_dir, tmp_path):
+def test_command_fits_on_whole_and_cropped_validation_films_writes_the_card_and_refuses_to_do_it_twice(
+        prepared, trained_tiny_dir, tmp_path):
+    """By default the command fits on the operating point's set, each validation film whole and its middle 80%
+    (the crop in its film's patient group); the card reports validation whole and pooled, and test."""
     folder = tmp_path / "model"
     shutil.copytree(trained_tiny_dir, folder)
     (folder / "README.md").write_text("Predict PNEUMONIA when P(PNEUMONIA) ≥ **0.4500**.\n\n## Data\n\nfilms\n")
@@ -154,13 +157,22 @@ def test_command_calibrates_a_folder_with_its_card_and_refuses_to_do_it_twice(pr
     assert done.returncode == 0, done.stderr[-3000:]
 
     config = json.loads((folder / "config.json").read_text())
-    assert config["calibration"]["fitted_on"] == "validation"
+    assert config["calibration"]["fitted_on"] == "validation films whole and centre-cropped to 80%, pooled"
     assert (folder / "calibration.png").stat().st_size > 0
     card = (folder / "README.md").read_text()
     assert f"≥ **{config['decision_threshold']:.4f}**" in card
     assert card.index("## Calibration") < card.index("## Data")
+    assert all(f"| {row} |" in card for row in ("validation", "validation + 80% crops", "test"))
 
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode != 0
     assert "already calibrated" in again.stderr and "uncalibrated model" in again.stderr
     assert json.loads((folder / "config.json").read_text()) == config
+
+
+def test_command_refuses_a_crop_that_is_not_a_fraction_before_reading_any_film(trained_tiny_dir, tmp_path):
+    command = [sys.executable, "-m", "pneumonia_vit.inference.calibration", str(trained_tiny_dir), "--data_dir",
+               str(tmp_path / "absent"), "--centre_crop", "1.5"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "fraction of the film's width and height" in done.stderr
+

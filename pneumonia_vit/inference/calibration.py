@@ -1,24 +1,14 @@
-"""Calibrated P(PNEUMONIA) inside the model itself.
+"""Calibrated P(PNEUMONIA) inside the model: a map sigma(a * z + c) of the logit difference z = l1 - l0, chosen and
+fitted on validation by the rule of benchmarks/results/calibration.md, folded into the classification head (so a
+stock `pipeline()` gives it) with the stored threshold mapped alike (so no decision changes).
 
-A logistic map p = sigma(a * z + c) of the logit difference z = l1 - l0 is fitted on the validation split and
-folded into the classification head (scale both logit rows by a, add c to PNEUMONIA's bias), so the saved
-weights, a stock `pipeline("image-classification")` and the app all give the calibrated P. The stored decision
-threshold t becomes sigma(a * logit(t) + c): with a > 0 every decision stays the same.
-
-Which map (`METHODS`) is chosen by `choose_method`, on validation alone: each candidate is fitted by
-cross-validation inside the validation split (patient-grouped folds when groups are given) and scored by its
-out-of-fold ECE averaged over validation re-weighted to pneumonia priors of 40%..80% (`RULE_PRIORS`), so a map
-that only fits validation's own class balance loses. benchmarks/results/calibration.md has the numbers.
-
-    python -m pneumonia_vit.inference.calibration MODEL_DIR --data_dir DATA_DIR
+    python -m pneumonia_vit.inference.calibration MODEL_DIR --data_dir DATA_DIR [--centre_crop 0.8]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,18 +17,12 @@ import torch
 from scipy.special import expit, logit
 
 BINS = 10
-RULE_PRIORS = tuple(np.round(np.arange(0.40, 0.801, 0.05), 2))
+RULE_PRIORS = tuple(np.round(np.arange(0.40, 0.801, 0.05), 2))  # the deployment priors the rule plans for
 FOLDS, REPEATS = 5, 5
 SHARD_SIZE = "9MB"  # the bundled model's layout: weight shards under 10 MB
-# The stated prior of "prior_shifted": the middle of RULE_PRIORS, the range of deployment priors the rule plans for.
-SHIFTED_PRIOR = 0.6
-# name -> (fits an intercept, class-balanced weights, prior the intercept is then set to)
-METHODS = {
-    "temperature": (False, False, None),
-    "platt": (True, False, None),
-    "balanced_platt": (True, True, 0.5),
-    "prior_shifted": (True, True, SHIFTED_PRIOR),
-}
+# name -> (fits an intercept, prior: None = the films as they are; else class-balanced weights, then the
+# intercept moved to this prior; 0.6 is the middle of RULE_PRIORS)
+METHODS = {"temperature": (False, None), "platt": (True, None), "balanced_platt": (True, 0.5), "prior_shifted": (True, 0.6)}
 
 
 @dataclass
@@ -62,88 +46,66 @@ def _logit(p) -> np.ndarray:
 
 
 def expected_calibration_error(labels, p_pneumonia, bins: int = BINS, weights=None) -> float:
-    """ECE of P(PNEUMONIA) over `bins` equal-width bins (a score of exactly 1 falls in the last); with `weights`,
-    of the weighted population (importance weights re-weight the films to another class prior)."""
-    labels = np.asarray(labels, dtype=np.float64)
-    p = np.asarray(p_pneumonia, dtype=np.float64)
+    """ECE over `bins` equal-width bins (a score of exactly 1 falls in the last), of the `weights`-weighted films."""
+    labels, p = np.asarray(labels, dtype=np.float64), np.asarray(p_pneumonia, dtype=np.float64)
     weights = np.ones_like(p) if weights is None else np.asarray(weights, dtype=np.float64)
     index = np.minimum((p * bins).astype(int), bins - 1)
-    total = weights.sum()
-    error = 0.0
-    for b in np.unique(index):
-        members = index == b
-        mass = weights[members].sum()
-        error += abs(np.dot(weights[members], labels[members] - p[members])) / mass * (mass / total)
-    return float(error)
+    gaps = np.bincount(index, weights * (labels - p), minlength=bins)  # per bin: mass x (share - mean P)
+    return float(np.abs(gaps).sum() / weights.sum())
 
 
 def prior_weights(labels, prior: float) -> np.ndarray:
     """Importance weights that turn the films' class balance into `prior` pneumonia."""
     labels = np.asarray(labels)
-    own = labels.mean()
-    return np.where(labels == 1, prior / own, (1 - prior) / (1 - own))
+    return np.where(labels == 1, prior / labels.mean(), (1 - prior) / (1 - labels.mean()))
 
 
 def fit(labels, p_pneumonia, method: str) -> tuple[float, float]:
     """(slope a, intercept c) of `method` by weighted maximum likelihood (Newton's method on the log loss)."""
-    with_intercept, balanced, prior = METHODS[method]
-    labels = np.asarray(labels, dtype=np.float64)
-    z = _logit(p_pneumonia)
-    weights = prior_weights(labels, 0.5) if balanced else np.ones_like(z)
+    with_intercept, prior = METHODS[method]
+    labels, z = np.asarray(labels, dtype=np.float64), _logit(p_pneumonia)
+    weights = np.ones_like(z) if prior is None else prior_weights(labels, 0.5)
     design = np.stack([z, np.ones_like(z)], axis=1) if with_intercept else z[:, None]
-    theta = np.zeros(design.shape[1])  # Newton's method from zero: no step overshoots on non-separable data
+    theta = np.zeros(design.shape[1])  # from zero: no step overshoots on non-separable data
     for _ in range(100):
         p = expit(design @ theta)
-        gradient = design.T @ (weights * (p - labels))
         hessian = (design * (weights * p * (1 - p))[:, None]).T @ design + 1e-9 * np.eye(len(theta))
-        step = np.linalg.solve(hessian, gradient)
+        step = np.linalg.solve(hessian, design.T @ (weights * (p - labels)))
         theta -= step
         if np.abs(step).max() < 1e-10:
             break
     slope, intercept = float(theta[0]), float(theta[1]) if with_intercept else 0.0
-    if not (math.isfinite(slope) and math.isfinite(intercept)) or abs(slope) > 1e3:
+    if not (np.isfinite(slope) and np.isfinite(intercept)) or abs(slope) > 1e3:
         raise ValueError("the validation scores separate the classes perfectly: there is no calibration to fit")
     if slope <= 0:
         raise ValueError(f"the fitted slope is {slope:.3g}: the model's scores do not rank validation's classes, "
                          "and a non-increasing map would change its decisions")
-    if prior is not None:
-        intercept += float(logit(prior))
-    return slope, intercept
+    return slope, intercept + (0.0 if prior is None else float(logit(prior)))
 
 
 def choose_method(labels, p_pneumonia, groups=None) -> dict[str, dict[str, float]]:
-    """Each method's out-of-fold ECE on validation's own balance and averaged over RULE_PRIORS.
-
-    FOLDS folds, REPEATS times with fixed seeds; folds are stratified, and grouped (whole patients) when
-    `groups` is given.
-    """
+    """Each method's out-of-fold ECE (FOLDS stratified folds, grouped by `groups` when given, REPEATS seeds) on
+    the films' own balance and averaged over RULE_PRIORS."""
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-    labels = np.asarray(labels)
-    p = np.asarray(p_pneumonia, dtype=np.float64)
-    results = {}
-    for method in METHODS:
-        own, averaged = [], []
-        for seed in range(REPEATS):
-            if groups is None:
-                folds = StratifiedKFold(FOLDS, shuffle=True, random_state=seed).split(p, labels)
-            else:
-                folds = StratifiedGroupKFold(FOLDS, shuffle=True, random_state=seed).split(p, labels, groups)
+    labels, p = np.asarray(labels), np.asarray(p_pneumonia, dtype=np.float64)
+    splitter = StratifiedKFold if groups is None else StratifiedGroupKFold
+    weightings = [None] + [prior_weights(labels, prior) for prior in RULE_PRIORS]
+    eces = {method: [] for method in METHODS}  # per method: one row per seed, [own, prior 1, prior 2, ...]
+    for seed in range(REPEATS):
+        folds = list(splitter(FOLDS, shuffle=True, random_state=seed).split(p, labels, groups))
+        for method, rows in eces.items():
             out_of_fold = np.empty_like(p)
             for train, held_out in folds:
                 slope, intercept = fit(labels[train], p[train], method)
                 out_of_fold[held_out] = expit(slope * _logit(p[held_out]) + intercept)
-            own.append(expected_calibration_error(labels, out_of_fold))
-            averaged.append(np.mean([expected_calibration_error(labels, out_of_fold, weights=prior_weights(labels, prior))
-                                     for prior in RULE_PRIORS]))
-        results[method] = {"ece_own_prior": round(float(np.mean(own)), 4),
-                           "ece_prior_averaged": round(float(np.mean(averaged)), 4)}
-    return results
+            rows.append([expected_calibration_error(labels, out_of_fold, weights=w) for w in weightings])
+    return {method: {"ece_own_prior": round(float(np.mean(np.array(rows)[:, 0])), 4),
+                     "ece_prior_averaged": round(float(np.mean(np.array(rows)[:, 1:])), 4)} for method, rows in eces.items()}
 
 
 def _logit_heads(model: torch.nn.Module) -> list[torch.nn.Linear]:
-    """The linear layers whose outputs are the logits: `classifier`, or both heads of a DeiT with a
-    distillation token (its logits are their mean)."""
+    """The linear layers whose outputs are the logits: `classifier`, or both heads of a distilled DeiT (mean)."""
     names = ("cls_classifier", "distillation_classifier") if hasattr(model, "cls_classifier") else ("classifier",)
     heads = [getattr(model, name, None) for name in names]
     heads = [head[-1] if isinstance(head, torch.nn.Sequential) else head for head in heads]
@@ -163,55 +125,50 @@ def fold(model: torch.nn.Module, slope: float, intercept: float) -> None:
 
 
 def _refuse_calibrated(config) -> None:
-    done = getattr(config, "calibration", None)
-    if done:
+    if done := getattr(config, "calibration", None):
         raise ValueError(f"the model is already calibrated ({done['method']}, slope {done['slope']:.4g}, intercept "
                          f"{done['intercept']:.4g}, fitted on {done['fitted_on']}); a second map would be fitted on "
                          "scores it already calibrated: calibrate the uncalibrated model instead")
 
 
-def calibrate(model, labels, p_pneumonia, groups=None, method: str | None = None) -> Calibration:
-    """Fits a calibration on validation (labels 0/1, the unfolded model's fp32 P(PNEUMONIA); `groups`: patient
-    ids for the rule's folds) with `method` or, by default, the one `choose_method` ranks first; folds it into
-    `model`'s head and rewrites `model.config.decision_threshold` (when set) and `model.config.calibration`."""
+def calibrate(model, labels, p_pneumonia, groups=None, method: str | None = None, fitted_on: str = "validation") -> Calibration:
+    """Fits the map on validation films (labels 0/1, the unfolded model's fp32 P(PNEUMONIA); `groups`: their
+    patients, for the rule's folds) by `method` or the one `choose_method` ranks first; folds it into `model`'s head
+    and rewrites `model.config.decision_threshold` (when set) and `model.config.calibration`."""
     _refuse_calibrated(model.config)
     _logit_heads(model)  # refuses a model without a head to fold into before any fitting
     table = choose_method(labels, p_pneumonia, groups)
-    method = method or min(table, key=lambda name: table[name]["ece_prior_averaged"])
+    method = method or min(table, key=lambda name: table[name]["ece_prior_averaged"])  # ties: the first listed
     slope, intercept = fit(labels, p_pneumonia, method)
-    calibration = Calibration(
-        method=method, slope=slope, intercept=intercept,
-        assumed_prior=float(np.mean(labels)) if method == "platt" else METHODS[method][2],
-        validation_ece_before=expected_calibration_error(labels, p_pneumonia),
-        validation_ece_after=0.0, cross_validated_ece=table)
-    calibration.validation_ece_after = expected_calibration_error(labels, calibration.apply(p_pneumonia))
+    prior = float(np.mean(labels)) if method == "platt" else METHODS[method][1]
+    after = expected_calibration_error(labels, expit(slope * _logit(p_pneumonia) + intercept))
+    calibration = Calibration(method, slope, intercept, prior, expected_calibration_error(labels, p_pneumonia), after,
+                              table, fitted_on)
     fold(model, slope, intercept)
-    threshold = getattr(model.config, "decision_threshold", None)
-    if threshold is not None:
+    if (threshold := getattr(model.config, "decision_threshold", None)) is not None:
         model.config.decision_threshold = float(calibration.apply(threshold))
     model.config.calibration = asdict(calibration)
     return calibration
 
 
 def reliability_diagram(splits: dict[str, tuple], calibration: Calibration, path: str | Path) -> dict[str, tuple[float, float]]:
-    """Writes a reliability diagram per split ({name: (labels, uncalibrated P)}) before and after `calibration`;
+    """Draws each split ({name: (labels, uncalibrated P)}) before and after `calibration` into `path`;
     returns {name: (ECE before, ECE after)}."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(splits), figsize=(4.2 * len(splits), 4), squeeze=False)
+    figure, axes = plt.subplots(1, len(splits), figsize=(4.6 * len(splits), 4.2), squeeze=False)
     eces = {}
     for axis, (name, (labels, p)) in zip(axes[0], splits.items()):
-        labels = np.asarray(labels)
-        eces[name] = (expected_calibration_error(labels, p), expected_calibration_error(labels, calibration.apply(p)))
-        for scores, ece, style in ((np.asarray(p, dtype=np.float64), eces[name][0], "o--"),
-                                   (calibration.apply(p), eces[name][1], "s-")):
+        labels, both = np.asarray(labels), {"before": np.asarray(p, dtype=np.float64), "after": calibration.apply(p)}
+        eces[name] = tuple(expected_calibration_error(labels, scores) for scores in both.values())
+        for (when, scores), ece, style in zip(both.items(), eces[name], ("o--", "s-")):
             index = np.minimum((scores * BINS).astype(int), BINS - 1)
-            used = [b for b in range(BINS) if (index == b).any()]
-            axis.plot([scores[index == b].mean() for b in used], [labels[index == b].mean() for b in used], style,
-                      label=f"{'before' if style == 'o--' else 'after'}: ECE {ece:.3f}")
+            bins = np.unique(index)
+            axis.plot([scores[index == b].mean() for b in bins], [labels[index == b].mean() for b in bins], style,
+                      label=f"{when}: ECE {ece:.3f}")
         axis.plot([0, 1], [0, 1], color="grey", linewidth=0.8)
         axis.set(title=f"{name} ({len(labels)} films)", xlabel="mean P(PNEUMONIA) in bin", ylabel="share with pneumonia",
                  xlim=(0, 1), ylim=(0, 1))
@@ -220,22 +177,6 @@ def reliability_diagram(splits: dict[str, tuple], calibration: Calibration, path
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return eces
-
-
-def _score(model, model_dir: str, dataset, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    from transformers import Trainer, TrainingArguments
-
-    from ..training.data import BatchTransform, collate
-    from ..training.evaluation import predict_scores
-    from .classifier import load_pixel_spec
-
-    dataset.set_transform(BatchTransform(load_pixel_spec(model_dir)))
-    with tempfile.TemporaryDirectory() as scratch:
-        trainer = Trainer(model=model, data_collator=collate,
-                          args=TrainingArguments(output_dir=scratch, per_device_eval_batch_size=batch_size,
-                                                 report_to="none", use_cpu=not torch.cuda.is_available(),
-                                                 remove_unused_columns=False, label_names=["labels"]))
-        return predict_scores(trainer, dataset)
 
 
 def patients(dataset) -> list[str]:
@@ -247,45 +188,63 @@ def patients(dataset) -> list[str]:
     return [patient_id(Path(row["path"]).name) for row in dataset.cast_column("image", Image(decode=False))["image"]]
 
 
+@torch.no_grad()
+def _score(model, dataset, spec, batch_size: int, crop: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and the fp32 P(PNEUMONIA) of a prepared split's films, whole or their middle `crop`."""
+    from ..training.data import BatchTransform
+
+    batches = (BatchTransform(spec, crop=crop)(dataset[i:i + batch_size]) for i in range(0, len(dataset), batch_size))
+    labels, scores = zip(*[(batch["labels"], model.eval()(pixel_values=batch["pixel_values"]).logits.softmax(-1)[:, 1])
+                           for batch in batches])
+    return torch.cat(labels).numpy(), torch.cat(scores).numpy()
+
+
 def main(argv: list[str] | None = None) -> Calibration:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model_dir", help="a model folder written by train_vit.py (saved back in place)")
+    parser.add_argument("model_dir", type=Path, help="a model folder written by train_vit.py (saved back in place)")
     parser.add_argument("--data_dir", required=True, help="the folder data_prep/prepare.py wrote")
+    parser.add_argument("--centre_crop", type=float, default=0.8,
+                        help="fit on the validation films pooled with their middle, this fraction of their width and "
+                             "height: the operating point's threshold_centre_crop (0.8 in the bundled recipe; 1: whole films)")
     parser.add_argument("--batch_size", type=int, default=64)
     args = parser.parse_args(argv)
 
     from transformers import AutoModelForImageClassification
 
     from ..training.card import with_calibration
-    from ..training.data import load_splits
+    from ..training.data import check_crop, load_splits
     from ..training.evaluation import write_report
+    from .classifier import load_pixel_spec
 
-    model_dir = Path(args.model_dir)
-    model = AutoModelForImageClassification.from_pretrained(model_dir)
+    model = AutoModelForImageClassification.from_pretrained(args.model_dir)
     try:
+        check_crop(args.centre_crop)
         _refuse_calibrated(model.config)
     except ValueError as error:
-        raise SystemExit(f"{model_dir}: {error}") from None
-    splits = load_splits(args.data_dir)
-    groups = patients(splits["validation"])
-    scored = {name: _score(model, str(model_dir), splits[name], args.batch_size) for name in ("validation", "test")}
+        raise SystemExit(f"{args.model_dir}: {error}") from None
+    splits, spec = load_splits(args.data_dir), load_pixel_spec(str(args.model_dir))
+    # Both splits are scored by the unfolded model; the fit reads validation only, test is first looked at below.
+    scored = {name: _score(model, splits[name], spec, args.batch_size) for name in ("validation", "test")}
+    groups, pooled, pooled_name, fitted_on = patients(splits["validation"]), scored["validation"], "validation", "validation"
+    if args.centre_crop != 1:  # the operating point's set: each film whole and cropped, the crop in its film's group
+        crops = _score(model, splits["validation"], spec, args.batch_size, args.centre_crop)
+        pooled, groups = tuple(np.concatenate(pair) for pair in zip(pooled, crops)), groups + groups
+        pooled_name = f"validation + {args.centre_crop:.0%} crops"
+        fitted_on = f"validation films whole and centre-cropped to {args.centre_crop:.0%}, pooled"
     old_threshold = getattr(model.config, "decision_threshold", None)
-    # Both splits are scored by the unfolded model; the fit reads validation only, and test's scores are first
-    # looked at below, once the calibration is fixed.
-    calibration = calibrate(model, *scored["validation"], groups=groups)
+    calibration = calibrate(model, *pooled, groups=groups, fitted_on=fitted_on)
     if old_threshold is not None:
-        for name, (_, scores) in scored.items():
-            changed = int(((calibration.apply(scores) >= model.config.decision_threshold) != (scores >= old_threshold)).sum())
-            if changed:
-                raise SystemExit(f"folding the calibration would change {changed} {name} decisions at the threshold: "
-                                 f"nothing saved")
-    model.save_pretrained(model_dir, max_shard_size=SHARD_SIZE)
-    eces = reliability_diagram(scored, calibration, model_dir / "calibration.png")
+        for name, (_, scores) in {pooled_name: pooled, "test": scored["test"]}.items():
+            if changed := int(((calibration.apply(scores) >= model.config.decision_threshold) != (scores >= old_threshold)).sum()):
+                raise SystemExit(f"folding the calibration would change {changed} {name} decisions: nothing saved")
+    model.save_pretrained(args.model_dir, max_shard_size=SHARD_SIZE)
+    labels, scores = scored["validation"]
+    eces = {"validation": (expected_calibration_error(labels, scores), expected_calibration_error(labels, calibration.apply(scores)))}
+    eces |= reliability_diagram({pooled_name: pooled, "test": scored["test"]}, calibration, args.model_dir / "calibration.png")
     for name, (labels, scores) in scored.items():
-        if (model_dir / f"{name}_metrics.json").is_file():
-            write_report(labels, calibration.apply(scores), model.config.decision_threshold, model_dir, name)
-    card = model_dir / "README.md"
-    if card.is_file():
+        if (args.model_dir / f"{name}_metrics.json").is_file():
+            write_report(labels, calibration.apply(scores), model.config.decision_threshold, args.model_dir, name)
+    if (card := args.model_dir / "README.md").is_file():
         card.write_text(with_calibration(card.read_text(), old_threshold, model.config, eces))
     print(json.dumps({"calibration": model.config.calibration, "ece_before_after": eces}, indent=1))
     return calibration

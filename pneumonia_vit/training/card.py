@@ -36,17 +36,19 @@ def calibration_section(config, eces: dict[str, tuple[float, float]]) -> str:
     prior_text = (f"a pneumonia prior of **{prior:.0%}**: for a population with prior π, multiply the odds "
                   f"P/(1-P) by (π/(1-π)) / ({prior:.2f}/{1 - prior:.2f})" if prior is not None else
                   "the prior the model learned under its training loss (no stated number)")
+    films = "validation split" if calibration["fitted_on"] == "validation" else calibration["fitted_on"]
     rows = "\n".join(f"| {split} | {before:.3f} | {after:.3f} |" for split, (before, after) in eces.items())
     return f"""## Calibration
 
 P(PNEUMONIA) is calibrated inside the weights: a map σ(a·z + c) of the logit difference z, fitted on the
-validation split only (`{calibration['method']}`: a = {calibration['slope']:.4f}, c = {calibration['intercept']:.4f}) and folded
+{films} only (`{calibration['method']}`: a = {calibration['slope']:.4f}, c = {calibration['intercept']:.4f}) and folded
 into the classification head, so a stock `pipeline()` gives the calibrated probability. The probabilities assume
 {prior_text}. The decision threshold was mapped the same way, so every decision is the one the uncalibrated
-model made. The method was chosen on validation by cross-validation over re-weighted class priors
+model made. The method was chosen on those films by patient-grouped cross-validation over re-weighted class priors
 (`python -m pneumonia_vit.inference.calibration`); the test split played no part in it.
 
-Expected calibration error of P(PNEUMONIA), 10 equal-width bins (validation after: in-sample):
+Expected calibration error of P(PNEUMONIA), 10 equal-width bins (validation after: in-sample; a crop is the
+middle of a film, as a tighter framing gives):
 
 | split | before | after |
 |---|---|---|
