@@ -43,6 +43,7 @@ from pneumonia_vit.training.card import encoder_card
 from pneumonia_vit.training.data import Augmentation, BatchTransform, collate, unlabeled_images, with_sample_index
 from pneumonia_vit.training.trainer import (
     AugmentationEpoch,
+    RunArguments,
     Stopwatch,
     StrictReloadTrainer,
     parse_with_config_file,
@@ -75,14 +76,6 @@ class DataArguments:
         default_factory=list,
         metadata={"help": "Folders of unlabeled X-rays, searched recursively (any file the app reads: JPEG, PNG, 16-bit, DICOM)."},
     )
-
-
-@dataclass
-class RunArguments:
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Start again even if --output_dir holds checkpoints (they are removed first)."}
-    )
-    max_train_minutes: float | None = field(default=None, metadata={"help": "Stop training after this many minutes of wall time."})
 
 
 class MaskedBatches:

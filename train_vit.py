@@ -47,6 +47,7 @@ from pneumonia_vit.training.evaluation import ThresholdPolicy, operating_point, 
 from pneumonia_vit.training.trainer import (
     AugmentationEpoch,
     DistillationTrainer,
+    RunArguments,
     Stopwatch,
     StrictReloadTrainer,
     average_last_checkpoints,
@@ -108,22 +109,14 @@ class DataArguments:
 
 
 @dataclass
-class RunArguments:
+class FitArguments:
     class_weighted_loss: bool = field(default=True, metadata={"help": "Weight the loss by inverse class frequency (train has 2.9x more PNEUMONIA)."})
     early_stopping_patience: int = field(default=5, metadata={"help": "Stop after this many evaluations without a better validation score (0: never)."})
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Train from scratch even if --output_dir holds checkpoints; an earlier run's "
-                                 "checkpoints, weights, card and reports there are removed first."}
-    )
     average_last_checkpoints: int = field(
         default=0,
         metadata={"help": "After training, replace the model by the average of the weights of the last N checkpoints "
                   "(SWA; with save_strategy epoch, the last N epochs), before the threshold is chosen. Needs "
                   "save_total_limit >= N + 1 with load_best_model_at_end. 0 = off: the best checkpoint is kept."},
-    )
-    max_train_minutes: float | None = field(
-        default=None,
-        metadata={"help": "Stop training after this many minutes of wall time (a time budget); the best checkpoint so far is kept."},
     )
 
 
@@ -132,6 +125,7 @@ class Arguments(NamedTuple):
     data: DataArguments
     augmentation: Augmentation
     threshold: ThresholdPolicy
+    fit: FitArguments
     run: RunArguments
     training: TrainingArguments
 
@@ -194,7 +188,7 @@ def prepare_run(args: Arguments) -> str | None:
     training_args.label_names = ["labels"]  # collate's key; Trainer guesses it from forward(), which DeiT's two-head model lacks
     training_args.restore_callback_states_from_checkpoint = True  # a resumed run keeps its early-stopping patience count
     checkpoint = resume_checkpoint(training_args, args.run.overwrite_output_dir)
-    check_averaging_possible(args.run.average_last_checkpoints, training_args)
+    check_averaging_possible(args.fit.average_last_checkpoints, training_args)
     set_seed(training_args.seed)
     return checkpoint
 
@@ -222,11 +216,11 @@ def set_transforms(splits, spec: PixelSpec, augmentation: Augmentation | None, s
 
 def build_trainer(args: Arguments, model, spec: PixelSpec, splits, class_counts: Counter, train_transform: BatchTransform):
     """The Trainer (with distillation from --teacher_name_or_path) and the stopwatch that times it."""
-    model_args, run_args, training_args = args.model, args.run, args.training
-    stopwatch = Stopwatch(run_args.max_train_minutes)
+    model_args, fit_args, training_args = args.model, args.fit, args.training
+    stopwatch = Stopwatch(args.run.max_train_minutes)
     callbacks = [stopwatch, AugmentationEpoch(train_transform)]
-    if run_args.early_stopping_patience and training_args.load_best_model_at_end:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=run_args.early_stopping_patience))
+    if fit_args.early_stopping_patience and training_args.load_best_model_at_end:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=fit_args.early_stopping_patience))
     trainer_class = StrictReloadTrainer
     if model_args.teacher_name_or_path:
         trainer_class = functools.partial(
@@ -234,7 +228,7 @@ def build_trainer(args: Arguments, model, spec: PixelSpec, splits, class_counts:
             weight=model_args.distillation_weight, temperature=model_args.distillation_temperature,
             token_weight=model_args.token_distillation_weight,
         )
-    loss_counts = class_counts if run_args.class_weighted_loss else Counter({0: 1, 1: 1})
+    loss_counts = class_counts if fit_args.class_weighted_loss else Counter({0: 1, 1: 1})
     trainer = trainer_class(
         model=model, args=training_args, data_collator=collate, train_dataset=splits["train"],
         eval_dataset=splits["validation"], processing_class=spec.processor(),
@@ -261,8 +255,8 @@ def train(trainer, model, stopwatch: Stopwatch, checkpoint: str | None, args: Ar
         memory = "n/a (no GPU)" if run_stats["peak_gpu_memory_gib"] is None else f"{run_stats['peak_gpu_memory_gib']:.2f} GiB"
         print(f"throughput: {run_stats['images_per_second']} training images/s ({run_stats['train_images']} images in "
               f"{run_stats['train_seconds']} s, evaluation excluded); peak GPU memory {memory}")
-    if args.run.average_last_checkpoints:
-        averaged = average_last_checkpoints(model, args.training.output_dir, args.run.average_last_checkpoints)
+    if args.fit.average_last_checkpoints:
+        averaged = average_last_checkpoints(model, args.training.output_dir, args.fit.average_last_checkpoints)
         if trainer.is_world_process_zero():
             print(f"weights averaged over {len(averaged)} checkpoints: {', '.join(averaged)}")
 

@@ -15,6 +15,7 @@ import shutil
 import time
 import zipfile
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +29,17 @@ from ..ood.fit import fitted_per_classifier
 from .evaluation import binary_metrics
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunArguments:
+    """The settings beside TrainingArguments that train_vit.py and pretrain_mae.py share."""
+
+    overwrite_output_dir: bool = field(default=False, metadata={"help": (
+        "Start again even if --output_dir holds checkpoints: an earlier run's checkpoints, weights, card and reports "
+        "there are removed first (clear_previous_run).")})
+    max_train_minutes: float | None = field(default=None, metadata={"help": (
+        "Stop training after this many minutes of wall time (a time budget); train_vit.py keeps the best checkpoint so far.")})
 
 
 def parse_with_config_file(dataclass_types, argv: list[str], script: str):
