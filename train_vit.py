@@ -269,11 +269,11 @@ def finish(trainer, model, spec: PixelSpec, splits, class_counts: Counter, args:
     # From here on the model scores in fp32, as the app serves it: with --bf16 (or --fp16) Accelerate wrapped its
     # forward in autocast, and the threshold must be chosen on the probabilities that users get.
     trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
-    threshold, labels, scores = operating_point(trainer, splits["validation"], spec, args.threshold)
-    model.config.decision_threshold, model.config.threshold_rule = threshold, args.threshold.describe()
+    point = operating_point(trainer, splits["validation"], spec, args.threshold)
+    model.config.decision_threshold, model.config.threshold_rule = point.threshold, args.threshold.describe()
     # The uncalibrated scores feed only the card's before/after calibration figures; nothing is chosen on test.
-    uncalibrated = {"validation": (labels, scores), "test": predict_scores(trainer, splits["test"])}
-    calibration = calibrate_head(model, labels, scores, splits["validation"])
+    uncalibrated = {"validation": point.whole, "test": predict_scores(trainer, splits["test"])}
+    calibration = calibrate_head(model, point, splits["validation"], args.threshold)
     domain_check = add_domain_check(model, spec, splits["train"], splits["validation"], output_dir, DEFAULT_MODEL) if main_process else []
     results = {}
     for split in ("validation", "test"):  # as the saved model scores them, calibrated, at the stored threshold
@@ -295,10 +295,12 @@ def finish(trainer, model, spec: PixelSpec, splits, class_counts: Counter, args:
     return results
 
 
-def calibrate_head(model, labels, scores, validation) -> Calibration | None:
-    """Calibrates P(PNEUMONIA) on the validation films (`calibrate`), or says why it cannot."""
+def calibrate_head(model, point, validation, policy: ThresholdPolicy) -> Calibration | None:
+    """Calibrates P(PNEUMONIA) on the films the threshold was picked on (`calibrate`; a crop in its film's patient
+    group), or says why it cannot."""
+    groups = patients(validation.with_format(None)) * (len(point.films[0]) // len(point.whole[0]))
     try:
-        return calibrate(model, labels, scores, groups=patients(validation.with_format(None)))
+        return calibrate(model, *point.films, groups=groups, fitted_on=policy.films())
     except ValueError as error:  # scores that do not rank validation's classes, or separate them perfectly
         print(f"warning: P(PNEUMONIA) left uncalibrated: {error}")
         return None

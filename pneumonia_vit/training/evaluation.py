@@ -16,6 +16,7 @@ import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from sklearn.metrics import roc_curve
@@ -133,13 +134,23 @@ class ThresholdPolicy:
         rule = f"min_sensitivity>={self.min_sensitivity}" if self.threshold_rule == "min_sensitivity" else "youden"
         return rule + (f" on whole + {self.threshold_centre_crop:g} centre-cropped films" if self.threshold_centre_crop != 1 else "")
 
+    def films(self) -> str:
+        crop = self.threshold_centre_crop
+        return "validation" if crop == 1 else f"validation films whole and centre-cropped to {crop:.0%}, pooled"
 
-def operating_point(trainer, validation, spec: PixelSpec, policy: ThresholdPolicy) -> tuple[float, np.ndarray, np.ndarray]:
-    """The threshold `policy` picks on the `validation` films as `trainer` scores them (whole, pooled with their
-    middle where the policy says), with the whole films' labels and P(PNEUMONIA)."""
-    labels, scores = predict_scores(trainer, validation)
-    pooled_labels, pooled_scores = labels, scores
+
+class OperatingPoint(NamedTuple):
+    threshold: float
+    films: tuple[np.ndarray, np.ndarray]  # labels and P(PNEUMONIA) of what the threshold was picked on (policy.films)
+    whole: tuple[np.ndarray, np.ndarray]  # those of the validation films whole
+
+
+def operating_point(trainer, validation, spec: PixelSpec, policy: ThresholdPolicy) -> OperatingPoint:
+    """The threshold `policy` picks on the `validation` films as `trainer` scores them: whole, pooled with their
+    middle where the policy says."""
+    whole = predict_scores(trainer, validation)
+    films = whole
     if policy.threshold_centre_crop != 1:
-        crop_labels, crop_scores = predict_scores(trainer, validation.with_transform(BatchTransform(spec, crop=policy.threshold_centre_crop)))
-        pooled_labels, pooled_scores = np.concatenate([labels, crop_labels]), np.concatenate([scores, crop_scores])
-    return choose_threshold(pooled_labels, pooled_scores, policy.threshold_rule, policy.min_sensitivity), labels, scores
+        crops = predict_scores(trainer, validation.with_transform(BatchTransform(spec, crop=policy.threshold_centre_crop)))
+        films = tuple(np.concatenate(pair) for pair in zip(whole, crops))
+    return OperatingPoint(choose_threshold(*films, policy.threshold_rule, policy.min_sensitivity), films, whole)
