@@ -41,14 +41,14 @@ def calibration_section(config, eces: dict[str, tuple[float, float]]) -> str:
     return f"""## Calibration
 
 P(PNEUMONIA) is calibrated inside the weights: a map σ(a·z + c) of the logit difference z, fitted on the
-{films} only (`{calibration['method']}`: a = {calibration['slope']:.4f}, c = {calibration['intercept']:.4f}) and folded
+{films} (`{calibration['method']}`: a = {calibration['slope']:.4f}, c = {calibration['intercept']:.4f}) and folded
 into the classification head, so a stock `pipeline()` gives the calibrated probability. The probabilities assume
 {prior_text}. The decision threshold was mapped the same way, so every decision is the one the uncalibrated
 model made. The method was chosen on those films by patient-grouped cross-validation over re-weighted class priors
 (`python -m pneumonia_vit.inference.calibration`); the test split played no part in it.
 
-Expected calibration error of P(PNEUMONIA), 10 equal-width bins (validation after: in-sample; a crop is the
-middle of a film, as a tighter framing gives):
+Expected calibration error of P(PNEUMONIA), 10 equal-width bins (validation rows after: in-sample; a crop
+is the middle of a film, as a tighter framing gives):
 
 | split | before | after |
 |---|---|---|
