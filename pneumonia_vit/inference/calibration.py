@@ -203,40 +203,39 @@ def main(argv: list[str] | None = None) -> Calibration:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model_dir", type=Path, help="a model folder written by train_vit.py (saved back in place)")
     parser.add_argument("--data_dir", required=True, help="the folder data_prep/prepare.py wrote")
-    parser.add_argument("--centre_crop", type=float, default=0.8,
-                        help="fit on the validation films pooled with their middle, this fraction of their width and "
-                             "height: the operating point's threshold_centre_crop (0.8 in the bundled recipe; 1: whole films)")
+    parser.add_argument("--centre_crop", type=float, default=0.8, help="fit on the validation films pooled with their "
+                        "middle, this fraction of their side: the operating point's threshold_centre_crop (1: whole films)")
     parser.add_argument("--batch_size", type=int, default=64)
     args = parser.parse_args(argv)
 
     from transformers import AutoModelForImageClassification
 
     from ..training.card import with_calibration
-    from ..training.data import check_crop, load_splits
-    from ..training.evaluation import write_report
+    from ..training.data import load_splits
+    from ..training.evaluation import ThresholdPolicy, write_report
     from .classifier import load_pixel_spec
 
     model = AutoModelForImageClassification.from_pretrained(args.model_dir)
     try:
-        check_crop(args.centre_crop)
+        films = ThresholdPolicy(threshold_centre_crop=args.centre_crop).films()
         _refuse_calibrated(model.config)
     except ValueError as error:
         raise SystemExit(f"{args.model_dir}: {error}") from None
     splits, spec = load_splits(args.data_dir), load_pixel_spec(str(args.model_dir))
     # Both splits are scored by the unfolded model; the fit reads validation only, test is first looked at below.
     scored = {name: _score(model, splits[name], spec, args.batch_size) for name in ("validation", "test")}
-    groups, pooled, pooled_name, fitted_on = patients(splits["validation"]), scored["validation"], "validation", "validation"
-    if args.centre_crop != 1:  # the operating point's set: each film whole and cropped, the crop in its film's group
+    pooled, groups, pooled_name = scored["validation"], patients(splits["validation"]), "validation"
+    if args.centre_crop != 1:  # each film whole and its middle, the crop in its film's patient group
         crops = _score(model, splits["validation"], spec, args.batch_size, args.centre_crop)
-        pooled, groups = tuple(np.concatenate(pair) for pair in zip(pooled, crops)), groups + groups
+        pooled, groups = tuple(np.concatenate(pair) for pair in zip(pooled, crops)), groups * 2
         pooled_name = f"validation + {args.centre_crop:.0%} crops"
-        fitted_on = f"validation films whole and centre-cropped to {args.centre_crop:.0%}, pooled"
     old_threshold = getattr(model.config, "decision_threshold", None)
-    calibration = calibrate(model, *pooled, groups=groups, fitted_on=fitted_on)
-    if old_threshold is not None:
-        for name, (_, scores) in {pooled_name: pooled, "test": scored["test"]}.items():
-            if changed := int(((calibration.apply(scores) >= model.config.decision_threshold) != (scores >= old_threshold)).sum()):
-                raise SystemExit(f"folding the calibration would change {changed} {name} decisions: nothing saved")
+    calibration = calibrate(model, *pooled, groups=groups, fitted_on=films)
+    for name, (_, scores) in {pooled_name: pooled, "test": scored["test"]}.items():
+        changed = old_threshold is not None and int(((calibration.apply(scores) >= model.config.decision_threshold)
+                                                     != (scores >= old_threshold)).sum())
+        if changed:
+            raise SystemExit(f"folding the calibration would change {changed} {name} decisions: nothing saved")
     model.save_pretrained(args.model_dir, max_shard_size=SHARD_SIZE)
     labels, scores = scored["validation"]
     eces = {"validation": (expected_calibration_error(labels, scores), expected_calibration_error(labels, calibration.apply(scores)))}
