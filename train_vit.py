@@ -61,48 +61,33 @@ from pneumonia_vit.training.trainer import (
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "Pretrained model to fine-tune: a Hub id (google/vit-base-patch16-224-in21k) or a local folder "
-                  "(e.g. what pretrain_mae.py wrote). Leave unset to train from scratch from the config below."},
-    )
+    model_name_or_path: str | None = field(default=None, metadata={"help": (
+        "Pretrained model to fine-tune: a Hub id (google/vit-base-patch16-224-in21k) or a local folder (e.g. what "
+        "pretrain_mae.py wrote). Leave unset to train from scratch from the config below.")})
     config_name: str | None = field(default=None, metadata={"help": "Config to build the model from, a Hub id or folder, if not the pretrained model's."})
     model_type: str = field(default="vit", metadata={"help": "From scratch without --config_name: the architecture, with its default config."})
-    config_overrides: str | None = field(
-        default=None,
-        metadata={"help": "Comma-separated settings over the config, e.g. "
-                  "image_size=128,patch_size=8,hidden_size=192,num_hidden_layers=6,num_attention_heads=3,"
-                  "intermediate_size=768,hidden_dropout_prob=0.1"},
-    )
+    config_overrides: str | None = field(default=None, metadata={"help": (
+        "Comma-separated settings over the config, e.g. image_size=128,patch_size=8,hidden_size=192,num_hidden_layers=6,"
+        "num_attention_heads=3,intermediate_size=768,hidden_dropout_prob=0.1")})
     image_size: int | None = field(default=None, metadata={"help": "From scratch: input side in pixels, for architectures whose config has none (CNNs)."})
-    teacher_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "A trained classifier (e.g. a CNN from configs/resnet_teacher_cpu.yaml) whose probabilities the "
-                  "model also learns to match on every augmented training image (soft knowledge distillation)."},
-    )
+    teacher_name_or_path: str | None = field(default=None, metadata={"help": (
+        "A trained classifier (e.g. a CNN from configs/resnet_teacher_cpu.yaml) whose probabilities the model also "
+        "learns to match on every augmented training image (soft knowledge distillation).")})
     distillation_weight: float = field(default=0.5, metadata={"help": "With a teacher: the loss is (1 - w) x label loss + w x distillation loss."})
     distillation_temperature: float = field(default=2.0, metadata={"help": "With a teacher: softmax temperature of both models' logits."})
-    token_distillation_weight: float = field(
-        default=0.0,
-        metadata={"help": "With a teacher: weight of a second distillation term, added to the label loss, in which the "
-                  "ViT's patch tokens match the similarities between the teacher's feature-map cells "
-                  "(training.token_similarity_loss). 0 = off."},
-    )
-    distillation_token: bool = field(
-        default=False,
-        metadata={"help": "With a teacher and --model_type deit: DeiT's distillation token (Touvron et al. 2021). The "
-                  "teacher's terms train a head on a token of its own, the labels the [CLS] head; the model's logits "
-                  "are the mean of the two heads (DeiTForImageClassificationWithTeacher)."},
-    )
+    token_distillation_weight: float = field(default=0.0, metadata={"help": (
+        "With a teacher: weight of a second distillation term, added to the label loss, in which the ViT's patch tokens "
+        "match the similarities between the teacher's feature-map cells (training.token_similarity_loss). 0 = off.")})
+    distillation_token: bool = field(default=False, metadata={"help": (
+        "With a teacher and --model_type deit: DeiT's distillation token (Touvron et al. 2021). The teacher's terms train "
+        "a head on a token of its own, the labels the [CLS] head; the model's logits are the mean of the two heads.")})
 
 
 @dataclass
 class DataArguments:
     data_dir: str | None = field(default=None, metadata={"help": "Folder written by data_prep/prepare.py (train/, validation/, test/)."})
-    dataset_name: str | None = field(
-        default=None,
-        metadata={"help": "Hub dataset with train/validation/test splits and NORMAL/PNEUMONIA labels, instead of --data_dir."},
-    )
+    dataset_name: str | None = field(default=None, metadata={"help": (
+        "Hub dataset with train/validation/test splits and NORMAL/PNEUMONIA labels, instead of --data_dir.")})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only this many training images (quick runs)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only this many validation and test images each (quick runs)."})
     augment: bool = field(default=True, metadata={"help": "Augment the training images with the flags below (Augmentation)."})
@@ -112,12 +97,10 @@ class DataArguments:
 class FitArguments:
     class_weighted_loss: bool = field(default=True, metadata={"help": "Weight the loss by inverse class frequency (train has 2.9x more PNEUMONIA)."})
     early_stopping_patience: int = field(default=5, metadata={"help": "Stop after this many evaluations without a better validation score (0: never)."})
-    average_last_checkpoints: int = field(
-        default=0,
-        metadata={"help": "After training, replace the model by the average of the weights of the last N checkpoints "
-                  "(SWA; with save_strategy epoch, the last N epochs), before the threshold is chosen. Needs "
-                  "save_total_limit >= N + 1 with load_best_model_at_end. 0 = off: the best checkpoint is kept."},
-    )
+    average_last_checkpoints: int = field(default=0, metadata={"help": (
+        "After training, replace the model by the average of the weights of the last N checkpoints (SWA; with "
+        "save_strategy epoch, the last N epochs), before the threshold is chosen. Needs save_total_limit >= N + 1 with "
+        "load_best_model_at_end. 0 = off: the best checkpoint is kept.")})
 
 
 class Arguments(NamedTuple):

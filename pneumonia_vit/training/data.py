@@ -175,11 +175,9 @@ class Augmentation:
 
     crop_scale: float = field(default=0.6, metadata={"help": "Smallest random crop, as a fraction of the image area."})
     aspect_jitter: float = field(default=1.45, metadata={"help": "Crop width/height drawn log-uniformly in [1/jitter, jitter] (1: square)."})
-    zoom_out: float = field(
-        default=1.0,
-        metadata={"help": "Place half of the films on a black canvas up to this many times their side before the crop "
-                  "(1: never), so that the dark margin around the body does not tell the classes apart."},
-    )
+    zoom_out: float = field(default=1.0, metadata={"help": (
+        "Place half of the films on a black canvas up to this many times their side before the crop (1: never), so "
+        "that the dark margin around the body does not tell the classes apart.")})
     rotation_degrees: float = field(default=7.0, metadata={"help": "Largest random rotation, degrees."})
     gamma: float = field(default=0.4, metadata={"help": "Random gamma drawn log-uniformly between 1/(1+gamma) and 1+gamma."})
     exposure: float = field(default=0.15, metadata={"help": "Largest random brightness and contrast change, as a fraction."})
