@@ -6,23 +6,13 @@
     # on this project's machines, from the resized copy of the whole dataset
     python data_prep/prepare.py --source ../shared/data/chest_xray_224 --output data/chest_xray_prepared
 
-What it does, in order:
-1. finds the dataset root below --source (nested `chest_xray/chest_xray/`, `__MACOSX/` copies and
-   files that are not images are ignored) and refuses a layout without train/ and test/ class folders;
-2. checks every file against the official manifest (data_prep/kermany_manifest.tsv): counts per
-   split and class, missing, extra and altered files; a partial dataset is prepared with a warning;
-3. decodes every image as 8-bit grayscale (only PNEUMONIA originals are stored as RGB, so a colour
-   mode would be a class cue) and resizes it to --size x --size, with a thread per core (Pillow
-   releases the GIL while it decodes and resizes); unreadable files are reported and skipped;
-4. carves a validation split out of train + the official 16-image val split, grouped by patient and
-   by byte-identical file and stratified by class; the official test split is copied untouched;
-5. writes `train/ validation/ test/` class folders of 8-bit PGM images (Netpbm P5: a short header
-   and the raw pixels; lossless like PNG, 49 KB each, 2.2x a PNG, but nothing to compress here and
-   nothing to inflate at every training epoch, see benchmarks/data_prep.py; Pillow, `datasets`,
-   OpenCV and image editors read them, web browsers do not), `prepared_index.csv` (source file,
-   sha256, patient, original size and mode of every image) and `prepare_report.json`, into a
-   temporary folder that is renamed into place only when complete.
-The source folder is only read.
+It finds the dataset root below --source, checks every file against the official manifest
+(kermany_manifest.tsv; a partial dataset is prepared with a warning), reads every image as 8-bit grey (only
+PNEUMONIA originals are stored as RGB: a colour mode would be a class cue) resized to --size, carves a
+validation split out of train + the official val split by patient and by identical file, and writes
+train/ validation/ test/ class folders of PGM images (lossless and nothing to inflate at every epoch:
+benchmarks/README.md), prepared_index.csv and prepare_report.json. The output appears only when complete;
+the source folder is only read.
 """
 
 from __future__ import annotations
@@ -52,8 +42,7 @@ from pneumonia_vit.preprocess import resize_gray
 MANIFEST = Path(__file__).resolve().parent / "kermany_manifest.tsv"
 OFFICIAL_SPLITS = ("train", "val", "test")
 IGNORED_DIRS = ("__MACOSX",)
-# The cached images' format (Pillow's name, file suffix): any lossless format that `datasets`
-# imagefolder reads would do; PGM is the cheapest to write and to read.
+# The cached images' format (Pillow's name, file suffix): any lossless format `datasets` reads would do.
 PREPARED_FORMAT, PREPARED_SUFFIX = "PPM", ".pgm"
 
 
@@ -127,9 +116,8 @@ def _convert(job: tuple[str, int]) -> dict:
 
 
 def convert_all(paths: list[Path], size: int, workers: int) -> Iterator[dict]:
-    """`_convert` of every path, in order, on `workers` threads. Threads, not processes: decoding,
-    resizing and hashing run outside the GIL, and no image is pickled from one process to another
-    (benchmarks/data_prep.py measures both)."""
+    """`_convert` of every path, in order, on `workers` threads: decoding, resizing and hashing run outside the
+    GIL, and no image is pickled from one process to another."""
     with ThreadPool(max(1, workers)) as pool:
         yield from pool.imap(_convert, [(str(path), size) for path in paths], chunksize=8)
 
@@ -198,7 +186,6 @@ def prepare(args: PrepareArguments) -> dict:
     print(f"dataset root: {root}")
     files = list(_image_files(root))
 
-    # Decode, resize and hash every image on all cores; results arrive in file order.
     converted = convert_all([path for _, _, path in files], args.size, args.num_workers)
     results = list(tqdm(converted, total=len(files), desc="decode + resize", unit="img"))
 
@@ -219,7 +206,7 @@ def prepare(args: PrepareArguments) -> dict:
         records.append({
             "official_split": split, "label": label, "source_file": str(path.relative_to(root)),
             "prepared_file": f"{label}/{path.stem}{PREPARED_SUFFIX}", "patient_id": patient_id(path.name),
-            **{key: value for key, value in result.items()},
+            **result,
         })
     pool_indices = [i for i, record in enumerate(records) if record["official_split"] != "test"]
     held_out = grouped_validation_split([records[i] for i in pool_indices], args.validation_fraction, args.seed)
@@ -232,7 +219,6 @@ def prepare(args: PrepareArguments) -> dict:
     if not any(record["split"] == "validation" for record in records):
         raise ValueError("the validation split came out empty: the training pool is too small")
 
-    # Write everything into a temporary sibling folder and rename it into place only when complete.
     partial = output.with_name(f".{output.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     for record in records:
@@ -252,14 +238,12 @@ def prepare(args: PrepareArguments) -> dict:
         "unreadable": unreadable, "manifest_check": check,
     }
     (partial / "prepare_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    retired = output.with_name(f".{output.name}.old")
+    shutil.rmtree(retired, ignore_errors=True)
     if output.exists():
-        retired = output.with_name(f".{output.name}.old")
-        shutil.rmtree(retired, ignore_errors=True)
         output.rename(retired)
-        partial.rename(output)
-        shutil.rmtree(retired)
-    else:
-        partial.rename(output)
+    partial.rename(output)
+    shutil.rmtree(retired, ignore_errors=True)
     print(f"wrote {output}: " + ", ".join(f"{split} {counts}" for split, counts in report["prepared"].items()))
     return report
 

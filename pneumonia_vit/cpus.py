@@ -24,9 +24,7 @@ def _cgroup_cpu_quota() -> int | None:
     """CPUs allowed by the cgroup (v2 cpu.max or v1 cfs quota), rounded up; None without a limit."""
     try:
         quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            return math.ceil(int(quota) / int(period))
-        return None
+        return None if quota == "max" else math.ceil(int(quota) / int(period))
     except (OSError, ValueError):
         pass
     try:

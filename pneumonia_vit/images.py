@@ -1,9 +1,5 @@
-"""Reading X-ray files: one function turns any accepted upload or dataset file into an 8-bit
-grayscale PIL image, or raises InvalidImageError with a message a person can act on.
-
-data_prep, training, evaluation and the app all read images through `load_xray`, so a file that
-one of them accepts is read the same way by the others. `read_xray` is the same reader that also
-reports how colourful the file was before it became grey (the app's out-of-domain check).
+"""The one reader of X-ray files for every entry point (data_prep, training, evaluation, the app): any
+accepted file becomes an 8-bit grey PIL image, or an InvalidImageError with a message a person can act on.
 """
 
 from __future__ import annotations
@@ -26,36 +22,30 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 LABELS = ("NORMAL", "PNEUMONIA")
 DICOM_SUFFIXES = (".dcm", ".dicom")
-# The one list of accepted file endings: the page's file picker, data_prep and the domain measure
-# use it. The raster ones are the PIL_FORMATS below (.pgm is data_prep's cached format).
+# The one list of accepted file endings; the raster ones are the PIL_FORMATS below.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".pgm", ".tif", ".tiff", ".webp") + DICOM_SUFFIXES
 
-# The largest Kermany original is about 2,900 px a side (8.4 MP); 50 MP leaves room for any
-# chest radiograph and still refuses a decompression bomb before a single pixel is decoded.
+# Room for any chest radiograph, while a decompression bomb is refused before a single pixel is decoded.
 MAX_PIXELS = 50_000_000
 # Below this the lungs are a few pixels wide: nothing a classifier should be asked about.
 MIN_SIDE = 64
 # An image with a side over REDUCE_ABOVE px is box-reduced by a whole factor to at most WORKING_SIDE px a
-# side before any colour, alpha or grey conversion: the model reads 128 px and the page shows 512 px.
-# Every Kermany original (<= ~2,900 px) is read unchanged.
+# side before any colour, alpha or grey conversion: neither the model nor the page needs more.
 REDUCE_ABOVE = 4096
 WORKING_SIDE = 2048
-# One DICOM frame decoded, at most: 50 megapixels of 16-bit grey. A deflated data set's compressed size
-# says nothing about what it inflates to: its header (the first MiB) is inflated and checked first, then
-# the rest up to one such frame plus that header, and beyond that it is refused.
+# One DICOM frame decoded, at most: MAX_PIXELS of 16-bit grey. A deflated data set may inflate to
+# anything: its header is inflated and checked first, then the rest up to one such frame plus that header.
 MAX_FRAME_BYTES = 2 * MAX_PIXELS
 DICOM_HEADER_BYTES = 1 << 20
 MAX_INFLATED_BYTES = MAX_FRAME_BYTES + DICOM_HEADER_BYTES
-# A decode holds the decoded pixels (up to 4 bytes each: 200 MB at MAX_PIXELS), the grey result and
-# strip-sized copies. Above LARGE_PIXELS (every Kermany original is below: 8.4 MP at most) it waits for
-# one of MAX_LARGE_DECODES slots, so large decodes never hold more than twice that at once; smaller
-# images never wait.
+# A decode holds the decoded pixels (up to 4 bytes each), the grey result and strip-sized copies. Above
+# LARGE_PIXELS (more than any Kermany original) it waits for one of MAX_LARGE_DECODES slots, which bounds
+# the memory of concurrent large decodes; smaller images never wait.
 LARGE_PIXELS = 12_000_000
 MAX_LARGE_DECODES = 2
 _LARGE_DECODE_SLOTS = threading.BoundedSemaphore(MAX_LARGE_DECODES)
-# The raster formats Pillow may open. Anything else (EPS, PDF, ...) is refused before decoding:
-# Pillow hands EPS to Ghostscript, which an upload endpoint must never run. MPO is how Pillow
-# names the JPEGs many cameras and phones write; PPM is Netpbm (PGM), data_prep's cached format.
+# The raster formats Pillow may open: anything else is refused before decoding (Pillow hands EPS to
+# Ghostscript, which an upload endpoint must never run). MPO is Pillow's name for many cameras' JPEGs; PPM reads PGM.
 PIL_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "TIFF", "WEBP", "PPM")
 # Pillow modes of more than 8 bits a channel: stretched to 0..255 over their own range.
 HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
@@ -72,15 +62,12 @@ class InvalidImageError(ValueError):
 
 @dataclass(frozen=True)
 class XrayReading:
-    """What `read_xray` returns: the grey image and how colourful the file was.
+    """What `read_xray` returns: the grey image and what the file was before it became grey.
 
-    chroma: mean of max(R, G, B) - min(R, G, B) over the decoded colour pixels, in grey levels
-    (0..255); 0.0 for files stored as grayscale. A radiograph saved as an RGB JPEG (some Kermany
-    originals are) reads about 0; a photograph reads tens.
-    stored_size, stored_mode: the file's own width x height and Pillow mode, before any draft
-    decoding, reduction or conversion (None where unknown: a PIL image passed in; the mode of a DICOM file).
-    transparency: the fraction of pixels with alpha < 255 (0.0 without an alpha channel), on at most
-    ~256 px a side; such pixels are composited onto black.
+    chroma: mean of max(R, G, B) - min(R, G, B) over the decoded pixels, in grey levels (0.0 for a grey file).
+    stored_size, stored_mode: the file's own width x height and Pillow mode, before any draft decoding,
+    reduction or conversion (None where unknown: a PIL image passed in; the mode of a DICOM file).
+    transparency: the fraction of pixels with alpha < 255 (composited onto black), sampled like chroma.
     """
 
     image: Image.Image
@@ -362,20 +349,14 @@ def _to_gray(image: Image.Image) -> XrayReading:
 
 
 def load_xray(source: str | os.PathLike | bytes | Image.Image, draft_size: int | None = None) -> Image.Image:
-    """Reads a PNG, JPEG, GIF, DICOM file (path or bytes) or a PIL image as 8-bit grayscale.
-
-    EXIF rotation is applied. `draft_size` lets JPEG decoding skip detail that a later resize to
-    that size would discard anyway. Raises InvalidImageError for anything that is not a usable image.
-    """
+    """An image file (path or bytes) or a PIL image as 8-bit grey, EXIF rotation applied. `draft_size` lets JPEG
+    decoding skip detail that a later resize to that size would discard anyway."""
     return read_xray(source, draft_size).image
 
 
 def read_xray(source: str | os.PathLike | bytes | Image.Image, draft_size: int | None = None) -> XrayReading:
-    """`load_xray` that also reports the file's colourfulness (`XrayReading.chroma`).
-
-    With `draft_size`, libjpeg decodes a colour JPEG straight to grey, so its chroma reads 0:
-    leave `draft_size` out where the colour matters (the app does).
-    """
+    """`load_xray` with what the file was before it became grey. With `draft_size`, libjpeg decodes a colour JPEG
+    straight to grey, so its chroma reads 0: leave `draft_size` out where the colour matters."""
     if isinstance(source, Image.Image):
         return _to_gray(_decoded(source, "image", draft_size))
     if isinstance(source, bytes):

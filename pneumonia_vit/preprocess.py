@@ -1,9 +1,5 @@
-"""Grayscale X-ray -> model input, the same for training, evaluation and the app.
-
-The numbers (size, mean, std) come from the model's saved ViTImageProcessor config, so a model
-pushed to the Hub also works with `transformers.pipeline("image-classification")`; this module
-only does the same work without the processor's per-image copies (tests/test_preprocess.py
-checks that both agree).
+"""Grayscale X-ray -> model input, the same for training, evaluation and the app: what the model's saved
+ViTImageProcessor does (so the Hub's `pipeline("image-classification")` agrees), without its per-image copies.
 """
 
 from __future__ import annotations
@@ -49,18 +45,15 @@ class PixelSpec:
 
 def resize_gray(image: Image.Image, size: int) -> Image.Image:
     """Square resize, aspect ratio not kept, bilinear with antialiasing: exactly what ViTImageProcessorPil
-    does (no `reducing_gap` shortcut, which made large originals differ by up to ~20 grey levels)."""
+    does (no `reducing_gap` shortcut: it changes large originals' pixels)."""
     if image.size == (size, size):
         return image
     return image.resize((size, size), Image.Resampling.BILINEAR)
 
 
 def pixel_array(images: Sequence[Image.Image], spec: PixelSpec) -> np.ndarray:
-    """Stack grayscale images (any size) into normalised float32 pixel values (N, 3, size, size).
-
-    The three channels hold the same grey values, each normalised like an RGB channel; every output
-    value is written once (ONNX Runtime takes this array as it is).
-    """
+    """Grayscale images (any size) as normalised float32 pixel values (N, 3, size, size): the grey values in each
+    channel, normalised like an RGB channel, every output value written once (ONNX Runtime takes it as it is)."""
     gray = np.stack([np.asarray(resize_gray(image, spec.size), dtype=np.uint8) for image in images])
     out = np.empty((len(images), 3, spec.size, spec.size), dtype=np.float32)
     for channel in range(3):

@@ -1,45 +1,18 @@
-"""Out-of-domain check, as the app and predict.py run it: does an input look like the pediatric
-chest X-rays the model learned from?
+"""The out-of-domain check run at serving: does an input look like the pediatric chest X-rays the model
+learned from? docs/out_of_domain.md gives the design and the reason for each choice.
 
-The classifier answers NORMAL or PNEUMONIA for anything, an adult X-ray or a cat photo included.
-The rules (RULES) flag an input whose answer means nothing; no way in gives a decision for it
-(serving/service.py: Analysis), each says the reason. A flagged input is still scored: /assess and
-the page show its probabilities, marked unreliable. Four rules about what the image shows:
-
-1. colour: a radiograph carries no colour. The file's mean chroma (max-minus-min of R, G, B,
-   in grey levels) above MAX_CHROMA flags photographs, screenshots and coloured drawings.
-   Radiographs stored as RGB JPEGs (99 Kermany PNEUMONIA originals are) read about 0 and pass.
-2. blank: a blank, uniform or nearly uniform image (grey-level standard deviation below MIN_STD);
-   the 624 Kermany test originals have a standard deviation of at least ~32.
-3. kind: a tiny CNN of its own (KindModel), independent of the pneumonia model, that tells a
-   pediatric chest X-ray from an adult chest X-ray, a rotated, inverted or cropped chest film, and
-   anything that is not an X-ray (KINDS). It reads a thumbnail of the image with its brightness and
-   contrast normalised away (check_input), and flags the input where P(pediatric chest X-ray)
-   falls below a cut-off set on the pediatric validation split. It is stored as
-   domain_check.safetensors in the model folder; pneumonia_vit/ood/fit.py fits it (its
-   training data and why) and benchmarks/domain_check.py measures it.
-   Where the pneumonia model has one, a second opinion joins it: a linear score on the model's own
-   [CLS] features, high for pediatric films and low for adult and altered ones (`child_score`,
-   stored with rule 4's statistics, as it belongs to one trained classifier). The two err on
-   different images (benchmarks/domain_check.py's `kind model alone` column shows what the second opinion
-   changes). The rule then flags where logit P(pediatric) + child_score falls below that sum's
-   cut-off on the validation split; the child score's weight in the sum is fitted on films
-   neither opinion was fitted on (ood/fit.py: fit_child_score).
-4. features: the Mahalanobis distance of the pneumonia model's final [CLS] embedding (what the
-   classification head sees) to the training-set embeddings, above the `quantile` (99.9 %) of the
-   validation-set distances. It catches inputs the classifier itself finds unlike its training
-   images: a safety net behind rule 3, set high because every validation child it alone flags counts
-   against the pediatric flag rate (benchmarks/domain_check.py reports what it adds). Stored as
-   domain_stats.safetensors, written by train_vit.py at the end of training.
-
-Two rules about the file itself, before any of these, each naming what to do:
-- resolution: the short side below the model's input side (`min_side`, given by the caller): the
-  film would be upscaled to be read, and the model learned only from films with more detail.
-- transparency: more than MAX_TRANSPARENCY of the pixels are not opaque (XrayReading.transparency):
-  a radiograph has no alpha channel, and what the transparent part hid is unknown.
-
-A model folder without either file is served with the rules it has (at least colour, blank and
-the file rules); serving.Service says at start-up which ones cannot run.
+A flagged input is still scored, marked unreliable, but no way in gives a decision for it (serving/service.py).
+The rules (RULES), each with the reason it gives:
+- resolution: the short side below the model's input side (`min_side`): the film would be upscaled to be read;
+- transparency: more than MAX_TRANSPARENCY of the pixels not opaque: what they hid is unknown;
+1. colour: the file's mean chroma (XrayReading.chroma) above MAX_CHROMA: a radiograph carries no colour;
+2. blank: a grey-level standard deviation below MIN_STD;
+3. kind: P(pediatric chest X-ray) from the KindModel, a tiny CNN of its own (CHECK_FILE, fitted by ood/fit.py),
+   below its cut-off; where the classifier's DomainStats hold a child score set with this kind model, the
+   combined `kind_score` below its cut-off instead (two opinions that err on different images);
+4. features: the Mahalanobis distance of the classifier's [CLS] features to its training set's, above a
+   validation quantile (STATS_FILE, fitted at the end of training).
+A model folder without either file is served with the rules it has.
 """
 
 from __future__ import annotations
@@ -62,7 +35,6 @@ MAX_CHROMA = 6.0  # grey levels; JPEG noise on a grey RGB file stays below 1
 MIN_STD = 10.0  # grey levels, on 0..255
 MAX_TRANSPARENCY = 0.01  # fraction of pixels with alpha < 255 above which a file is refused
 DEFAULT_QUANTILE = 0.999
-# The kind model reads a 64x64 thumbnail (check_input; benchmarks/results/domain_check.md times the check).
 CHECK_SIDE = 64
 CHECK_INPUTS = f"grey{CHECK_SIDE}x{CHECK_SIDE}-standardised"  # saved with the model, checked on load
 
@@ -117,7 +89,7 @@ class DomainStats:
     quantile: float  # the validation quantile the cut-off was taken at
     train_count: int
     validation_count: int
-    # Rule 3's second opinion (module docstring; ood/fit.py: fit_child_score), absent where not fitted.
+    # Rule 3's second opinion (ood/fit.py: fit_child_score), absent where not fitted.
     child_weight: np.ndarray | None = None  # (hidden,)
     child_bias: float = 0.0
     kind_cutoff: float | None = None  # flag where logit P(pediatric) + child_score is below this
@@ -175,10 +147,9 @@ class DomainStats:
 
 
 def check_input(image: Image.Image) -> np.ndarray:
-    """The kind model's input for one image: its grey CHECK_SIDE x CHECK_SIDE thumbnail, (1, side, side),
-    with the image's own mean and spread removed (a film's exposure and window say which hospital it
-    came from, not what it shows). The fit (pneumonia_vit/ood/fit.py) and the app both call this.
-    """
+    """The kind model's input for one image, for the fit and the app alike: its grey thumbnail, (1, side, side),
+    with the image's own mean and spread removed (a film's exposure and window say which hospital it came from,
+    not what it shows)."""
     thumbnail = image.convert("L").resize((CHECK_SIDE, CHECK_SIDE), Image.Resampling.BILINEAR, reducing_gap=2.0)
     pixels = np.asarray(thumbnail, dtype=np.float32)
     return ((pixels - pixels.mean()) / max(float(pixels.std()), 1.0))[None]
@@ -186,11 +157,10 @@ def check_input(image: Image.Image) -> np.ndarray:
 
 @dataclass
 class KindModel:
-    """A small CNN with a softmax over KINDS, on `check_input` thumbnails, run in numpy (torch's thread
-    pool would compete with the fast path's ONNX Runtime threads it runs right after). Its layers, as
-    ood/fit.py's kind_tensors stores them: 3x3 convolutions `conv0`, `conv1`, ... (batch norm folded in),
-    each followed by ReLU and 2x2 max pooling; then `hidden` (ReLU) and `output`, on the feature maps
-    flattened channel first, as torch flattens them."""
+    """A small CNN with a softmax over KINDS, on `check_input` thumbnails, run in numpy (torch's thread pool
+    would compete with the fast path's ONNX Runtime threads). Its layers, as ood/fit.py's kind_tensors stores
+    them: 3x3 convolutions `conv0`, `conv1`, ... (batch norm folded in), each followed by ReLU and 2x2 max
+    pooling; then `hidden` (ReLU) and `output`, on the maps flattened channel first, as torch flattens them."""
 
     tensors: dict[str, np.ndarray]
     threshold: float  # an input is flagged when P(pediatric chest X-ray) is below this

@@ -1,18 +1,10 @@
-"""The out-of-domain training corpus (ood/fit.py fits the kind model and the child score on it).
-
-Four kinds of image (check.KINDS), never from the test split:
-- pediatric chest X-rays: the prepared train split;
-- adult chest X-rays: NIH ChestX-ray14 images (adult_cxr_224/) of the patients in the "fit" part of
-  `adult_fold` (60 % of patients; "select", 20 %, was looked at while choosing the design and sets
-  the child score's weight, and "held_out", 20 %, is read only by benchmarks/domain_check.py);
-- altered chest films: train-split and fit-part adult films rotated 90/180/270 degrees, inverted
-  or cropped to a small part;
-- not an X-ray: images drawn here (`synthetic_image`): noise, gradients, text pages, charts,
-  interface-like screens, shapes, patterns, each grey or in colour.
-Every X-ray passes through `source_augment` first: random crop, aspect change, down- and
-up-sampling, contrast, gamma, blur and JPEG compression. These vary what differs between
-hospitals and scanners (exposure, processing, resolution, compression), so that the kind model learns
-the anatomy and the layout of the film rather than how NIH's files look.
+"""The out-of-domain training corpus: the four kinds of image (check.KINDS) that ood/fit.py fits the kind model
+and the child score on, never from the test split. Adult films come from the "fit" part of `adult_fold`'s NIH
+patients ("select" sets the child score's weight; "held_out" is read only by benchmarks/domain_check.py); altered
+films are turned, inverted or cropped chest films; non-X-rays are drawn here (`synthetic_image`). Every X-ray
+passes through `source_augment` first, which varies what differs between hospitals and scanners (exposure,
+processing, resolution, compression), so that the kind model learns the anatomy and the layout of the film
+rather than how NIH's files look.
 """
 
 from __future__ import annotations
@@ -36,6 +28,7 @@ PEDIATRIC, ADULT, ALTERED, NOT_XRAY = range(len(KINDS))
 PEDIATRIC_COPIES = 2  # augmented copies of each pediatric training film (and as many adult inputs)
 SYNTHETIC_COUNT = 6000
 ADULT_FOLDS = (("fit", 60), ("select", 20), ("held_out", 20))  # percent of NIH patients
+
 
 def image_files(folder: str | Path) -> list[Path]:
     return sorted(path for path in Path(folder).rglob("*") if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
@@ -62,12 +55,12 @@ def adult_files(adult_dir: str | Path, fold: str) -> list[Path]:
 # ---- what varies between sources, and what is not a pediatric film -------------------------------
 
 def source_augment(image: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """A grey X-ray as another hospital might have stored it (see the module docstring)."""
+    """A grey X-ray as another hospital might have stored it: cropped, squashed, resampled, its contrast and gamma
+    changed, maybe blurred, equalised or JPEG-compressed."""
     width, height = image.size
     scale = rng.uniform(0.8, 1.0)
-    crop_w, crop_h = int(width * scale * rng.uniform(0.92, 1.0)), int(height * scale * rng.uniform(0.92, 1.0))
-    left, top = int(rng.integers(0, width - crop_w + 1)), int(rng.integers(0, height - crop_h + 1))
-    image = image.crop((left, top, left + crop_w, top + crop_h))
+    crop_width, crop_height = int(width * scale * rng.uniform(0.92, 1.0)), int(height * scale * rng.uniform(0.92, 1.0))
+    image = _random_crop(image, crop_width, crop_height, rng)
     side = int(rng.integers(48, 320))  # resolution: some sources store small files
     aspect = rng.uniform(0.75, 1.35)  # squashed or not: the Kermany images were squashed to squares
     image = image.resize((max(16, int(side * aspect)), side), Image.Resampling.BILINEAR)
@@ -103,9 +96,13 @@ def heavy_crop(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     """A part of 20-45 % of the film's width, enlarged to the film's size."""
     width, height = image.size
     fraction = rng.uniform(0.2, 0.45)
-    crop_w, crop_h = int(width * fraction), min(height, int(height * fraction * rng.uniform(0.7, 1.4)))
-    left, top = int(rng.integers(0, width - crop_w + 1)), int(rng.integers(0, height - crop_h + 1))
-    return image.crop((left, top, left + crop_w, top + crop_h)).resize((width, height), Image.Resampling.BILINEAR)
+    crop = _random_crop(image, int(width * fraction), min(height, int(height * fraction * rng.uniform(0.7, 1.4))), rng)
+    return crop.resize((width, height), Image.Resampling.BILINEAR)
+
+
+def _random_crop(image: Image.Image, width: int, height: int, rng: np.random.Generator) -> Image.Image:
+    left, top = int(rng.integers(0, image.width - width + 1)), int(rng.integers(0, image.height - height + 1))
+    return image.crop((left, top, left + width, top + height))
 
 
 def _colour(rng: np.random.Generator, grey: bool) -> tuple[int, int, int]:
@@ -118,10 +115,6 @@ def _colour(rng: np.random.Generator, grey: bool) -> tuple[int, int, int]:
 def _words(rng: np.random.Generator, count: int) -> str:
     letters = "abcdefghijklmnopqrstuvwxyz"
     return " ".join("".join(rng.choice(list(letters), int(rng.integers(2, 10)))) for _ in range(count))
-
-
-def _font(size: int) -> ImageFont.ImageFont:
-    return ImageFont.load_default(size=size)
 
 
 def _noise(rng, size, grey):
@@ -144,7 +137,11 @@ def _gradient(rng, size, grey):
     else:
         cx, cy = rng.uniform(0, width), rng.uniform(0, height)
         field_ = np.hypot(x - cx, y - cy)
-    field_ = (field_ - field_.min()) / max(float(np.ptp(field_)), 1e-6)
+    return _shaded((field_ - field_.min()) / max(float(np.ptp(field_)), 1e-6), rng, grey)
+
+
+def _shaded(field_: np.ndarray, rng: np.random.Generator, grey: bool) -> Image.Image:
+    """A field of 0..1 values as black to white, or as a blend between two random colours."""
     if grey:
         return Image.fromarray((field_ * 255).astype(np.uint8))
     start, end = np.array(_colour(rng, False)), np.array(_colour(rng, False))
@@ -156,7 +153,7 @@ def _document(rng, size, grey):
     image = Image.new("RGB", size, (paper, paper, paper) if grey or rng.random() < 0.7 else _colour(rng, False))
     draw = ImageDraw.Draw(image)
     font_size = int(rng.integers(10, 36))
-    font = _font(font_size)
+    font = ImageFont.load_default(size=font_size)
     y = int(rng.integers(5, 40))
     ink = _colour(rng, grey) if rng.random() < 0.3 else (0, 0, 0)
     while y < size[1] - font_size:
@@ -180,7 +177,7 @@ def _chart(rng, size, grey):
         for _ in range(int(rng.integers(1, 4))):
             points = [(40 + (width - 50) * i / (count - 1), rng.uniform(25, height - 35)) for i in range(count)]
             draw.line(points, fill=_colour(rng, grey), width=int(rng.integers(1, 5)))
-    draw.text((50, 5), _words(rng, 3), fill=(0, 0, 0), font=_font(14))
+    draw.text((50, 5), _words(rng, 3), fill=(0, 0, 0), font=ImageFont.load_default(size=14))
     return image
 
 
@@ -190,12 +187,13 @@ def _screen(rng, size, grey):
     width, height = size
     bar = int(rng.integers(20, 60))
     draw.rectangle([0, 0, width, bar], fill=_colour(rng, grey))
-    draw.text((10, bar // 4), _words(rng, 4), fill=_colour(rng, grey), font=_font(max(10, bar // 2)))
+    title_font = ImageFont.load_default(size=max(10, bar // 2))
+    draw.text((10, bar // 4), _words(rng, 4), fill=_colour(rng, grey), font=title_font)
     for _ in range(int(rng.integers(3, 15))):  # panels, buttons, fields with labels
         x0, y0 = rng.uniform(0, width * 0.8), rng.uniform(bar, height * 0.9)
         x1, y1 = x0 + rng.uniform(40, width / 2), y0 + rng.uniform(15, height / 3)
         draw.rectangle([x0, y0, x1, y1], fill=_colour(rng, grey), outline=_colour(rng, grey))
-        draw.text((x0 + 5, y0 + 3), _words(rng, 2), fill=_colour(rng, grey), font=_font(12))
+        draw.text((x0 + 5, y0 + 3), _words(rng, 2), fill=_colour(rng, grey), font=ImageFont.load_default(size=12))
     return image
 
 
@@ -228,10 +226,7 @@ def _pattern(rng, size, grey):
         field_ = (np.sin(x * 2 * np.pi / period) > 0).astype(np.float32)
     else:
         field_ = 0.5 + 0.5 * np.sin((x * rng.uniform(-1, 1) + y * rng.uniform(-1, 1)) * 2 * np.pi / period)
-    if grey:
-        return Image.fromarray((field_ * 255).astype(np.uint8))
-    a, b = np.array(_colour(rng, False)), np.array(_colour(rng, False))
-    return Image.fromarray((a + (b - a) * field_[..., None]).astype(np.uint8))
+    return _shaded(field_, rng, grey)
 
 
 SYNTHETIC_FAMILIES: dict[str, Callable] = {
@@ -261,19 +256,24 @@ def augmented(paths: list[Path], copies: int, rng: np.random.Generator,
             yield source_augment(altered, rng)
 
 
-def training_set(data_dir: Path, adult_dir: Path, rng: np.random.Generator, copies: int = PEDIATRIC_COPIES,
-                 synthetic_count: int = SYNTHETIC_COUNT) -> tuple[np.ndarray, np.ndarray]:
-    """Inputs and KINDS indices for the fit: `copies` augmented copies of each pediatric training
-    film, as many adult inputs (more copies of fewer films), altered films (every second pediatric
-    film and every fit-fold adult film), drawn images."""
+def films(data_dir: Path, adult_dir: Path, rng: np.random.Generator, copies: int, adult_share: float = 1.0,
+          altered_copies: int = 1) -> tuple[Iterator[Image.Image], Iterator[Image.Image], Iterator[Image.Image]]:
+    """Augmented films, drawn from `rng` as they are read, in this order: `copies` of each pediatric training
+    film; adult films, `adult_share` as many in all (more copies of fewer films); `altered_copies` of every
+    second pediatric film and every fit-fold adult film, altered."""
     pediatric = image_files(data_dir / "train")
     adults = adult_files(adult_dir, "fit")
-    parts = [
-        (augmented(pediatric, copies, rng), PEDIATRIC),
-        (augmented(adults, max(1, round(copies * len(pediatric) / max(len(adults), 1))), rng), ADULT),
-        (augmented(pediatric[::2] + adults, 1, rng, altered_film), ALTERED),  # as many as the drawn images
-        ((_grey_or_colour(synthetic_image(rng)[1]) for _ in range(synthetic_count)), NOT_XRAY),
-    ]
+    adult_copies = max(1, round(adult_share * copies * len(pediatric) / max(len(adults), 1)))
+    return (augmented(pediatric, copies, rng), augmented(adults, adult_copies, rng),
+            augmented(pediatric[::2] + adults, altered_copies, rng, altered_film))
+
+
+def training_set(data_dir: Path, adult_dir: Path, rng: np.random.Generator, copies: int = PEDIATRIC_COPIES,
+                 synthetic_count: int = SYNTHETIC_COUNT) -> tuple[np.ndarray, np.ndarray]:
+    """The kind model's inputs and their KINDS indices: `films` and drawn images, seen in grey as any input is."""
+    pediatric, adults, altered = films(data_dir, adult_dir, rng, copies)
+    drawn = (synthetic_image(rng)[1].convert("L") for _ in range(synthetic_count))
+    parts = [(pediatric, PEDIATRIC), (adults, ADULT), (altered, ALTERED), (drawn, NOT_XRAY)]
     inputs, kinds = [], []
     for images, kind in parts:
         block = thumbnails(images)
@@ -281,11 +281,6 @@ def training_set(data_dir: Path, adult_dir: Path, rng: np.random.Generator, copi
         kinds.append(np.full(len(block), kind))
         log.info("kind model: %d %s training inputs", len(block), KINDS[kind])
     return np.concatenate(inputs), np.concatenate(kinds)
-
-
-def _grey_or_colour(image: Image.Image) -> Image.Image:
-    """What the kind model sees of any image: its grey version (load_xray's conversion)."""
-    return image.convert("L")
 
 
 def readable(images: Iterable[Image.Image]) -> Iterator[Image.Image]:

@@ -1,24 +1,16 @@
-"""Fitting the out-of-domain rules that need data (ood/check.py runs them):
+"""Fitting the out-of-domain rules that need data (ood/check.py runs them): the kind model (rule 3) on
+ood/corpus.py's four kinds, independent of the classifier, so a retrained classifier keeps it; and what
+belongs to one trained classifier, the feature statistics (rule 4; train_vit.py fits them at the end of
+training) and the child score that rule 3 adds to the kind model's (it needs the kind model in MODEL_DIR):
 
-- the kind model (rule 3), independent of the pneumonia model, so a retrained classifier keeps it:
-
-      python -m pneumonia_vit.ood.fit MODEL_DIR --data_dir data/chest_xray_prepared \\
-          --adult_dir ../shared/data/adult_cxr_224 --kind_model
-
-- what belongs to one trained classifier: the feature statistics (rule 4; train_vit.py fits them at
-  the end of training, `add_domain_check`) and, given the adult images, the child score on the same
-  features that rule 3 adds to the kind model's (`fit_child_score`; it needs the kind model in MODEL_DIR):
-
-      python -m pneumonia_vit.ood.fit MODEL_DIR --data_dir data/chest_xray_prepared \\
-          --adult_dir ../shared/data/adult_cxr_224 --feature_stats
-
-The kind model learns the four kinds of ood/corpus.py. The cut-off on P(pediatric chest X-ray) is the
-`quantile` (1 %) of the pediatric validation split's values.
+    python -m pneumonia_vit.ood.fit MODEL_DIR --data_dir data/chest_xray_prepared \\
+        --adult_dir ../shared/data/adult_cxr_224 --kind_model --feature_stats
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import shutil
 import sys
@@ -37,8 +29,7 @@ from .corpus import (
     PEDIATRIC_COPIES,
     SYNTHETIC_COUNT,
     adult_files,
-    altered_film,
-    augmented,
+    films,
     image_files,
     readable,
     thumbnails,
@@ -129,8 +120,8 @@ def train_kind_network(inputs: np.ndarray, kinds: np.ndarray, width: int = WIDTH
 def fit_kind_model(data_dir: str | Path, adult_dir: str | Path, output_dir: str | Path | None = None,
                    quantile: float = KIND_QUANTILE, width: int = WIDTH, epochs: int = EPOCHS, seed: int = SEED,
                    copies: int = PEDIATRIC_COPIES, synthetic_count: int = SYNTHETIC_COUNT) -> KindModel:
-    """Fits rule 3 (see the module docstring) and, with `output_dir`, saves it there. `copies` and
-    `synthetic_count` size the training set (training_set); tests fit smaller ones."""
+    """Fits rule 3, its cut-off at the `quantile` of the pediatric validation split's P(pediatric), and, with
+    `output_dir`, saves it there. `copies` and `synthetic_count` size the training set (corpus.training_set)."""
     data_dir, adult_dir = Path(data_dir), Path(adult_dir)
     rng = np.random.default_rng(seed)
     inputs, kinds = training_set(data_dir, adult_dir, rng, copies, synthetic_count)
@@ -157,12 +148,8 @@ def _split_images(source, batch_size: int) -> Iterator[Image.Image]:
     """Grey images from a `datasets` split (its "image" column, ignoring any transform set on it),
     or from an iterable of paths, bytes or PIL images."""
     if hasattr(source, "with_format"):
-        for batch in source.with_format(None).iter(batch_size=batch_size):
-            for image in batch["image"]:
-                yield load_xray(image)
-    else:
-        for item in source:
-            yield load_xray(item)
+        source = (image for batch in source.with_format(None).iter(batch_size=batch_size) for image in batch["image"])
+    return map(load_xray, source)
 
 
 def embed(model, spec: PixelSpec, images: Iterable, batch_size: int = 64) -> np.ndarray:
@@ -171,14 +158,9 @@ def embed(model, spec: PixelSpec, images: Iterable, batch_size: int = 64) -> np.
 
     was_training = model.training
     model.eval()
-    chunks, batch = [], []
+    chunks, stream = [], _split_images(images, batch_size)
     try:
-        for image in _split_images(images, batch_size):
-            batch.append(image)
-            if len(batch) == batch_size:
-                chunks.append(forward(model, pixel_values(batch, spec)).features)
-                batch = []
-        if batch:
+        while batch := list(itertools.islice(stream, batch_size)):
             chunks.append(forward(model, pixel_values(batch, spec)).features)
     finally:
         model.train(was_training)
@@ -191,13 +173,9 @@ def fit_domain_stats(
     model, spec: PixelSpec, train, validation, output_dir: str | Path | None = None,
     quantile: float = DEFAULT_QUANTILE, batch_size: int = 64,
 ) -> DomainStats:
-    """Fits rule 4 on the training split and sets its cut-off on the validation split.
-
-    `train` and `validation` are `datasets` splits with an "image" column (a transform set on them,
-    such as training augmentation, is bypassed) or iterables of image paths / PIL images. The
-    covariance is Ledoit-Wolf shrunk, so it stays invertible with fewer images than dimensions.
-    With `output_dir`, the stats are saved there as domain_stats.safetensors.
-    """
+    """Fits rule 4 on the training split, its cut-off on the validation split (either one a `datasets` split or an
+    iterable of images, as `embed` reads them) and, with `output_dir`, saves it there. The covariance is
+    Ledoit-Wolf shrunk, so it stays invertible with fewer images than dimensions."""
     from sklearn.covariance import LedoitWolf
 
     train_features = embed(model, spec, train, batch_size)
@@ -221,10 +199,9 @@ def fitted_per_classifier() -> tuple[str, ...]:
 
 
 def add_domain_check(model, spec: PixelSpec, train, validation, output_dir: str | Path, kind_model_from: str | Path) -> list[str]:
-    """Gives a newly trained classifier's folder the out-of-domain check: rule 4's statistics fitted to it, and the
-    kind model (rule 3), which does not depend on the classifier, copied from `kind_model_from` unless the folder has
-    one (rule 3's child score needs the adult images: the module docstring's second command adds it). Returns what
-    it did, in sentences."""
+    """Gives a newly trained classifier's folder rule 4's statistics and, unless it has one, the kind model of
+    `kind_model_from` (the child score needs the adult images: the command line adds it). Returns what it did,
+    in sentences."""
     output_dir, source = Path(output_dir), Path(kind_model_from) / CHECK_FILE
     stats = fit_domain_stats(model, spec, train, validation, output_dir)
     done = [f"Feature-distance check (rule 4): `{STATS_FILE}`, fitted on this run's training split, cut-off "
@@ -243,23 +220,17 @@ def add_domain_check(model, spec: PixelSpec, train, validation, output_dir: str 
 def fit_child_score(model, spec: PixelSpec, stats: DomainStats, kind_model: KindModel, data_dir: str | Path,
                     adult_dir: str | Path, copies: int = CHILD_SCORE_COPIES, seed: int = CHILD_SCORE_SEED,
                     batch_size: int = 64) -> DomainStats:
-    """Fits rule 3's second opinion into `stats` (domain.py's docstring): a logistic regression on the
-    classifier's features of source-augmented films, pediatric training films against fit-fold adult
-    films and altered films (turned, inverted, cropped), as the kind model sees them; its weight beside
-    the kind model; the cut-off on the combined score at the kind model's validation quantile."""
+    """Fits rule 3's second opinion into `stats`: a logistic regression on the classifier's features of
+    source-augmented films, pediatric training films against fit-fold adult and altered films, as the kind
+    model sees them; its weight beside the kind model; the combined score's cut-off at the kind model's quantile."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
     data_dir, adult_dir = Path(data_dir), Path(adult_dir)
-    rng = np.random.default_rng(seed)
-    pediatric = image_files(data_dir / "train")
-    adults = adult_files(adult_dir, "fit")
-    adult_copies = max(1, round(0.6 * copies * len(pediatric) / max(len(adults), 1)))
-    children = embed(model, spec, readable(augmented(pediatric, copies, rng)), batch_size)
-    others = np.concatenate([
-        embed(model, spec, readable(augmented(adults, adult_copies, rng)), batch_size),
-        embed(model, spec, readable(augmented(pediatric[::2] + adults, copies, rng, altered_film)), batch_size),
-    ])
+    pediatric, adults, altered = films(data_dir, adult_dir, np.random.default_rng(seed), copies, adult_share=0.6,
+                                       altered_copies=copies)
+    children = embed(model, spec, readable(pediatric), batch_size)
+    others = np.concatenate([embed(model, spec, readable(images), batch_size) for images in (adults, altered)])
     features = np.concatenate([children, others])
     is_child = np.r_[np.ones(len(children)), np.zeros(len(others))]
     scaler = StandardScaler().fit(features)
