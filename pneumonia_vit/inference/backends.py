@@ -1,10 +1,6 @@
-"""What a `Classifier` runs: a backend turns pixel values (N, 3, size, size) into logits (N, classes)
-and the classification head's input features (N, hidden, what the out-of-domain check reads; None
-where a backend cannot give them).
-
-Two backends implement `Backend`: `TorchBackend` here (the fp32 PyTorch model) and
-`fast_path.OnnxBackend` (ONNX Runtime, int8 weights).
-"""
+"""What a `Classifier` runs: a backend turns pixel values (N, 3, size, size) into logits (N, classes) and the
+classification head's input features (N, hidden; None where it cannot give them). `TorchBackend` here runs the fp32
+PyTorch model, `fast_path.OnnxBackend` ONNX Runtime with int8 weights."""
 
 from __future__ import annotations
 
@@ -43,12 +39,8 @@ def classification_head(model: torch.nn.Module) -> torch.nn.Module | None:
 
 @contextmanager
 def head_input(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Collects the input of the model's classification head (`classification_head`) at each forward inside the block.
-
-    The hook keeps this independent of how a given architecture pools its tokens: whatever the
-    head receives is the embedding the out-of-domain statistics are fitted on. The same capture
-    runs in `forward` and in the fast path's ONNX export (pneumonia_vit/inference/fast_path.py).
-    """
+    """Collects the input of the model's classification head at each forward inside the block: a hook, so that
+    whatever the head receives, however an architecture pools its tokens, is what the out-of-domain check reads."""
     captured: list[torch.Tensor] = []
     handle = classification_head(model).register_forward_pre_hook(lambda module, args: captured.append(args[0]))
     try:

@@ -1,15 +1,8 @@
-"""A trained classifier (a local folder or a Hub id), ready to score: a backend, its pixel spec and
-its model info.
-
-`Classifier.load(model_id)` scores through the fast path (`fast_path.OnnxBackend`: ONNX Runtime,
-int8 weights) where onnxruntime and onnx are installed, and through the fp32 PyTorch model
-(`backends.TorchBackend`) otherwise or with `fast=False`. `.model`, the PyTorch model, stays
-available either way (explanations need its attention weights); with a cached fast model it is
-only read from disk when first used (or at once with `keep_model=True`).
-"""
+"""A trained classifier (a local folder or a Hub id), ready to score: a backend, its pixel spec and its model info."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -55,8 +48,8 @@ def load_pixel_spec(model_id: str) -> PixelSpec:
 
 
 def _pixel_spec_from_json(folder: Path) -> PixelSpec:
-    """`load_pixel_spec` for a local folder without importing transformers' image-processing stack
-    (about 4 s and 130 MB on a 2-core machine); anything it does not recognise goes to `load_pixel_spec`."""
+    """`load_pixel_spec` for a local folder without importing transformers' image-processing stack (seconds at
+    start-up); anything it does not recognise goes to `load_pixel_spec`."""
     try:
         saved = json.loads((folder / "preprocessor_config.json").read_text())
         return PixelSpec.from_settings(saved["size"], saved["image_mean"], saved["image_std"])
@@ -107,19 +100,13 @@ class Classifier:
         """`fast`: score through ONNX Runtime int8 (default), falling back to the fp32 PyTorch model, with a
         warning, where that backend is unavailable; False: the fp32 PyTorch model.
         `threads`, `cache`: the fast path's intra-op threads and export folder (`fast_path.load_fast_model`).
-        `keep_model`: also have the PyTorch model in memory on return (for callers that need `.model`
-        anyway, such as the app's heatmaps): it is then read from disk once, even on a first export."""
+        `keep_model`: also have the PyTorch model (`.model`, read from disk once) in memory on return, for callers
+        that need it anyway, such as the app's heatmaps; else the fast path reads it only when first used."""
         folder = _local_folder(model_id)
         # Plain JSON reads: a warm fast start imports neither the model classes nor the processor.
         info = ModelInfo.from_config(json.loads((folder / "config.json").read_text()))
         spec = _pixel_spec_from_json(folder)
-        loaded: list[torch.nn.Module] = []
-
-        def torch_model() -> torch.nn.Module:  # read from disk once, whoever asks first
-            if not loaded:
-                loaded.append(_torch_model(folder))
-            return loaded[0]
-
+        torch_model = functools.cache(lambda: _torch_model(folder))  # read from disk once, whoever asks first
         if fast:
             from . import fast_path
 

@@ -1,26 +1,11 @@
-"""The fast CPU serving path: the classifier exported to ONNX, its Linear layers quantized to int8
-(dynamic quantization: int8 weights, activations quantized per batch at run time), run by ONNX
-Runtime with a fixed number of intra-op threads.
+"""The fast CPU serving path: the classifier exported to ONNX, its MatMul weights quantized to int8 per output
+channel (activations quantized per batch at run time), run by ONNX Runtime with a fixed number of threads.
 
-Nothing is committed to the repository: the first `load_fast_model` for a given set of weights
-exports and quantizes the model into a cache folder (~/.cache/pneumonia-vit/<fingerprint>/, or the
-caller's `cache`) and later loads reuse it. The fingerprint covers the weight and config files'
-contents, the recipe version and the onnxruntime version, so new weights or a new quantizer give a
-new artefact. The one-off cost is 2-3 s for the bundled model and 20-40 s for ViT-B/16 on a busy
-2-core machine (benchmarks/inference.py reports it); a warm start reads no PyTorch weights.
-
-Why this recipe (benchmarks/inference.py, "Backends tried"): of torch fp32 eager (SDPA), torch
-bf16, torch dynamic int8 (torch.ao, deprecated), torchao int8 (eager and torch.compile), ONNX
-Runtime fp32 and ONNX Runtime int8, ONNX Runtime int8 was the fastest on 2 cores for both ViT-B/16
-and the bundled 2.8 M-parameter ViT, with no compile step at start-up. Only MatMul
-weights are quantized (per output channel): the patch-embedding convolution and the 2-logit head stay
-fp32 (ConvInteger is slow in ONNX Runtime, and the head's error would go straight into the logits);
-the attention products between activations stay fp32.
-
-The graph takes the same `pixel_values` as the PyTorch model, built here in numpy (`pixel_array`,
-no intermediate tensors), and returns the logits and the classifier head's input ("features", what
-the out-of-domain check reads). Activations are quantized with one scale per batch, so an image's
-score can move by ~1e-3 with its batch companions; one image at a time is exactly repeatable.
+The first `load_fast_model` for a set of weights exports into a cache folder keyed by a fingerprint of the weights,
+the configs, the recipe and the onnxruntime version; later loads read no PyTorch weights. Why this recipe, and what
+it costs: benchmarks/inference.py. The patch convolution and the 2-logit head stay fp32 (ConvInteger is slow in
+ONNX Runtime, and the head's error would go straight into the logits). One scale per batch means an image's score
+moves slightly with its batch companions; one image at a time is exactly repeatable.
 """
 
 from __future__ import annotations
@@ -79,8 +64,7 @@ def fingerprint(model_dir: str | os.PathLike) -> str:
 
 
 class _LogitsAndFeatures(torch.nn.Module):
-    """The exported graph: logits, and (where the model has a classification head, `backends.classification_head`) the head's input,
-    the features `backends.forward` returns for the out-of-domain check."""
+    """The exported graph: logits, and the classification head's input where the model has one (`backends.forward`)."""
 
     def __init__(self, model):
         super().__init__()
@@ -99,21 +83,16 @@ def export_onnx(model, spec: PixelSpec, path: Path) -> None:
     wrapper = _LogitsAndFeatures(model.eval())
     example = torch.zeros(1, 3, spec.size, spec.size)
     outputs = ["logits"] if classification_head(model) is None else ["logits", "features"]
+    names = {"input_names": ["pixel_values"], "output_names": outputs}
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore")  # tracer and deprecation warnings about the exporter itself
-        try:
-            # The TorchScript exporter: no extra dependency (the dynamo one needs onnxscript).
-            torch.onnx.export(
-                wrapper, (example,), str(path), input_names=["pixel_values"], output_names=outputs,
-                dynamic_axes={name: {0: "batch"} for name in ["pixel_values", *outputs]},
-                opset_version=17, dynamo=False,
-            )
-        except Exception as error:  # a torch without the TorchScript exporter: try the dynamo one
+        try:  # the TorchScript exporter first: the dynamo one needs onnxscript
+            torch.onnx.export(wrapper, (example,), str(path), **names, opset_version=17, dynamo=False,
+                              dynamic_axes={name: {0: "batch"} for name in ["pixel_values", *outputs]})
+        except Exception as error:  # a torch without the TorchScript exporter
             logger.info("TorchScript ONNX export failed (%s); trying the dynamo exporter", error)
-            torch.onnx.export(
-                wrapper, (example,), str(path), input_names=["pixel_values"], output_names=outputs,
-                dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}}, dynamo=True, external_data=False,
-            )
+            torch.onnx.export(wrapper, (example,), str(path), **names, dynamo=True, external_data=False,
+                              dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}})
 
 
 def quantize_int8(source: Path, target: Path, per_channel: bool = True) -> None:
@@ -133,31 +112,24 @@ def quantize_int8(source: Path, target: Path, per_channel: bool = True) -> None:
         root_logger.setLevel(level)
 
 
-def export_int8(model, spec: PixelSpec, target: Path, per_channel: bool = True) -> None:
+def export_int8(model, spec: PixelSpec, target: Path) -> None:
     """Exports `model` to ONNX and quantizes it into `target`, written atomically."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".export-") as work:
         fp32_path, int8_path = Path(work) / "model.fp32.onnx", Path(work) / "model.int8.onnx"
         export_onnx(model, spec, fp32_path)
-        quantize_int8(fp32_path, int8_path, per_channel=per_channel)
+        quantize_int8(fp32_path, int8_path)
         os.replace(int8_path, target)  # atomic: a concurrent loader sees no file or a whole one
 
 
 @dataclass
 class OnnxBackend:
-    """An ONNX Runtime session over the int8 model; call it with `pixel_array` output.
-
-    `spinning`: whether ONNX Runtime's intra-op threads busy-wait for work after each run (its
-    default). Off here: in the app they would burn a core between requests that the web server
-    needs (benchmarks/api_throughput.py: about 55 -> 17 ms of CPU per sequential API request, and
-    more requests per second with 8 clients), for about 1 ms less latency per single-image run.
-    """
+    """An ONNX Runtime session over the int8 model; call it with `pixel_array` output."""
 
     name = "onnxruntime-int8"
     path: Path
     threads: int
     startup: dict = field(default_factory=dict)  # seconds spent on export/quantize/session, cache hit
-    spinning: bool = False
 
     def __post_init__(self):
         import onnxruntime as ort
@@ -168,7 +140,9 @@ class OnnxBackend:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
+        # No busy-waiting after each run (ONNX Runtime's default): in the app the idle threads would burn a core
+        # between requests that the web server needs (benchmarks/api_throughput.py).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         self.output_names = [output.name for output in self.session.get_outputs()]
 
@@ -179,13 +153,8 @@ class OnnxBackend:
         return outputs["logits"], outputs.get("features")
 
 
-def load_fast_model(
-    model_dir: str | os.PathLike,
-    spec: PixelSpec,
-    load_torch_model: Callable[[], object],
-    threads: int | None = None,
-    cache: str | os.PathLike | None = None,
-) -> OnnxBackend:
+def load_fast_model(model_dir: str | os.PathLike, spec: PixelSpec, load_torch_model: Callable[[], object],
+                    threads: int | None = None, cache: str | os.PathLike | None = None) -> OnnxBackend:
     """The int8 ONNX model for the weights in `model_dir`, exported on first use into `cache` (default:
     `default_cache()`), run with `threads` intra-op threads (default: every core this process may use).
 
