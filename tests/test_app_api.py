@@ -1,10 +1,9 @@
 """The real app (`python app.py` in a subprocess) called through gradio_client, and predict.py.
 
 The app scores every endpoint, the page included, on the fast path (ONNX Runtime, int8), one image
-per forward, with concurrent /predict requests handed to the scoring thread together; the fp32
-PyTorch model only draws the page's heatmap. So every answer equals the fast Classifier on that one
-image (1e-4, the rounding of the label's confidences), whatever the endpoint or the concurrency.
-With PNEUMONIA_VIT_FAST=0 PNEUMONIA_VIT_BATCH=0 the app serves the fp32 model, equal to it within 1e-4.
+per forward; the fp32 PyTorch model only draws the page's heatmap. So every answer equals the fast
+Classifier on that one image (1e-4, the rounding of the label's confidences), whatever the endpoint or
+the concurrency. With PNEUMONIA_VIT_FAST=0 the app serves the fp32 model, equal to it within 1e-4.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from tests.odd_files import BAD, READABLE, make_odd_files
 
 EXAMPLES = sorted(path for path in (REPO / "examples").glob("*.jpeg") if not path.name.startswith("adult_"))  # pediatric
 ADULT_EXAMPLE = REPO / "examples" / "adult_1.jpeg"
-DEFAULTS = {"PNEUMONIA_VIT_FAST": "1", "PNEUMONIA_VIT_BATCH": "8"}  # the app's defaults, whatever this shell sets
+DEFAULTS = {"PNEUMONIA_VIT_FAST": "1"}  # the app's default, whatever this shell sets
 
 
 @pytest.fixture(scope="module")
@@ -110,9 +109,9 @@ def test_examples_shipped_with_credit():
     assert ADULT_EXAMPLE.is_file() and "NIH" in credit and "Wang" in credit and ADULT_EXAMPLE.name in credit
 
 
-def test_app_serves_predict_fast_and_batched_and_analyze_with_pytorch(client, classifier, app_log):
+def test_app_serves_predict_fast_and_analyze_with_pytorch(client, classifier, app_log):
     assert classifier.backend.name == "onnxruntime-int8"
-    assert "/predict with onnxruntime-int8, up to 8 requests per forward, heatmaps with torch-fp32" in app_log.read_text()
+    assert "/predict with onnxruntime-int8, heatmaps with torch-fp32" in app_log.read_text()
 
 
 def test_predict_equals_the_classifier_on_every_example(client, classifier):
@@ -320,43 +319,33 @@ def test_a_full_queue_refuses_at_once_saying_busy_and_keeps_serving(served_model
         assert "label" in call(clients[0], EXAMPLES[0])
 
 
-def batch_sizes(log: Path) -> list[int]:
-    return [int(size) for size in re.findall(r"predict \S* p=.* \(batch of (\d+)\)", log.read_text())]
-
-
-def test_bad_inputs_in_a_batch_fail_alone(app_url, classifier, odd, app_log):
+def test_concurrent_bad_inputs_fail_alone(app_url, classifier, odd):
     """Sixteen clients at once, four with unusable files: those four get their own error, the twelve
-    others their prediction, while concurrent requests share forwards."""
+    others their prediction, each equal to the Classifier on that image alone."""
     from gradio_client import Client
     from gradio_client.exceptions import AppError
 
     jobs = 2 * [EXAMPLES[0], odd["text_named.jpg"].path, *EXAMPLES[1:4], odd["truncated.jpg"].path, *EXAMPLES[4:6]]
     clients = [Client(app_url, verbose=False) for _ in jobs]
-    for _ in range(5):  # concurrency is up to the scheduler: retry until some requests shared a forward
-        seen = len(batch_sizes(app_log))
-        barrier = threading.Barrier(len(jobs))
+    barrier = threading.Barrier(len(jobs))
 
-        def one(index: int, barrier=barrier):
-            barrier.wait()
-            try:
-                return confidences(call(clients[index], jobs[index]))["PNEUMONIA"]
-            except AppError as error:
-                return error
+    def one(index: int):
+        barrier.wait()
+        try:
+            return confidences(call(clients[index], jobs[index]))["PNEUMONIA"]
+        except AppError as error:
+            return error
 
-        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-            answers = list(pool.map(one, range(len(jobs))))
-        for path, answer in zip(jobs, answers):
-            if path in EXAMPLES:
-                assert not isinstance(answer, Exception), (path.name, answer)
-                assert answer == pytest.approx(expected(classifier, path)[0], abs=1e-4), path.name
-            else:
-                assert isinstance(answer, AppError), (path.name, answer)
-                assert odd[path.name].error in str(answer) and path.name in str(answer)
-                assert str(path.parent) not in str(answer), "no server paths in messages"
-        if max(batch_sizes(app_log)[seen:], default=1) > 1:
-            break
-    else:
-        pytest.fail(f"no two of {len(jobs)} concurrent requests shared a forward in 5 tries: {batch_sizes(app_log)}")
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        answers = list(pool.map(one, range(len(jobs))))
+    for path, answer in zip(jobs, answers):
+        if path in EXAMPLES:
+            assert not isinstance(answer, Exception), (path.name, answer)
+            assert answer == pytest.approx(expected(classifier, path)[0], abs=1e-4), path.name
+        else:
+            assert isinstance(answer, AppError), (path.name, answer)
+            assert odd[path.name].error in str(answer) and path.name in str(answer)
+            assert str(path.parent) not in str(answer), "no server paths in messages"
 
 
 def test_expected_bad_input_is_one_log_line_not_a_traceback(client, odd, app_log):
@@ -424,14 +413,14 @@ def test_the_page_names_the_checks_that_cannot_run_for_its_model(tiny_model_dir)
     assert str(tiny_model_dir.parent) not in heading, "no server paths on the page"
 
 
-def test_fast_path_and_batching_can_be_turned_off(served_model_dir, exact, tmp_path):
-    """PNEUMONIA_VIT_FAST=0 PNEUMONIA_VIT_BATCH=0: the app as before the fast path, fp32 PyTorch for
-    /predict too, each request scored on its own; bad input is still an error."""
+def test_fast_path_can_be_turned_off(served_model_dir, exact, tmp_path):
+    """PNEUMONIA_VIT_FAST=0: the app as before the fast path, fp32 PyTorch for /predict too; bad input is
+    still an error."""
     from gradio_client import Client
     from gradio_client.exceptions import AppError
 
     log = tmp_path / "app.log"
-    with running_app(served_model_dir, log, env={"PNEUMONIA_VIT_FAST": "0", "PNEUMONIA_VIT_BATCH": "0"}) as app:
+    with running_app(served_model_dir, log, env={"PNEUMONIA_VIT_FAST": "0"}) as app:
         url = app.url
         client = Client(url, verbose=False)
         for path in EXAMPLES[:3]:
@@ -446,4 +435,4 @@ def test_fast_path_and_batching_can_be_turned_off(served_model_dir, exact, tmp_p
         for path, answer in zip(EXAMPLES[:4], answers):
             assert answer == pytest.approx(expected(exact, path)[0], abs=1e-4)
     text = log.read_text()
-    assert "/predict with torch-fp32, unbatched" in text and "batch of" not in text
+    assert "/predict with torch-fp32, heatmaps with torch-fp32" in text

@@ -6,34 +6,23 @@ from pathlib import Path
 
 import pytest
 
-from pneumonia_vit.settings import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAITING, OFF, ServingSettings
+from pneumonia_vit.settings import DEFAULT_MAX_WAITING, OFF, ServingSettings
 
 
 def test_unset_environment_gives_the_defaults():
     assert ServingSettings.from_environment({}) == ServingSettings(
-        model_id=None, fast=True, max_batch=DEFAULT_MAX_BATCH, cache=None, threads=None
+        model_id=None, fast=True, cache=None, threads=None
     )
 
 
 @pytest.mark.parametrize("word", [*OFF, "OFF", " False "])
-def test_every_off_word_turns_off_the_fast_path_and_batching_alike(word):
-    settings = ServingSettings.from_environment({"PNEUMONIA_VIT_FAST": word, "PNEUMONIA_VIT_BATCH": word})
-    assert settings.fast is False and settings.max_batch == 1
+def test_every_off_word_turns_off_the_fast_path(word):
+    assert ServingSettings.from_environment({"PNEUMONIA_VIT_FAST": word}).fast is False
 
 
 @pytest.mark.parametrize("word", ["", "1", "on", "yes", "true"])
 def test_any_other_word_leaves_the_fast_path_on(word):
     assert ServingSettings.from_environment({"PNEUMONIA_VIT_FAST": word}).fast is True
-
-
-@pytest.mark.parametrize("value, expected", [("", DEFAULT_MAX_BATCH), ("1", 1), ("16", 16)])
-def test_batch_size(value, expected):
-    assert ServingSettings.from_environment({"PNEUMONIA_VIT_BATCH": value}).max_batch == expected
-
-
-def test_a_batch_size_that_is_not_a_number_is_named_in_the_error():
-    with pytest.raises(ValueError, match="PNEUMONIA_VIT_BATCH='eight'"):
-        ServingSettings.from_environment({"PNEUMONIA_VIT_BATCH": "eight"})
 
 
 def test_model_cache_and_threads_reach_the_loaders():

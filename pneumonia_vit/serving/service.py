@@ -1,24 +1,9 @@
-"""The model as the app and predict.py serve it: one file in, probabilities, the out-of-domain
-verdict, the decision at the model's stored threshold where the verdict allows one, and (for the
-page) a heatmap out.
+"""The model as the app and predict.py serve it: one file in; probabilities, the out-of-domain verdict,
+the decision at the model's stored threshold where the verdict allows one and, for the page, a heatmap out.
 
-One answer on every way in: each image is scored by the scoring model, `Classifier.load`'s default,
-the fast path (ONNX Runtime, int8 weights; pneumonia_vit/inference/fast_path.py), PNEUMONIA_VIT_FAST=0
-the fp32 PyTorch model, in a forward of its own. The fast path scales int8 activations per forward,
-so an image scored beside others can move by ~0.01 and cross the threshold (4 of the 1,471 test and
-adult films did in batches of 32): one image per forward makes an answer a function of its file
-alone, whichever endpoint, batch or client it came through. The page's heatmap comes from a second
-forward of the fp32 PyTorch model with the eager attention kernel (loaded with explain=True), whose
-attention weights it is made of; its probabilities are not used.
-
-`Analysis` holds the rule "no diagnosis outside the domain" and gives each way in its form
-(`Analysis.answer`).
-
-With `max_batch` > 1, `predict` (the API) hands concurrent requests to one scoring thread
-(pneumonia_vit/serving/batching.py); each request still decodes and checks its own file first.
-
-No gradio here: predict.py and `python -m benchmarks.domain_check` use this module without
-the seconds that importing gradio takes.
+Each image is scored in a forward of its own: the fast path scales int8 activations per forward, so
+batch-mates could move an answer across the threshold; alone, an answer depends on its file only,
+whichever endpoint, batch or client it came through. No gradio here (predict.py need not import it).
 """
 
 from __future__ import annotations
@@ -36,7 +21,6 @@ from ..inference.backends import forward
 from ..inference.classifier import Classifier
 from ..ood.check import CHECK_FILE, STATS_FILE, DomainCheck, DomainStats, KindModel, check_domain
 from ..preprocess import pixel_values
-from .batching import MicroBatcher
 from .heatmap import attention_rollout, overlay
 
 # The checkout the package runs from: a Space runs app.py beside the package and `pip install -e .`
@@ -44,7 +28,7 @@ from .heatmap import attention_rollout, overlay
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO / "models" / "pneumonia-vit-tiny"
 PREVIEW_SIDE = 512  # the preview and heatmap the page shows, long side in pixels
-BATCH_WORKERS = 2  # forwards at once: the 2 vCPUs of a basic Space (pneumonia_vit/serving/batching.py)
+FILE_WORKERS = 2  # files read and scored at once by analyze_files: the 2 vCPUs of a basic Space
 ADVICE = "upload a frontal chest X-ray of a child aged 1-5, whole, upright and in grey"
 FORMS = ("predict", "assess", "batch", "csv")
 
@@ -62,7 +46,6 @@ class Analysis:
     domain: DomainCheck
     preview: Image.Image | None = None  # the X-ray as the model reads it, long side <= PREVIEW_SIDE
     heatmap: Image.Image | None = None  # attention rollout over the preview
-    batch_size: int = 1  # how many requests the scoring thread took together with this one
 
     @property
     def p_pneumonia(self) -> float:
@@ -84,13 +67,8 @@ class Analysis:
         return f"Out of domain: {reasons[0].upper() + reasons[1:]}. No diagnosis is given for this image: {ADVICE}."
 
     def answer(self, form: str) -> dict:
-        """The answer in each way in's form (FORMS; webapp.py documents the API's):
-        - "predict": gradio's Label value, {"label": decision, "confidences": [{"label", "confidence"} x 2]};
-          raises OutOfDomainError (its message the refusal) outside the domain;
-        - "assess": the decision (None outside the domain), probabilities, threshold, refusal and verdict;
-        - "batch": "predict"'s value and the verdict, or the refusal as this item's error;
-        - "csv": predict.py's columns (decision empty and out_of_domain giving the reasons outside the domain).
-        """
+        """The answer in the form of a way in, one of FORMS: an endpoint's (README.md's API section) or predict.py's
+        columns ("csv"). "predict", gradio's Label value, raises OutOfDomainError outside the domain."""
         confidences = [{"label": name, "confidence": round(p, 6)}
                        for name, p in sorted(self.probabilities.items(), key=lambda item: item[1], reverse=True)]
         if form == "predict":
@@ -128,8 +106,7 @@ class Service:
     """
 
     def __init__(self, classifier: Classifier, domain_stats: DomainStats | None, model_id: str = "",
-                 explain: bool = False, max_batch: int = 1, batch_workers: int = BATCH_WORKERS,
-                 kind_model: KindModel | None = None, check_notes: Sequence[str] = ()):
+                 explain: bool = False, kind_model: KindModel | None = None, check_notes: Sequence[str] = ()):
         labels = tuple(classifier.labels or ())
         if labels != LABELS:
             raise ValueError(f"{model_id}: model labels are {labels}; this app expects {LABELS}")
@@ -148,15 +125,12 @@ class Service:
         if domain_stats is None:
             self.check_notes.append(f"feature-distance check off: the model folder has no {STATS_FILE}")
         self.model_id = model_id
-        self.max_batch = max_batch
-        self.batcher = (MicroBatcher(self._score, max_batch, workers=batch_workers, name="predict-batcher")
-                        if max_batch > 1 else None)
 
     @classmethod
-    def load(cls, model_id: str | Path | None = None, explain: bool = False, max_batch: int = 1,
-             fast: bool = True, cache: str | Path | None = None, threads: int | None = None) -> Service:
+    def load(cls, model_id: str | Path | None = None, explain: bool = False, fast: bool = True,
+             cache: str | Path | None = None, threads: int | None = None) -> Service:
         """`model_id`: None serves the bundled model. `explain`: also load the PyTorch model for heatmaps,
-        now (the app; predict.py needs none). `max_batch`: see `predict`. The rest: `Classifier.load`.
+        now (the app; predict.py needs none). The rest: `Classifier.load`.
 
         The kind model does not depend on the classifier: a folder without one (a train_vit.py run) is
         checked with the bundled model's."""
@@ -170,8 +144,8 @@ class Service:
         if kind_model is None and (DEFAULT_MODEL / CHECK_FILE).is_file():
             kind_model = KindModel.load(DEFAULT_MODEL)
             notes.append(f"image-kind check: the bundled model's (this model folder has no {CHECK_FILE} of its own)")
-        service = cls(classifier, DomainStats.load(model_id), model_id, explain=explain, max_batch=max_batch,
-                      kind_model=kind_model, check_notes=notes)
+        service = cls(classifier, DomainStats.load(model_id), model_id, explain=explain, kind_model=kind_model,
+                      check_notes=notes)
         for note in service.check_notes:
             log.warning("%s: %s", model_id, note)
         return service
@@ -184,20 +158,12 @@ class Service:
     def threshold(self) -> float:
         return self.classifier.threshold
 
-    def _score(self, readings: Sequence[XrayReading]) -> list[Analysis]:
-        """Probabilities and domain checks through the scoring model, one forward per image (module docstring)."""
-        analyses = []
-        for reading in readings:
-            probabilities, features = self.classifier.probabilities_and_features([reading.image])
-            p = float(probabilities[0, 1])
-            analyses.append(Analysis(
-                probabilities={LABELS[0]: 1.0 - p, LABELS[1]: p},
-                threshold=self.threshold,
-                domain=check_domain(reading, features, self.domain_stats, self.kind_model,
-                                    min_side=self.classifier.spec.size),
-                batch_size=len(readings),
-            ))
-        return analyses
+    def _score(self, reading: XrayReading) -> Analysis:
+        probabilities, features = self.classifier.probabilities_and_features([reading.image])
+        p = float(probabilities[0, 1])
+        return Analysis(probabilities={LABELS[0]: 1.0 - p, LABELS[1]: p}, threshold=self.threshold,
+                        domain=check_domain(reading, features, self.domain_stats, self.kind_model,
+                                            min_side=self.classifier.spec.size))
 
     def _explain(self, reading: XrayReading, analysis: Analysis) -> Analysis:
         """`analysis` with the preview and the heatmap of the eager fp32 model."""
@@ -213,39 +179,21 @@ class Service:
 
     def analyze(self, source, explain: bool = True) -> Analysis:
         """One file (path, bytes or PIL image); raises InvalidImageError for unusable input.
-
-        explain=True: with the page's preview and heatmap. The numbers are the scoring model's either way.
-
-        No JPEG draft decoding: the colour check needs the file's colour, and a full decode keeps
-        the grey image identical to `load_xray(path)`.
-        """
+        explain=True adds the page's preview and heatmap; the numbers are the scoring model's either way."""
         reading = read_xray(source)
-        analysis = self._score([reading])[0]
+        analysis = self._score(reading)
         return self._explain(reading, analysis) if explain else analysis
 
-    def predict(self, source) -> Analysis:
-        """`analyze(source, explain=False)` for the API: the file is decoded in the calling thread (an
-        unusable one raises InvalidImageError there, to this caller only), then, with `max_batch` > 1,
-        scored by the scoring thread together with the other requests waiting at that moment."""
-        if self.batcher is None:
-            return self.analyze(source, explain=False)
-        analysis, _ = self.batcher.run(lambda: read_xray(source))
-        return analysis
-
-    def analyze_many(self, readings: Sequence[XrayReading]) -> list[Analysis]:
-        """Decoded files, scored without heatmaps."""
-        return self._score(readings)
-
     def analyze_files(self, sources: Sequence) -> list[Analysis | InvalidImageError]:
-        """Each file's analysis, or the InvalidImageError that says why it cannot be read, in order
-        (/predict_batch, predict.py): one bad file fails alone. BATCH_WORKERS files at a time: decoding
-        releases the GIL, and it costs as much as the scoring."""
+        """Each file's analysis without heatmap, or the InvalidImageError that says why it cannot be read, in
+        order: one bad file fails alone. FILE_WORKERS at a time: decoding releases the GIL and costs as much as
+        the scoring."""
 
         def one(source) -> Analysis | InvalidImageError:
             try:
-                return self._score([read_xray(source)])[0]
+                return self._score(read_xray(source))
             except InvalidImageError as error:
                 return error
 
-        with ThreadPoolExecutor(BATCH_WORKERS) as pool:
+        with ThreadPoolExecutor(FILE_WORKERS) as pool:
             return list(pool.map(one, sources))

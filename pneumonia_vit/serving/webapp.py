@@ -1,34 +1,8 @@
-"""The Gradio page and API around a `serving.Service`; app.py only loads the model and launches.
+"""The Gradio page and API around a `Service`. The endpoints and their answers: README.md's API section
+(the forms are `Analysis.answer`'s). Every endpoint, the page included, scores with the service's scoring model.
 
-Endpoints (gradio_client), in the order view_api() lists them; the answers' forms are
-serving.Analysis.answer's, the same model and the same rule "no diagnosis outside the domain" on each:
-    Client(url).predict(handle_file("x.jpeg"), api_name="/predict")
-        -> {"label": decision at the stored threshold, "confidences": [{"label", "confidence"} x 2]};
-           outside the domain AppError titled "Out of domain", its message the reason and what to do
-    Client(url).predict([handle_file("a.jpeg"), ...], api_name="/predict_batch")      # up to MAX_BATCH_FILES
-        -> [{"file": name, "label", "confidences", "domain": {...}}
-            or {"file": name, "error": text, "error_kind": "out_of_domain" | "unreadable" | "too_large",
-                "domain": {...} | None}, ...] in input order
-    Client(url).predict(handle_file("x.jpeg"), api_name="/assess")
-        -> {"decision": "NORMAL" | "PNEUMONIA" | None, "decision_applicable": bool,
-            "probabilities": {"NORMAL": p, "PNEUMONIA": p}, "probabilities_reliable": bool,
-            "threshold": t, "warning": None | the refusal,
-            "domain": {"in_domain": bool, "looks_like": "pediatric_chest_xray" | "adult_chest_xray" |
-                       "altered_chest_film" | "not_an_xray" | "colour_image" | "blank_image" |
-                       "low_resolution" | "transparent_image" | "unfamiliar_to_the_model",
-                       "reasons": [...], "rules_fired": [ood.check.RULES names], "checks": "...",
-                       "p_pediatric_chest_xray": p | None}}
-    Client(url).predict(handle_file("x.jpeg"), api_name="/analyze")       # the page's own call
-        -> (preview image, label value, decision and domain note as Markdown, heatmap image, error Markdown)
-
-An unreadable file is AppError titled "Cannot read this file" (/predict, /assess); on the page the
-error stays in a panel beside the upload until the next upload, the result panels cleared.
-Every endpoint scores with the service's scoring model, the page included; the page's fp32 PyTorch
-model only draws the heatmap (serving/service.py says why).
-
-Input is a gr.File, not a gr.Image: gr.Image decodes uploads in the browser and on the server
-with PIL's defaults, which cannot read DICOM and would bypass `load_xray` (16-bit windowing, EXIF,
-size limits). The file goes to `load_xray` as uploaded; the page previews what it decoded.
+Input is a gr.File, not a gr.Image: gr.Image decodes uploads with PIL's defaults, which cannot read DICOM
+and would bypass `read_xray`'s limits; the page previews what `read_xray` decoded.
 """
 
 from __future__ import annotations
@@ -63,14 +37,12 @@ MAX_UPLOAD_MB = 25  # a 3000x3000 16-bit DICOM is ~18 MB; Kermany JPEG originals
 # and hears the limit in MB (gradio_client states gradio's cap in bytes, naming no component).
 TRANSPORT_CAP_MB = 2 * MAX_UPLOAD_MB
 CACHE_NAME_KEY = secrets.token_bytes(32)  # cached_image's folder names
-# gradio keeps a copy of the page's configuration for each of its last N sessions (10,000 by default, ~10 KB
-# each: the memory a Space grows by with every new visitor); this app keeps nothing per session, and a
-# session whose copy was dropped gets a new one at its next request.
+# gradio keeps a copy of the page's configuration per session, a memory that grows with every visitor; this
+# app keeps nothing per session, and a session whose copy was dropped gets a new one at its next request.
 SESSION_CAPACITY = 256
-CONCURRENCY = 2  # a cpu-basic Space has 2 vCPUs; more parallel forwards only share them
-# A waiting request (settings.DEFAULT_MAX_WAITING of them at most) holds only the path of its upload,
-# which gradio keeps on disk (at most TRANSPORT_CAP_MB each): the memory a crowd costs is that of the
-# requests being scored, CONCURRENCY + the batch size, whatever the queue holds.
+# Requests being read and scored at once, all endpoints together: a cpu-basic Space has 2 vCPUs. A waiting
+# request holds only its upload's path (the file is on disk), so a crowd costs the memory of CONCURRENCY requests.
+CONCURRENCY = 2
 
 DISCLAIMER = (
     "**Research demo, not a diagnostic device.** It must not be used to diagnose, treat or triage "
@@ -95,13 +67,9 @@ PAGE_CSS = """
 
 
 def decision_label(**options) -> gr.Label:
-    """A gr.Label that shows an `Analysis.answer("predict")`-shaped value as it is: headed by the decision
-    at the model's stored threshold (gr.Label's own postprocess heads with the most probable class,
-    a 0.5 cut-off) or by whatever heading the page gives it.
-    The component's `postprocess` is replaced on this one instance rather than in a subclass: gradio
-    writes a .pyi stub beside the source file of every Component subclass, which would litter the
-    package at import time.
-    """
+    """A gr.Label that shows an `Analysis.answer("predict")`-shaped value as it is, headed by its "label" (gr.Label's
+    own postprocess heads with the most probable class, a 0.5 cut-off). Patched on the instance: gradio writes a
+    .pyi stub beside the source of every Component subclass."""
     label = gr.Label(**options)
     default = label.postprocess
 
@@ -115,14 +83,9 @@ def decision_label(**options) -> gr.Label:
 
 
 def upload_file(**options) -> gr.File:
-    """A gr.File (type="filepath") whose server side hands the uploaded file's path to `run` as is.
-
-    gr.File's own preprocess refuses suffixes outside `file_types` with a message listing all of
-    them and a traceback in the log, and leaves an empty temporary file in gradio's cache on every
-    call (never deleted). `load_xray` reads the content whatever the suffix and says what to do;
-    `file_types` still filters the page's file picker. Replaced on this instance, as in
-    `decision_label`.
-    """
+    """A gr.File (type="filepath") that hands the uploaded file's path to `run` as is: gr.File's own preprocess
+    refuses suffixes outside `file_types` with a traceback and leaves an empty temporary file behind on every
+    call, while `read_xray` reads the content whatever the suffix. `file_types` still filters the page's picker."""
     upload = gr.File(type="filepath", **options)
 
     def preprocess(payload):
@@ -145,11 +108,9 @@ def upload_file(**options) -> gr.File:
 
 
 def cached_image(image: Image.Image | None, cache_dir: str) -> str | None:
-    """`image` as a JPEG in gradio's cache, in a folder named by a keyed hash of its content (a plain hash
-    would tell anyone holding a candidate image whether it was analysed here; the key lives and dies
-    with the process); written under a temporary name and renamed into place. gradio's own saving
-    rewrites the same file in place when two answers hold the same image, and a client downloading it at
-    that moment loses its connection mid-body."""
+    """`image` as a JPEG in gradio's cache, in a folder named by a keyed hash of its content (a plain hash would
+    tell anyone holding a candidate image whether it was analysed here), renamed into place: gradio's own saving
+    rewrites a file in place when two answers hold the same image, cutting off a client downloading it."""
     if image is None:
         return None
     buffer = io.BytesIO()
@@ -253,9 +214,8 @@ def _api_file(example: dict | list, **options) -> gr.File:
 
 def build_demo(service: Service, examples_dir: Path = EXAMPLES_DIR, max_waiting: int = DEFAULT_MAX_WAITING) -> gr.Blocks:
     def logged(kind: str, file_path: str, analysis: Analysis, started: float) -> Analysis:
-        log.info("%s %s p=%.4f %s in %.0f ms%s", kind, Path(file_path).suffix, analysis.p_pneumonia,
-                 "in-domain" if analysis.domain.in_domain else "OUT-OF-DOMAIN", 1000 * (time.perf_counter() - started),
-                 f" (batch of {analysis.batch_size})" if analysis.batch_size > 1 else "")
+        log.info("%s %s p=%.4f %s in %.0f ms", kind, Path(file_path).suffix, analysis.p_pneumonia,
+                 "in-domain" if analysis.domain.in_domain else "OUT-OF-DOMAIN", 1000 * (time.perf_counter() - started))
         return analysis
 
     def run(file_path: str | None, explain: bool) -> Analysis:
@@ -267,7 +227,7 @@ def build_demo(service: Service, examples_dir: Path = EXAMPLES_DIR, max_waiting:
             raise gr.Error(too_large, title="File too large", print_exception=False)
         started = time.perf_counter()
         try:
-            analysis = service.analyze(file_path, explain=True) if explain else service.predict(file_path)
+            analysis = service.analyze(file_path, explain=explain)
         except InvalidImageError as error:
             log.info("rejected upload: %s", error)
             raise gr.Error(str(error), title="Cannot read this file", print_exception=False) from None
@@ -346,15 +306,11 @@ def build_demo(service: Service, examples_dir: Path = EXAMPLES_DIR, max_waiting:
         # The API endpoints come first, so that view_api() and the "Use via API" page list them first.
         # Their inputs, button and outputs are never shown: they exist so that the endpoints have gr.File
         # in and gr.Label / gr.JSON out, which gradio_client reads, with names that document them.
-        # /predict and /assess, batched: their own group, max_batch requests in flight, scored by one
-        # thread. Unbatched (PNEUMONIA_VIT_BATCH=0), and /predict_batch: the page's group, CONCURRENCY at a time.
         api_trigger = gr.Button(visible=False)
         api_file = _api_file(example_file, label="Chest X-ray file (PNG, JPEG or DICOM)")
         api_files = _api_file([example_file] if example_file else [], file_count="multiple",
                               label=f"Chest X-ray files (PNG, JPEG or DICOM), at most {MAX_BATCH_FILES}")
-        group = (dict(concurrency_id="predict", concurrency_limit=service.max_batch) if service.batcher is not None
-                 else dict(concurrency_id="model"))
-        api_trigger.click(predict, inputs=api_file, validator=admit, api_name="predict", **group,
+        api_trigger.click(predict, inputs=api_file, validator=admit, api_name="predict", concurrency_id="model",
                           outputs=decision_label(visible=False, label="Decision at the model's threshold, and probabilities"),
                           api_description="The decision at the model's stored threshold and the probabilities of one "
                                           "chest X-ray; an input outside the model's domain is an error titled "
@@ -364,7 +320,7 @@ def build_demo(service: Service, examples_dir: Path = EXAMPLES_DIR, max_waiting:
                           api_description=f"/predict for up to {MAX_BATCH_FILES} files in one call: one object per file, "
                                           "in input order, with the file's name and /predict's answer and the domain "
                                           "verdict, or that file's own error; one bad file never fails the others.")
-        api_trigger.click(assess, inputs=api_file, validator=admit, api_name="assess", **group,
+        api_trigger.click(assess, inputs=api_file, validator=admit, api_name="assess", concurrency_id="model",
                           outputs=gr.JSON(visible=False, label="Decision, probabilities and domain verdict"),
                           api_description="/predict's answer as data: the decision (None outside the domain), both "
                                           "probabilities and whether they are reliable, the threshold, the refusal "
@@ -391,7 +347,6 @@ def build_demo(service: Service, examples_dir: Path = EXAMPLES_DIR, max_waiting:
                 decision = gr.Markdown(label="Decision and domain check", elem_id="decision")
                 heatmap = gr.Image(label="Attention rollout: where the model looked (not evidence of disease)",
                                    type="pil", format="jpeg", interactive=False, height=360, elem_id="heatmap")
-        # The page's analyses: at most CONCURRENCY heatmaps at a time.
         upload.change(analyze, inputs=upload, outputs=[preview, label, decision, heatmap, upload_error],
                       api_name="analyze", concurrency_id="model", validator=admit,
                       api_description="The page's own call: the preview, the decision, its note and the heatmap, "
