@@ -6,14 +6,9 @@
 Columns: file (relative to the folder), p_normal, p_pneumonia, decision (at the model's stored
 threshold; empty where the image is out of domain: no diagnosis is given there, as on every way in),
 out_of_domain (empty, or why the image does not look like the training X-rays), error (empty, or why
-the file could not be read; the other columns are then empty). Every file is
-listed, including files that are not images, so nothing is dropped silently.
-
-Scoring runs on the fast path (ONNX Runtime, int8 weights, exported into a cache on first use; see
-pneumonia_vit/inference/fast_path.py), whose probabilities differ from the fp32 PyTorch model's by ~1e-3;
-PNEUMONIA_VIT_FAST=0 python predict.py ... scores with the fp32 PyTorch model instead. Decisions are
-taken at the model's stored threshold either way. The environment settings are app.py's
-(pneumonia_vit/settings.py).
+the file could not be read; the other columns are then empty). Every file is listed, including files
+that are not images, so nothing is dropped silently. The model is served as by app.py, with the same
+environment settings (pneumonia_vit/settings.py).
 """
 
 from __future__ import annotations

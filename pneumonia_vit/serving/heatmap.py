@@ -1,15 +1,10 @@
-"""The attention-rollout heatmap the page shows over the X-ray (the forward that yields the
-attention weights is `backends.forward`).
+"""The attention-rollout heatmap (Abnar & Zuidema 2020) the page shows over the X-ray.
 
-Why attention rollout (Abnar & Zuidema 2020) and not Grad-CAM:
-- It needs no backward pass: the heatmap comes from the same forward that gives the prediction
-  (with `output_attentions=True`, which needs the "eager" attention kernel), so it costs almost
-  nothing on a 2-vCPU Space and runs under `torch.inference_mode`.
-- Grad-CAM was designed for convolutional feature maps; on a ViT one must pick a token layer and
-  reshape it, and its gradients through the final LayerNorm of a small from-scratch model are noisy.
-- Limitation, stated in the app: rollout shows where the [CLS] token gathers information from, for
-  both classes alike; it is not evidence *for* pneumonia. At 128 px with 16 px patches the map is
-  8x8 cells, so it localises at the level of a lung zone at best.
+Why rollout and not Grad-CAM: it needs no backward pass, only the attention weights of a forward
+(`output_attentions=True`, eager kernel), so it is cheap on a 2-vCPU Space; Grad-CAM was designed for
+convolutional feature maps, and its gradients through a small from-scratch ViT's final LayerNorm are noisy.
+Its limit, stated on the page: it shows where the [CLS] token gathers information from, for both classes
+alike, not evidence *for* pneumonia, and only at the resolution of the patch grid.
 """
 
 from __future__ import annotations
