@@ -164,17 +164,17 @@ def grouped_validation_split(records: list[dict], fraction: float, seed: int) ->
 def check_against_manifest(found: list[tuple[str, str, Path, str]], manifest: dict) -> dict:
     """Counts per split and class, and the missing, extra and altered files."""
     seen = {(split, label, path.name): sha for split, label, path, sha in found}
-    missing = sorted(set(manifest) - set(seen))
-    extra = sorted(set(seen) - set(manifest))
-    altered = sorted(key for key in set(seen) & set(manifest) if seen[key] != manifest[key])
+    differing = {
+        "missing": set(manifest) - set(seen),
+        "extra": set(seen) - set(manifest),
+        "altered": {key for key in set(seen) & set(manifest) if seen[key] != manifest[key]},
+    }
     counts = Counter((split, label) for split, label, _ in seen)
     expected = Counter((split, label) for split, label, _ in manifest)
     return {
         "counts": {f"{split}/{label}": {"found": counts[(split, label)], "official": expected[(split, label)]}
                    for split in OFFICIAL_SPLITS for label in LABELS},
-        "missing": ["/".join(key) for key in missing],
-        "extra": ["/".join(key) for key in extra],
-        "altered": ["/".join(key) for key in altered],
+        **{kind: ["/".join(key) for key in sorted(keys)] for kind, keys in differing.items()},
     }
 
 
@@ -199,22 +199,15 @@ def prepare(args: PrepareArguments) -> dict:
     for item in unreadable:
         warnings.warn(f"skipped unreadable file {item['file']}: {item['error']}")
 
-    records = []
-    for (split, label, path), result in zip(files, results):
-        if "error" in result:
-            continue
-        records.append({
-            "official_split": split, "label": label, "source_file": str(path.relative_to(root)),
-            "prepared_file": f"{label}/{path.stem}{PREPARED_SUFFIX}", "patient_id": patient_id(path.name),
-            **result,
-        })
-    pool_indices = [i for i, record in enumerate(records) if record["official_split"] != "test"]
-    held_out = grouped_validation_split([records[i] for i in pool_indices], args.validation_fraction, args.seed)
-    for position, index in enumerate(pool_indices):
-        records[index]["split"] = "validation" if position in held_out else "train"
+    records = [{"official_split": split, "label": label, "source_file": str(path.relative_to(root)),
+                "prepared_file": f"{label}/{path.stem}{PREPARED_SUFFIX}", "patient_id": patient_id(path.name), **result}
+               for (split, label, path), result in zip(files, results) if "error" not in result]
+    pool = [record for record in records if record["official_split"] != "test"]
+    held_out = grouped_validation_split(pool, args.validation_fraction, args.seed)
+    for position, record in enumerate(pool):
+        record["split"] = "validation" if position in held_out else "train"
     for record in records:
-        if record["official_split"] == "test":
-            record["split"] = "test"
+        record.setdefault("split", "test")
         record["prepared_file"] = f"{record['split']}/{record['prepared_file']}"
     if not any(record["split"] == "validation" for record in records):
         raise ValueError("the validation split came out empty: the training pool is too small")

@@ -13,7 +13,7 @@ import sys
 import threading
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,10 +137,8 @@ def _release_freed_memory() -> None:
     """Hands the pages of freed large buffers back to the system: glibc would keep part of them in the
     arena of the thread that freed them, resident after the request."""
     if sys.platform.startswith("linux"):
-        try:
+        with suppress(OSError, AttributeError):  # a libc without malloc_trim (musl)
             ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # a libc without malloc_trim (musl)
-            pass
 
 
 @contextmanager
@@ -154,10 +152,6 @@ def _decode_slot(pixels: int) -> Iterator[None]:
             yield
     finally:
         _release_freed_memory()
-
-
-def _is_dicom(data: bytes) -> bool:
-    return len(data) >= 132 and data[128:132] == b"DICM"
 
 
 def _frame_bytes(header, name: str) -> int:
@@ -371,7 +365,7 @@ def read_xray(source: str | os.PathLike | bytes | Image.Image, draft_size: int |
             raise InvalidImageError(f"{source}: is a folder, not an image file.") from error
     if not data:
         raise InvalidImageError(f"{name}: the file is empty.")
-    if _is_dicom(data) or name.lower().endswith(DICOM_SUFFIXES):
+    if data[128:132] == b"DICM" or name.lower().endswith(DICOM_SUFFIXES):  # the DICOM preamble's magic
         return _dicom_to_gray(data, name)
     try:
         Image.init()  # registers every plugin; Image.open(formats=...) alone sees only the first few

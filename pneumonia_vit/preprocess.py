@@ -36,11 +36,8 @@ class PixelSpec:
         """The Hub-compatible processor saved beside the weights."""
         from transformers import ViTImageProcessorPil
 
-        return ViTImageProcessorPil(
-            size={"height": self.size, "width": self.size},
-            image_mean=list(self.mean),
-            image_std=list(self.std),
-        )
+        return ViTImageProcessorPil(size={"height": self.size, "width": self.size}, image_mean=list(self.mean),
+                                    image_std=list(self.std))
 
 
 def resize_gray(image: Image.Image, size: int) -> Image.Image:

@@ -141,7 +141,6 @@ class DomainStats:
 
     @classmethod
     def load(cls, model_id: str | Path) -> DomainStats | None:
-        """The stats beside a model (a local folder or a Hub id), or None where there are none."""
         path = _model_file(model_id, STATS_FILE)
         return cls.read(path) if path else None
 
@@ -226,7 +225,6 @@ class KindModel:
 
     @classmethod
     def load(cls, model_id: str | Path) -> KindModel | None:
-        """The kind model beside a model (a local folder or a Hub id), or None where there is none."""
         path = _model_file(model_id, CHECK_FILE)
         return cls.read(path) if path else None
 

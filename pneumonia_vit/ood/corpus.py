@@ -107,8 +107,7 @@ def _random_crop(image: Image.Image, width: int, height: int, rng: np.random.Gen
 
 def _colour(rng: np.random.Generator, grey: bool) -> tuple[int, int, int]:
     if grey:
-        level = int(rng.integers(0, 256))
-        return (level, level, level)
+        return (int(rng.integers(0, 256)),) * 3
     return tuple(int(v) for v in rng.integers(0, 256, 3))
 
 
@@ -119,8 +118,7 @@ def _words(rng: np.random.Generator, count: int) -> str:
 
 def _noise(rng, size, grey):
     width, height = size
-    channels = 1 if grey else 3
-    pixels = rng.random((height, width, channels)) * 255
+    pixels = rng.random((height, width, 1 if grey else 3)) * 255
     image = Image.fromarray(pixels.squeeze().astype(np.uint8))
     if rng.random() < 0.6:  # smooth noise: clouds, textures, out-of-focus photos
         image = image.filter(ImageFilter.GaussianBlur(rng.uniform(1, 25)))
@@ -256,19 +254,19 @@ def augmented(paths: list[Path], copies: int, rng: np.random.Generator,
             yield source_augment(altered, rng)
 
 
-def films(data_dir: Path, adult_dir: Path, rng: np.random.Generator, copies: int, adult_share: float = 1.0,
+def films(data_dir: str | Path, adult_dir: str | Path, rng: np.random.Generator, copies: int, adult_share: float = 1.0,
           altered_copies: int = 1) -> tuple[Iterator[Image.Image], Iterator[Image.Image], Iterator[Image.Image]]:
     """Augmented films, drawn from `rng` as they are read, in this order: `copies` of each pediatric training
     film; adult films, `adult_share` as many in all (more copies of fewer films); `altered_copies` of every
     second pediatric film and every fit-fold adult film, altered."""
-    pediatric = image_files(data_dir / "train")
+    pediatric = image_files(Path(data_dir, "train"))
     adults = adult_files(adult_dir, "fit")
     adult_copies = max(1, round(adult_share * copies * len(pediatric) / max(len(adults), 1)))
     return (augmented(pediatric, copies, rng), augmented(adults, adult_copies, rng),
             augmented(pediatric[::2] + adults, altered_copies, rng, altered_film))
 
 
-def training_set(data_dir: Path, adult_dir: Path, rng: np.random.Generator, copies: int = PEDIATRIC_COPIES,
+def training_set(data_dir: str | Path, adult_dir: str | Path, rng: np.random.Generator, copies: int = PEDIATRIC_COPIES,
                  synthetic_count: int = SYNTHETIC_COUNT) -> tuple[np.ndarray, np.ndarray]:
     """The kind model's inputs and their KINDS indices: `films` and drawn images, seen in grey as any input is."""
     pediatric, adults, altered = films(data_dir, adult_dir, rng, copies)

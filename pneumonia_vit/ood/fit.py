@@ -14,11 +14,10 @@ import itertools
 import logging
 import shutil
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from ..images import load_xray
 from ..preprocess import PixelSpec, pixel_values
@@ -117,21 +116,18 @@ def train_kind_network(inputs: np.ndarray, kinds: np.ndarray, width: int = WIDTH
     return network.eval()
 
 
-def fit_kind_model(data_dir: str | Path, adult_dir: str | Path, output_dir: str | Path | None = None,
-                   quantile: float = KIND_QUANTILE, width: int = WIDTH, epochs: int = EPOCHS, seed: int = SEED,
+def fit_kind_model(data_dir: str | Path, adult_dir: str | Path, output_dir: str | Path | None = None, seed: int = SEED,
                    copies: int = PEDIATRIC_COPIES, synthetic_count: int = SYNTHETIC_COUNT) -> KindModel:
-    """Fits rule 3, its cut-off at the `quantile` of the pediatric validation split's P(pediatric), and, with
+    """Fits rule 3, its cut-off at the KIND_QUANTILE of the pediatric validation split's P(pediatric), and, with
     `output_dir`, saves it there. `copies` and `synthetic_count` size the training set (corpus.training_set)."""
-    data_dir, adult_dir = Path(data_dir), Path(adult_dir)
-    rng = np.random.default_rng(seed)
-    inputs, kinds = training_set(data_dir, adult_dir, rng, copies, synthetic_count)
+    inputs, kinds = training_set(data_dir, adult_dir, np.random.default_rng(seed), copies, synthetic_count)
     counts = np.bincount(kinds, minlength=len(KINDS))
-    model = KindModel(tensors=kind_tensors(train_kind_network(inputs, kinds, width, epochs, seed)), threshold=0.0)
-    validation = thumbnails(load_xray(path) for path in image_files(data_dir / "validation"))
-    p_pediatric = model.probabilities(validation)[:, PEDIATRIC]
-    model.threshold = float(np.quantile(p_pediatric, quantile))
+    model = KindModel(tensors=kind_tensors(train_kind_network(inputs, kinds, seed=seed)), threshold=0.0)
+    validation = thumbnails(load_xray(path) for path in image_files(Path(data_dir, "validation")))
+    quantile = KIND_QUANTILE
+    model.threshold = float(np.quantile(model.probabilities(validation)[:, PEDIATRIC], quantile))
     model.metadata = {
-        "quantile": repr(quantile), "seed": str(seed), "width": str(width), "epochs": str(epochs),
+        "quantile": repr(quantile), "seed": str(seed), "width": str(WIDTH), "epochs": str(EPOCHS),
         "training_inputs": ",".join(f"{kind}={count}" for kind, count in zip(KINDS, counts)),
         "validation_count": str(len(validation)), "adult_folds": ",".join(f"{n}={p}" for n, p in ADULT_FOLDS),
     }
@@ -144,21 +140,16 @@ def fit_kind_model(data_dir: str | Path, adult_dir: str | Path, output_dir: str 
 
 # ---- what belongs to one classifier: rule 4's statistics, rule 3's child score ---------------------
 
-def _split_images(source, batch_size: int) -> Iterator[Image.Image]:
-    """Grey images from a `datasets` split (its "image" column, ignoring any transform set on it),
-    or from an iterable of paths, bytes or PIL images."""
-    if hasattr(source, "with_format"):
-        source = (image for batch in source.with_format(None).iter(batch_size=batch_size) for image in batch["image"])
-    return map(load_xray, source)
-
-
 def embed(model, spec: PixelSpec, images: Iterable, batch_size: int = 64) -> np.ndarray:
-    """The head-input features of every image, (N, hidden), in order."""
+    """The head-input features, (N, hidden), in order, of a `datasets` split's "image" column (any transform set on
+    it bypassed) or of an iterable of paths, bytes or PIL images."""
     from ..inference.backends import forward
 
+    if hasattr(images, "with_format"):
+        images = (image for batch in images.with_format(None).iter(batch_size=batch_size) for image in batch["image"])
     was_training = model.training
     model.eval()
-    chunks, stream = [], _split_images(images, batch_size)
+    chunks, stream = [], map(load_xray, images)
     try:
         while batch := list(itertools.islice(stream, batch_size)):
             chunks.append(forward(model, pixel_values(batch, spec)).features)
@@ -169,10 +160,8 @@ def embed(model, spec: PixelSpec, images: Iterable, batch_size: int = 64) -> np.
     return np.concatenate(chunks).astype(np.float64)
 
 
-def fit_domain_stats(
-    model, spec: PixelSpec, train, validation, output_dir: str | Path | None = None,
-    quantile: float = DEFAULT_QUANTILE, batch_size: int = 64,
-) -> DomainStats:
+def fit_domain_stats(model, spec: PixelSpec, train, validation, output_dir: str | Path | None = None,
+                     quantile: float = DEFAULT_QUANTILE, batch_size: int = 64) -> DomainStats:
     """Fits rule 4 on the training split, its cut-off on the validation split (either one a `datasets` split or an
     iterable of images, as `embed` reads them) and, with `output_dir`, saves it there. The covariance is
     Ledoit-Wolf shrunk, so it stays invertible with fewer images than dimensions."""
@@ -181,10 +170,8 @@ def fit_domain_stats(
     train_features = embed(model, spec, train, batch_size)
     validation_features = embed(model, spec, validation, batch_size)
     estimate = LedoitWolf().fit(train_features)
-    stats = DomainStats(
-        mean=estimate.location_, precision=estimate.precision_, threshold=float("inf"), quantile=quantile,
-        train_count=len(train_features), validation_count=len(validation_features),
-    )
+    stats = DomainStats(estimate.location_, estimate.precision_, threshold=float("inf"), quantile=quantile,
+                        train_count=len(train_features), validation_count=len(validation_features))
     stats.threshold = float(np.quantile(stats.distance(validation_features), quantile))
     if output_dir is not None:
         path = stats.save(output_dir)
@@ -226,7 +213,6 @@ def fit_child_score(model, spec: PixelSpec, stats: DomainStats, kind_model: Kind
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    data_dir, adult_dir = Path(data_dir), Path(adult_dir)
     pediatric, adults, altered = films(data_dir, adult_dir, np.random.default_rng(seed), copies, adult_share=0.6,
                                        altered_copies=copies)
     children = embed(model, spec, readable(pediatric), batch_size)
@@ -244,7 +230,7 @@ def fit_child_score(model, spec: PixelSpec, stats: DomainStats, kind_model: Kind
         p_pediatric = kind_model.probabilities(thumbnails(load_xray(path) for path in paths))[:, PEDIATRIC]
         return np.c_[kind_score(p_pediatric, 0.0), stats.child_score(embed(model, spec, paths, batch_size))]
 
-    validation, select = image_files(data_dir / "validation"), adult_files(adult_dir, "select")
+    validation, select = image_files(Path(data_dir, "validation")), adult_files(adult_dir, "select")
     if not select:
         raise ValueError(f"{adult_dir}: no adult images in the select fold, which sets the child score's weight")
     validation_scores, select_scores = scores(validation), scores(select)
@@ -276,9 +262,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--feature_stats", action="store_true",
                         help="fit the Mahalanobis statistics of the classifier in model_dir (rule 4) and, with "
                              "--adult_dir, its child score (rule 3, with the kind model in model_dir)")
-    parser.add_argument("--quantile", type=float, default=None,
-                        help=f"validation quantile of the cut-off (default {KIND_QUANTILE} for the kind model, "
-                             f"{DEFAULT_QUANTILE} for the feature statistics)")
     parser.add_argument("--copies", type=int, default=PEDIATRIC_COPIES,
                         help="augmented copies of each pediatric training film in the kind model's fit")
     parser.add_argument("--synthetic_count", type=int, default=SYNTHETIC_COUNT,
@@ -291,9 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--kind_model needs --adult_dir (the adult chest X-rays it learns to tell apart)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.kind_model:
-        fit_kind_model(args.data_dir, args.adult_dir, args.model_dir,
-                       quantile=KIND_QUANTILE if args.quantile is None else args.quantile,
-                       copies=args.copies, synthetic_count=args.synthetic_count)
+        fit_kind_model(args.data_dir, args.adult_dir, args.model_dir, copies=args.copies,
+                       synthetic_count=args.synthetic_count)
         previous = DomainStats.load(args.model_dir)
         if not args.feature_stats and previous is not None and previous.child_weight is not None:
             log.warning("the child score in %s was set with the previous kind model: rule 3 uses the new kind model "
@@ -305,8 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         classifier = Classifier.load(args.model_dir, fast=False)  # the features the app computes: fp32 PyTorch
         splits = load_splits(args.data_dir)
         stats = fit_domain_stats(classifier.model, classifier.spec, splits["train"], splits["validation"],
-                                 batch_size=args.batch_size,
-                                 quantile=DEFAULT_QUANTILE if args.quantile is None else args.quantile)
+                                 batch_size=args.batch_size)
         if args.adult_dir:
             kind_model = KindModel.load(args.model_dir)
             if kind_model is None:
