@@ -1,18 +1,7 @@
-"""Data preparation throughput: data_prep's conversion against the naive Pillow loop, on the 640
-full-resolution originals (the test and val splits of --originals; --quick: 64 of them, 1 round).
-
-- naive: `Image.open(p).convert("L").resize((224, 224))` in a loop, one process, nothing saved;
-- data_prep: `data_prep.prepare.convert_all`, exactly as `prepare()` runs it: `_convert` (read,
-  sha256, `read_xray` with JPEG draft decoding, `resize_gray`, PGM encoding) on a thread per core,
-  pool start-up included;
-- data_prep on processes: the same `_convert` over a `multiprocessing.Pool` (what data_prep used
-  before; every encoded image is pickled back to the parent);
-- data_prep, 1 thread: the same conversion in a loop, to separate the per-image gain from the cores.
-Rounds alternate the paths so that load changes hit them alike; the best round of each counts.
-Output agreement: PSNR and mean / max absolute difference (grey levels) of the prepared images
-against the naive result, and against the same conversion without draft decoding (the draft's own
-share). The cached format: encoding and decoding time and size per image of PGM (data_prep now),
-BMP and PNG (data_prep before: zlib level 1, RLE strategy; and Pillow's default, level 6).
+"""Data preparation throughput on the full-resolution originals (the test and val splits of --originals; --quick: 64
+of them, 1 round): the naive Pillow loop against data_prep's `convert_all` as `prepare()` runs it (threads), the same
+`_convert` on processes and on 1 thread; the best of alternating rounds counts. Also the output's agreement with the
+naive loop and with the same conversion decoding at full size, and the cost of the formats data_prep could cache.
 """
 
 from __future__ import annotations
@@ -27,7 +16,7 @@ from multiprocessing import Pool
 import numpy as np
 from PIL import Image
 
-from benchmarks.harness import markdown_table, options, spread, verdict, write_results
+from benchmarks.harness import markdown_table, options, section, spread, verdict, write_results
 from data_prep.prepare import PREPARED_FORMAT, _convert, convert_all
 from pneumonia_vit.cpus import usable_cores
 from pneumonia_vit.images import load_xray
@@ -46,7 +35,8 @@ def cached_formats(images: list[np.ndarray]) -> dict:
     candidates = {
         "PGM (data_prep now)": (PREPARED_FORMAT, {}),
         "BMP": ("BMP", {}),
-        "PNG, zlib level 1, RLE strategy (data_prep before)": ("PNG", {"compress_level": 1, "compress_type": zlib.Z_RLE}),
+        "PNG, zlib level 1, RLE strategy (data_prep before)": ("PNG", {"compress_level": 1,
+                                                                      "compress_type": zlib.Z_RLE}),
         "PNG, Pillow's default (level 6)": ("PNG", {}),
     }
     results = {}
@@ -124,7 +114,6 @@ def main(argv=None) -> int:
     vs_naive = agreement(ours, outputs["naive"])
     vs_no_draft = agreement(ours, [np.asarray(resize_gray(load_xray(p), SIZE)) for p in paths])
     ratio = throughput["data_prep"] / throughput["naive"]
-    goal = verdict(f"Goal: data_prep >= 5x the naive loop: {ratio:.2f}x", ratio >= 5)
     data = {
         "images": len(paths), "rounds": rounds, "workers": args.workers, "seconds": times,
         "images_per_s": throughput, "ratio_vs_naive": ratio, "cpu_ms_per_image": cpu_ms,
@@ -140,25 +129,25 @@ def main(argv=None) -> int:
                  [f"{vs_naive['psnr_db']:.1f}", f"{vs_naive['mean_abs_diff']:.2f}", f"{vs_naive['max_abs_diff']:.0f}"]),
                 ("data_prep_processes", f"the same on {args.workers} processes", same),
                 ("data_prep_1_thread", "the same on 1 thread", same))]
-    markdown = (
-        f"### Data preparation: {len(paths)} full-resolution originals -> {SIZE} px grayscale\n\n"
-        + markdown_table(["path", "images/s", "vs naive", "CPU ms per image", "PSNR vs naive (dB)",
-                          "mean abs diff (grey levels)", "max abs diff"], rows)
-        + f"\n\nDraft decoding's own effect (data_prep vs the same conversion decoding at full size): PSNR "
-          f"{vs_no_draft['psnr_db']:.1f} dB (worst image {vs_no_draft['worst_image_psnr_db']:.1f} dB), mean abs diff "
-          f"{vs_no_draft['mean_abs_diff']:.2f}, 99th percentile {vs_no_draft['p99_abs_diff']:.0f}, max "
-          f"{vs_no_draft['max_abs_diff']:.0f} grey levels. Against the naive loop the difference is mostly the "
-          f"resampling filter: naive `resize` defaults to bicubic, data_prep uses bilinear with antialiasing like "
-          f"ViTImageProcessor (worst image {vs_naive['worst_image_psnr_db']:.1f} dB).\n\n"
-        + f"Cached format (the {len(ours)} prepared images; every format holds the same pixels; decoding is paid again "
-          f"at every training epoch):\n\n"
-        + markdown_table(["format", "encode ms per image", "decode ms per image", "KiB per image"],
-                         [[name, f["encode_ms"], f["decode_ms"], f["kib"]] for name, f in formats.items()])
-        + f"\n\n- {goal}. CPU time per image: naive {cpu_ms['naive']:.2f} ms, data_prep {cpu_ms['data_prep_1_thread']:.2f} ms "
-          f"({cpu_ms['naive'] / cpu_ms['data_prep_1_thread']:.2f}x less); with {args.workers} fully used cores the "
-          f"ceiling is about {args.workers * cpu_ms['naive'] / cpu_ms['data_prep_1_thread']:.1f}x."
-    )
-    write_results("data_prep", args.quick, data, markdown, args.output)
+    naive_ms, ours_ms = cpu_ms["naive"], cpu_ms["data_prep_1_thread"]
+    write_results("data_prep", args, data, [
+        section(f"Data preparation: {len(paths)} full-resolution originals -> {SIZE} px grayscale",
+                ["path", "images/s", "vs naive", "CPU ms per image", "PSNR vs naive (dB)",
+                 "mean abs diff (grey levels)", "max abs diff"], rows,
+                f"Draft decoding's own effect (data_prep vs the same conversion decoding at full size): PSNR "
+                f"{vs_no_draft['psnr_db']:.1f} dB (worst image {vs_no_draft['worst_image_psnr_db']:.1f} dB), mean abs "
+                f"diff {vs_no_draft['mean_abs_diff']:.2f}, 99th percentile {vs_no_draft['p99_abs_diff']:.0f}, max "
+                f"{vs_no_draft['max_abs_diff']:.0f} grey levels. Against the naive loop the difference is mostly the "
+                "resampling filter: naive `resize` defaults to bicubic, data_prep uses bilinear with antialiasing like "
+                f"ViTImageProcessor (worst image {vs_naive['worst_image_psnr_db']:.1f} dB).\n\n"
+                f"Cached format (the {len(ours)} prepared images; every format holds the same pixels; decoding is paid "
+                "again at every training epoch):\n\n"
+                + markdown_table(["format", "encode ms per image", "decode ms per image", "KiB per image"],
+                                 [[name, f["encode_ms"], f["decode_ms"], f["kib"]] for name, f in formats.items()])
+                + f"\n\n- {verdict(f'Goal: data_prep >= 5x the naive loop: {ratio:.2f}x', ratio >= 5)}. CPU time per "
+                f"image: naive {naive_ms:.2f} ms, data_prep {ours_ms:.2f} ms ({naive_ms / ours_ms:.2f}x less); with "
+                f"{args.workers} fully used cores the ceiling is about {args.workers * naive_ms / ours_ms:.1f}x."),
+    ])
     return 0
 
 

@@ -1,14 +1,7 @@
-"""How often the out-of-domain check fires, per set of images, as the app runs it (every rule the
-model folder has, through `serving.Service`).
-
-    python -m benchmarks.domain_check                          # the sets below, for the bundled model
-    python -m benchmarks.domain_check --model MODEL_DIR --measure FOLDER [FOLDER ...]   # other folders instead
-
-Sets: the pediatric validation and test splits (prepared), the full-resolution test originals, the
-adult images per patient fold of ood.corpus.adult_fold (held_out: patients the check was
-neither fitted nor chosen on), and a corpus of non-X-rays written to --corpus_dir
-(`write_non_xray_corpus`). Also the kind model's (rule 3's) time per decoded image on the test
-originals. Prints one JSON line per set; --quick measures 64 images of each.
+"""How often the out-of-domain check fires, per set of images, as the app runs it (`Service.analyze_files`, every
+rule the model folder has): the pediatric validation and test splits, the test originals, the adult patient folds
+(held_out: neither fitted nor chosen on), a corpus of non-X-rays written to --corpus_dir; and the kind model's time
+per decoded image. --measure FOLDER... measures those folders instead; --quick 64 images a set.
 """
 
 from __future__ import annotations
@@ -22,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from benchmarks.harness import bundled_dir, interleaved, markdown_table, options, percentiles, spread, write_results
+from benchmarks.harness import interleaved, markdown_table, options, percentiles, spread, write_results
 from pneumonia_vit.images import InvalidImageError, read_xray
 from pneumonia_vit.ood.check import PEDIATRIC, RULES, KindModel, check_input
 from pneumonia_vit.ood.corpus import SYNTHETIC_FAMILIES, adult_files, heavy_crop, image_files, synthetic_image
@@ -30,13 +23,10 @@ from pneumonia_vit.serving.service import Service
 
 CORPUS_SEED = 7  # the kind model's fit draws with ood.fit.SEED; this corpus with another seed
 EXPLANATION = (
-    "Flagged: any rule fired; the columns after the goal count each rule (ood/check.py) on its own, "
-    "`features only` the images that rule 4 alone flagged, and `kind model alone` what rule 3 flags without the "
-    "classifier's child score. The kind model and the child score were fitted on the pediatric train split and the adult "
-    "`fit` fold, their cut-offs set on the pediatric validation split; the adult `select` fold was looked at while "
-    "choosing their design and sets the child score's weight; the `held_out` fold and the test split were not used to "
-    "fit them or set their cut-offs. The non-X-ray corpus is drawn with another seed than the fit's drawn images "
-    "(same families), plus matplotlib's sample images and altered test-split films.")
+    "Flagged: any rule fired; the columns after the goal count each rule (ood/check.py) on its own, `features only` "
+    "the images that rule 4 alone flagged, and `kind model alone` what rule 3 flags without the classifier's child "
+    "score. The held_out adults and the test split were used neither to fit the check nor to set its cut-offs; the "
+    "non-X-ray corpus is drawn with another seed than the fit's drawn images (docs/out_of_domain.md).")
 
 
 def _matplotlib_samples() -> dict[str, Image.Image]:
@@ -51,7 +41,8 @@ def _matplotlib_samples() -> dict[str, Image.Image]:
         mri = np.frombuffer(handle.read(), np.uint16).astype(np.float32).reshape(256, 256)
     samples["mri_head_slice.png"] = Image.fromarray((255 * mri / mri.max()).astype(np.uint8))
     terrain = cbook.get_sample_data("jacksboro_fault_dem.npz")["elevation"].astype(np.float32)
-    samples["terrain_elevation_grey.png"] = Image.fromarray((255 * (terrain - terrain.min()) / np.ptp(terrain)).astype(np.uint8))
+    terrain = 255 * (terrain - terrain.min()) / np.ptp(terrain)
+    samples["terrain_elevation_grey.png"] = Image.fromarray(terrain.astype(np.uint8))
     for name in ("logo2.png", "Minduka_Present_Blue_Pack.png"):
         image = Image.open(cbook.get_sample_data(name, asfileobj=False))
         samples[f"drawing_{Path(name).stem}.png"] = image.convert("RGB")
@@ -104,7 +95,8 @@ def measure(service: Service, paths: list[Path], batch_size: int = 32) -> dict:
             looks_like[check.looks_like] += 1
             if check.in_domain:
                 passed.append(path.name)
-    result = {key: counts[key] for key in ("images", "flagged", *RULES, "features_only", "kind_model_alone", "unreadable")}
+    result = {key: counts[key] for key in ("images", "flagged", *RULES, "features_only", "kind_model_alone",
+                                           "unreadable")}
     result["flagged_fraction"] = round(counts["flagged"] / counts["images"], 4) if counts["images"] else None
     return {**result, "looks_like": dict(looks_like), "passed": passed}
 
@@ -128,40 +120,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--measure", nargs="+", type=Path, metavar="FOLDER", help="measure these folders instead")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    folder = bundled_dir(args.model)[0]
+    folder = args.model
     service = Service.load(str(folder))
-    model = folder.name
+
+    def chosen(paths: list[Path]) -> list[Path]:
+        return spread(paths, 64) if args.quick else paths
+
     if args.measure:  # name, files, goal, expect_flagged
         sets = [(str(folder), image_files(folder), "", False) for folder in args.measure]
     else:
+        test_films = image_files(args.data_dir / "test")
         sets = [("pediatric validation split", image_files(args.data_dir / "validation"), "<= 2%", False),
-                ("pediatric test split", image_files(args.data_dir / "test"), "<= 2%", False),
+                ("pediatric test split", test_films, "<= 2%", False),
                 ("pediatric test originals (full size)", image_files(args.originals / "test"), "<= 2%", False),
                 *((f"adult NIH patients, {fold} fold", adult_files(args.adult_dir, fold), goal, True)
                   for fold, goal in (("held_out", ">= 95%"), ("select", ""), ("fit", ""))),
-                ("non-X-ray corpus", write_non_xray_corpus(args.corpus_dir, image_files(args.data_dir / "test")), "100%", True)]
+                ("non-X-ray corpus", write_non_xray_corpus(args.corpus_dir, test_films), "100%", True)]
     rows = []
     for name, paths, goal, expect_flagged in sets:
-        row = {"set": name, "goal": goal, "expect_flagged": expect_flagged,
-               **measure(service, spread(paths, 64) if args.quick else paths)}
+        row = {"set": name, "goal": goal, "expect_flagged": expect_flagged, **measure(service, chosen(paths))}
         print(json.dumps({k: v for k, v in row.items() if k != "passed" or expect_flagged}), flush=True)
         rows.append(row)
-    data = {"model": model, "sets": rows}
-    markdown = f"### Out-of-domain check: how often it flags each set\n\nModel: `{model}`. {EXPLANATION}\n\n" + markdown_table(
-        ["Set", "Images", "Flagged", "Rate", "Goal", *RULES, "features only", "kind model alone"],
-        [[row["set"], row["images"], row["flagged"], f"{100 * row['flagged'] / row['images']:.1f}%", row["goal"],
-          *(row[rule] for rule in RULES), row["features_only"], row["kind_model_alone"]] for row in rows])
+    data = {"model": folder.name, "sets": rows}
+    table = markdown_table(["Set", "Images", "Flagged", "Rate", "Goal", *RULES, "features only", "kind model alone"],
+                           [[row["set"], row["images"], row["flagged"], f"{100 * row['flagged'] / row['images']:.1f}%",
+                             row["goal"], *(row[rule] for rule in RULES), row["features_only"],
+                             row["kind_model_alone"]] for row in rows])
+    sections = [f"### Out-of-domain check: how often it flags each set\n\nModel: `{folder.name}`. {EXPLANATION}\n\n"
+                + table]
     if service.kind_model is not None and not args.measure:
-        ms = data["kind_model_ms_per_image"] = check_milliseconds(
-            service.kind_model, spread(image_files(args.originals / "test"), 64) if args.quick else image_files(args.originals / "test"))
-        markdown += (f"\n\nKind model (rule 3) time per decoded image, median over the full-size test originals: "
-                     f"{ms['total']:.2f} ms (thumbnail {ms['thumbnail']:.2f} ms, network {ms['network']:.2f} ms).")
-    for row in rows:
-        if row["expect_flagged"] and row["passed"]:
-            markdown += f"\n\nNot flagged in {row['set']}: " + ", ".join(row["passed"])
-    write_results("domain_check", args.quick, data, markdown, args.output)
+        ms = data["kind_model_ms_per_image"] = check_milliseconds(service.kind_model,
+                                                                  chosen(image_files(args.originals / "test")))
+        sections.append(f"Kind model (rule 3) time per decoded image, median over the full-size test originals: "
+                        f"{ms['total']:.2f} ms (thumbnail {ms['thumbnail']:.2f} ms, network {ms['network']:.2f} ms).")
+    sections += [f"Not flagged in {row['set']}: " + ", ".join(row["passed"])
+                 for row in rows if row["expect_flagged"] and row["passed"]]
+    write_results("domain_check", args, data, sections)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,5 +1,5 @@
-"""What every benchmark shares: its options, the models and images it measures, timing that alternates the
-candidates, and results files that record the machine and how busy it was."""
+"""What every benchmark shares: its options, the models, images and app clients it measures, timing that
+alternates the candidates, and results files that record the machine and how busy it was."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from importlib import metadata
@@ -25,14 +26,14 @@ BUNDLED_MODEL = REPO / "models" / "pneumonia-vit-tiny"
 SHARED_DATA = Path(os.environ.get("PNEUMONIA_DATA_ROOT", REPO.parent / "shared" / "data"))
 SCRATCH = Path(os.environ.get("PNEUMONIA_VIT_BENCH_SCRATCH", Path.home() / ".cache" / "pneumonia-vit-bench"))
 
-# The bundled model's architecture (configs/vit_tiny_cpu.yaml), for runs before it is trained.
-BUNDLED_CONFIG = dict(image_size=128, patch_size=16, hidden_size=192, num_hidden_layers=6, num_attention_heads=3,
-                      intermediate_size=768)
+# /predict refuses the adult example as out of domain: the load on the app is the children's films.
+EXAMPLES = sorted(path for path in (REPO / "examples").glob("*.jpeg") if not path.name.startswith("adult"))
+DROPPED = ("RemoteProtocolError", "ReadError", "ConnectError", "ConnectionReset", "RemoteDisconnected", "peer closed")
 VIT_BASE = "ViT-B/16 (random weights)"
 
 PATH_OPTIONS = {  # option: (default, help)
-    "model": (None, "model folder (default: the bundled one, or a random model of its architecture until it exists)"),
-    "data_dir": (REPO / "data" / "chest_xray_prepared", "prepared data (data_prep/prepare.py): train/, validation/, test/"),
+    "model": (BUNDLED_MODEL, "model folder (default: the bundled one)"),
+    "data_dir": (REPO / "data" / "chest_xray_prepared", "prepared data (data_prep/prepare.py): train/, validation/..."),
     "originals": (SHARED_DATA / "chest_xray_originals", "the full-resolution originals: test/ and val/"),
     "adult_dir": (SHARED_DATA / "adult_cxr_224", "adult chest X-rays and their provenance.csv"),
 }
@@ -43,55 +44,32 @@ def options(doc: str, *paths: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: fewer images and iterations; results go to <name>-quick.*")
-    parser.add_argument("--output", type=Path, help="write OUTPUT.json and OUTPUT.md (default benchmarks/results/<name>)")
+    parser.add_argument("--output", type=Path, help="write OUTPUT.json and .md (default benchmarks/results/<name>)")
     for name in paths:
         default, help_text = PATH_OPTIONS[name]
         parser.add_argument(f"--{name}", type=Path, default=default, help=help_text)
     return parser
 
 
-def make_random_model(folder: Path, **config) -> Path:
-    """A randomly initialised ViT classifier saved like a trained one (weights, processor, threshold).
+def models(requested: Path, vit_base: bool) -> list[tuple[str, Path]]:
+    """(name, folder): the bundled model (or --model) and, with `vit_base`, a seeded random ViT-B/16 at 224 px (the
+    size of google/vit-base-patch16-224; the same weights, and fast-path cache entry, on every run)."""
+    folder = SCRATCH / "vit-base-patch16-224-random"
+    if vit_base and not (folder / "model.safetensors").is_file():
+        import torch
+        from transformers import ViTConfig, ViTForImageClassification
 
-    Seeded, so the same weights (and the same fast-path cache entry) come back on every run.
-    Without arguments: ViT-B/16 at 224 px, the size of google/vit-base-patch16-224.
-    """
-    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
-        return folder
-    import torch
-    from transformers import ViTConfig, ViTForImageClassification
+        from pneumonia_vit.images import LABELS
+        from pneumonia_vit.preprocess import PixelSpec
 
-    from pneumonia_vit.images import LABELS
-    from pneumonia_vit.preprocess import PixelSpec
-
-    torch.manual_seed(0)
-    vit_config = ViTConfig(num_labels=2, id2label=dict(enumerate(LABELS)),
-                           label2id={label: i for i, label in enumerate(LABELS)}, **config)
-    vit_config.decision_threshold = 0.5
-    partial = folder.with_name(folder.name + ".partial")
-    ViTForImageClassification(vit_config).save_pretrained(partial)
-    PixelSpec(size=vit_config.image_size).processor().save_pretrained(partial)
-    partial.rename(folder)
-    return folder
-
-
-def bundled_dir(requested: str | Path | None = None) -> tuple[Path, bool]:
-    """(folder, trained): the requested or bundled model, or a random model of its architecture until it exists."""
-    if requested:
-        return Path(requested), True
-    if (BUNDLED_MODEL / "config.json").is_file():
-        return BUNDLED_MODEL, True
-    print(f"note: {BUNDLED_MODEL} does not exist yet: timing a random model of its architecture", flush=True)
-    return make_random_model(SCRATCH / "vit-tiny-128-random", **BUNDLED_CONFIG), False
-
-
-def models(requested: Path | None, vit_base: bool) -> list[tuple[str, Path, bool]]:
-    """(name, folder, trained): the bundled model (or --model) and, with `vit_base`, ViT-B/16 at 224 px."""
-    folder, trained = bundled_dir(requested)
-    chosen = [("bundled" + ("" if trained else " (random weights)"), folder, trained)]
-    if vit_base:
-        chosen.append((VIT_BASE, make_random_model(SCRATCH / "vit-base-patch16-224-random"), False))
-    return chosen
+        torch.manual_seed(0)
+        config = ViTConfig(num_labels=2, id2label=dict(enumerate(LABELS)),
+                           label2id={label: i for i, label in enumerate(LABELS)}, decision_threshold=0.5)
+        partial = folder.with_name(folder.name + ".partial")
+        ViTForImageClassification(config).save_pretrained(partial)
+        PixelSpec(size=config.image_size).processor().save_pretrained(partial)
+        partial.rename(folder)
+    return [("bundled", requested)] + ([(VIT_BASE, folder)] if vit_base else [])
 
 
 def labelled_files(folder: Path) -> list[tuple[Path, int]]:
@@ -120,9 +98,9 @@ def percentiles(seconds: Sequence[float]) -> dict:
             "mean_ms": 1000 * statistics.fmean(ordered)}
 
 
-def interleaved(candidates: dict[str, Callable[[int], object]], iterations: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Seconds of each of `iterations` calls of each candidate, round-robin, so that load changes hit all of
-    them alike. Each call gets the iteration number (to cycle through inputs)."""
+def interleaved(candidates: dict[str, Callable[[int], object]], iterations: int, warmup: int = 2) -> dict[str, list]:
+    """Seconds of each of `iterations` calls of each candidate, round-robin, so that load changes hit all of them
+    alike. Each call gets the iteration number (to cycle through inputs)."""
     for run in candidates.values():
         for i in range(warmup):
             run(i)
@@ -135,32 +113,122 @@ def interleaved(candidates: dict[str, Callable[[int], object]], iterations: int,
     return times
 
 
-def status_mib(field: str, pid: int | str = "self") -> float | None:
-    """A memory field of /proc/<pid>/status (VmRSS: resident now, VmHWM: peak) in MiB; None off Linux."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+def client(url: str):
+    """A gradio_client Client of a local app. Without ssl_verify=False it builds a TLS context, CA bundle included,
+    for each HTTP request of a call (tens of ms of CPU), and the clients, not the app, would be measured."""
+    from gradio_client import Client
+
+    return Client(url, verbose=False, ssl_verify=False)
 
 
-def _cpu_busy_share(seconds: float = 0.5) -> float | None:
-    """Share of all cores' time spent busy over `seconds` (from /proc/stat; None where there is none).
-    Unlike the load average it ignores tasks that only wait for I/O, which keep the load average of
-    these otherwise idle machines near 1."""
+def error_kind(text: str) -> str:
+    """busy (the app's refusal), queue full (gradio's), dropped (the connection closed mid-answer) or other (such as
+    gradio_client's 5 s HTTP timeout on the upload or the queue join)."""
+    if "busy" in text.lower():
+        return "busy"
+    if "queue is full" in text.lower():
+        return "queue full"
+    return "dropped" if any(name in text for name in DROPPED) else "other"
+
+
+class Tally:
+    """Answers and errors of calls from many client threads."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.latencies: list[float] = []
+        self.by_endpoint: dict[str, list[float]] = {}
+        self.errors: dict[str, list[str]] = {}
+        self.error_latencies: list[float] = []
+
+    def answered(self, seconds: float, endpoint: str) -> None:
+        with self.lock:
+            self.latencies.append(seconds)
+            self.by_endpoint.setdefault(endpoint, []).append(seconds)
+
+    def failed(self, error: BaseException, seconds: float | None) -> None:
+        """seconds: None for a client that failed before its timed calls (Client() reads the app's config)."""
+        text = f"{type(error).__name__}: {error}"
+        with self.lock:
+            self.errors.setdefault("client setup" if seconds is None else error_kind(text), []).append(text[:300])
+            if seconds is not None:
+                self.error_latencies.append(seconds)
+
+    def summary(self, wall: float) -> dict:
+        counts = {kind: len(messages) for kind, messages in self.errors.items()}
+        return {
+            "answered": len(self.latencies), "errors": counts, "error_count": sum(counts.values()),
+            "error_examples": {kind: sorted(set(messages))[:3] for kind, messages in self.errors.items()},
+            "wall_s": wall, "images_per_s": len(self.latencies) / wall if wall > 0 else float("nan"),
+            **(percentiles(self.latencies) if self.latencies else {"p50_ms": float("nan"), "p95_ms": float("nan")}),
+            "by_endpoint": {endpoint: percentiles(times) for endpoint, times in sorted(self.by_endpoint.items())},
+            "slowest_refusal_ms": 1000 * max(self.error_latencies) if self.error_latencies else None,
+        }
+
+
+def run_clients(url: str, clients: int, requests: int, tally: Tally, analyze_every: int = 0, warmup: int = 0) -> float:
+    """`clients` threads, each with its own Client (its own session, as a browser's) and `warmup` calls, released
+    together to send `requests` calls in a row, one in `analyze_every` to /analyze (the page's, with the heatmap), the
+    rest to /predict; returns the seconds from the release to the last answer."""
+    from gradio_client import handle_file
+
+    release, ready = threading.Event(), threading.Semaphore(0)
+
+    def call(app, index: int, endpoint: str = "/predict"):
+        value = app.predict(handle_file(str(EXAMPLES[index % len(EXAMPLES)])), api_name=endpoint)
+        if endpoint == "/predict" and value.get("label") not in ("NORMAL", "PNEUMONIA"):
+            raise ValueError(f"unexpected answer {value!r}")
+
+    def thread(index: int) -> None:
+        try:
+            app = client(url)
+            for i in range(warmup):
+                call(app, index + i)
+        except Exception as error:  # noqa: BLE001
+            tally.failed(error, None)
+            return
+        finally:
+            ready.release()
+        release.wait()
+        for i in range(requests):
+            endpoint = "/analyze" if analyze_every and (index + i) % analyze_every == 0 else "/predict"
+            sent = time.perf_counter()
+            try:
+                call(app, index + i, endpoint)
+            except Exception as error:  # noqa: BLE001
+                tally.failed(error, time.perf_counter() - sent)
+                continue
+            tally.answered(time.perf_counter() - sent, endpoint)
+
+    threads = [threading.Thread(target=thread, args=(index,), daemon=True) for index in range(clients)]
+    for started in threads:
+        started.start()
+    for _ in threads:
+        ready.acquire()
+    begin = time.perf_counter()
+    release.set()
+    for started in threads:
+        started.join()
+    return time.perf_counter() - begin
+
+
+def status_mib(field: str, pid: int | str = "self") -> float:
+    """A memory field of /proc/<pid>/status (VmRSS: resident now, VmHWM: peak) in MiB."""
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return int(next(line for line in lines if line.startswith(field + ":")).split()[1]) / 1024
+
+
+def _cpu_busy_share(seconds: float = 0.5) -> float:
+    """Share of all cores' time spent busy over `seconds` (/proc/stat). Unlike the load average it ignores tasks that
+    only wait for I/O, which keep the load average of these otherwise idle machines near 1."""
 
     def sample():
         fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
         return fields[3] + fields[4], sum(fields)  # idle + iowait, all
 
-    try:
-        idle_before, total_before = sample()
-        time.sleep(seconds)
-        idle_after, total_after = sample()
-    except (OSError, ValueError):
-        return None
+    idle_before, total_before = sample()
+    time.sleep(seconds)
+    idle_after, total_after = sample()
     return 1 - (idle_after - idle_before) / max(1, total_after - total_before)
 
 
@@ -177,11 +245,8 @@ def environment() -> dict:
         except metadata.PackageNotFoundError:
             return None
 
-    try:
-        cpu_model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                         if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu_model = platform.processor()
+    cpu_model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), platform.processor())
     return {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
             "cpu_model": cpu_model, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             **{package: version(package) for package in ("transformers", "numpy", "pillow", "onnxruntime")},
@@ -200,38 +265,37 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines)
 
 
-def section(title: str, header: Sequence[str], rows: Sequence[Sequence]) -> str:
-    """A titled table; nothing where there are no rows."""
-    return f"### {title}\n\n" + markdown_table(header, rows) if rows else ""
+def section(title: str, header: Sequence[str], rows: Sequence[Sequence], after: str = "") -> str:
+    """A titled table, then `after`; nothing where there are no rows."""
+    return f"### {title}\n\n" + markdown_table(header, rows) + (after and "\n\n" + after) if rows else ""
 
 
 def verdict(claim: str, passed: bool) -> str:
     return f"{claim} -> {'PASS' if passed else 'FAIL'}"
 
 
-def goals(verdicts: Sequence[str]) -> str:
-    return "### Goals\n\n" + "\n".join(f"- {line}" for line in verdicts)
-
-
-def write_results(name: str, quick: bool, data: dict, markdown: str, output: Path | None = None) -> Path:
-    """OUTPUT.json and OUTPUT.md (default benchmarks/results/<name>, <name>-quick for --quick); prints the markdown."""
-    stem = Path(output).with_suffix("") if output else RESULTS / (f"{name}-quick" if quick else name)
+def write_results(name: str, args, data: dict, sections: Sequence[str], verdicts: Sequence[str] = ()) -> None:
+    """OUTPUT.json and OUTPUT.md (default benchmarks/results/<name>, <name>-quick with --quick): the sections and the
+    goals' verdicts under a header that names the command, the machine and how busy it was; prints the markdown."""
+    stem = Path(args.output).with_suffix("") if args.output else RESULTS / (f"{name}-quick" if args.quick else name)
     stem.parent.mkdir(parents=True, exist_ok=True)
+    goals = ["### Goals\n\n" + "\n".join(f"- {line}" for line in verdicts)] if verdicts else []
+    if verdicts:
+        data["verdicts"] = list(verdicts)
+    markdown = "\n\n".join(filter(None, [*sections, *goals]))
     env = data.setdefault("environment", environment())
     load = os.getloadavg()
     data["load_average_at_end"] = list(load)
     busy = env["cpu_busy_share_at_start"]
-    busy_text = "unknown" if busy is None else f"{100 * busy:.0f}%"
+    busy_text = f"{100 * busy:.0f}%"
     header = (f"<!-- {' '.join(sys.argv)} | {env['cpu_model']}, {env['cpus']} CPUs | torch {env['torch']}, "
               f"onnxruntime {env['onnxruntime']}, transformers {env['transformers']} | CPU busy before the run "
               f"{busy_text}, load average {env['load_average_at_start'][0]:.1f} at start, {load[0]:.1f} at end -->\n")
     Path(f"{stem}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     Path(f"{stem}.md").write_text(header + markdown + "\n")
     print("\n" + header + markdown, flush=True)
-    cpus = env["cpus"] or 1
     # The benchmark itself keeps about `cpus` threads busy; more than that at the end means company.
-    if (busy is not None and busy > 0.1) or load[0] > 1.25 * cpus + 1:
+    if busy > 0.1 or load[0] > 1.25 * (env["cpus"] or 1) + 1:
         print(f"WARNING: the machine was busy (CPU busy before the run {busy_text}, load average {load[0]:.1f} "
               f"at the end on {env['cpus']} CPUs): timings are noisy; rerun on a quiet machine.", flush=True)
     print(f"wrote {stem}.json and {stem}.md", flush=True)
-    return Path(f"{stem}.md")

@@ -1,26 +1,11 @@
-"""Inference speed, start-up cost and accuracy: the plain `transformers.pipeline` against this
-project's serving path, for ViT-B/16 (random weights, 224 px: the cost of google/vit-base-patch16-224)
-and the bundled model (models/pneumonia-vit-tiny, 128 px).
+"""Inference speed, start-up cost and accuracy: the plain fp32 `transformers.pipeline` (the baseline of every ratio)
+against this project's paths, torch fp32 (`Classifier.load(folder, fast=False)`) and the fast path
+(`Classifier.load(folder)`), for the bundled model and ViT-B/16 (random weights, 224 px).
 
-    python -m benchmarks.inference
-    python -m benchmarks.inference --model runs/smoke --skip-vit-base   # another trained model
-
-Timed paths, each including reading the file and all preprocessing:
-- pipeline fp32: `pipeline("image-classification", model=folder)(Image.open(path))`, what every
-  user starts from (baseline of every ratio);
-- ours, torch fp32: `load_xray(path, draft_size=side)` -> `pixel_values` -> the PyTorch model
-  (`Classifier.load(folder, fast=False)`);
-- ours, fast: `load_xray(path, draft_size=side)` -> `pixel_array` -> ONNX Runtime, int8 weights
-  (`Classifier.load(folder)`, see pneumonia_vit/inference/fast_path.py).
-Batch 1: p50 / p95 latency over the official test split as prepared (224 px PGMs) and over the
-full-resolution test originals (JPEGs, where draft decoding matters). Batch 8: images/s.
-The candidates run round-robin in one process so that load changes hit them alike.
-
-Also: start-up (pipeline, torch, fast path with an empty cache = one-off export + quantization,
-fast path with a warm cache), forward-only latency of the other backends tried (torch bf16, torch
-dynamic int8, ONNX Runtime fp32 / int8 per tensor, 1 thread), and accuracy / ROC-AUC of the
-bundled model on the official test split for the pipeline and the fast path (goal: within 0.5
-points). --quick: fewer iterations and a 64-image accuracy subset.
+Each path is timed from the file (prepared PGMs and full-resolution JPEG originals), preprocessing included, the
+candidates round-robin in one process. Also: start-up (the fast path with an empty and a warm cache), the other
+backends tried (forward only), and the bundled model's accuracy and ROC-AUC on the official test split (goal: the fast
+path within 0.5 points of the pipeline). --quick: fewer iterations and a 64-image accuracy subset.
 """
 
 from __future__ import annotations
@@ -37,7 +22,6 @@ from PIL import Image
 
 from benchmarks.harness import (
     VIT_BASE,
-    goals,
     interleaved,
     labelled_files,
     models,
@@ -54,14 +38,12 @@ from pneumonia_vit.inference.classifier import Classifier
 from pneumonia_vit.training.evaluation import binary_metrics
 
 PIPELINE, TORCH, FAST = PATHS = ("pipeline fp32", "ours, torch fp32", "ours, fast")
+# Calls per candidate (batch 1, batch 8, forward only of the backends tried) by (ViT-B/16, --quick).
+ITERATIONS = {(False, False): (200, 50, 200), (False, True): (20, 5, 20), (True, False): (40, 15, 30),
+              (True, True): (3, 1, 5)}
 
 
-def pipeline_p_pneumonia(outputs) -> np.ndarray:
-    """P(PNEUMONIA) from the pipeline's output for a list of images."""
-    return np.array([{row["label"]: row["score"] for row in rows}["PNEUMONIA"] for rows in outputs])
-
-
-def load_all(folder: Path, threads: int | None) -> tuple[dict, dict]:
+def load_all(folder: Path) -> tuple[dict, dict]:
     """The three paths, and what each cost to start (the fast path with an empty and a warm cache)."""
     from transformers import pipeline
 
@@ -73,13 +55,13 @@ def load_all(folder: Path, threads: int | None) -> tuple[dict, dict]:
     pipe, startup["pipeline_s"] = timed(lambda: pipeline("image-classification", model=str(folder), device="cpu"))
     exact, startup["torch_s"] = timed(lambda: Classifier.load(str(folder), fast=False))
     with tempfile.TemporaryDirectory(prefix="fast-cache-") as cache:
-        cold, startup["fast_cold_s"] = timed(lambda: Classifier.load(str(folder), threads=threads, cache=cache))
+        cold, startup["fast_cold_s"] = timed(lambda: Classifier.load(str(folder), cache=cache))
         if cold.backend.name != "onnxruntime-int8":
             raise SystemExit("the fast path did not load (see the warning above): pip install onnxruntime onnx")
         startup["fast_cold_detail"] = cold.backend.startup
         startup["artefact_mb"] = Path(cold.backend.path).stat().st_size / 2**20
         del cold
-        fast, startup["fast_warm_s"] = timed(lambda: Classifier.load(str(folder), threads=threads, cache=cache))
+        fast, startup["fast_warm_s"] = timed(lambda: Classifier.load(str(folder), cache=cache))
         startup["fast_warm_detail"] = fast.backend.startup
     return {PIPELINE: pipe, TORCH: exact, FAST: fast}, startup
 
@@ -99,14 +81,15 @@ def speed(paths: dict, files: list[Path], originals: list[Path], iterations: int
                                      TORCH: ours(paths[TORCH], source), FAST: ours(paths[FAST], source)}, iterations)
                 results[f"batch1_{label}"] = {name: percentiles(t) for name, t in times.items()}
         times = interleaved({
-            PIPELINE: lambda i: pipe([Image.open(files[(8 * i + k) % len(files)]) for k in range(8)], batch_size=8, top_k=2),
+            PIPELINE: lambda i: pipe([Image.open(files[(8 * i + k) % len(files)]) for k in range(8)], batch_size=8,
+                                     top_k=2),
             TORCH: ours(paths[TORCH], files, 8), FAST: ours(paths[FAST], files, 8)}, batch_iterations, warmup=1)
     results["batch8_prepared"] = {name: {**percentiles(t), "images_per_s": 8 / (percentiles(t)["p50_ms"] / 1000)}
                                   for name, t in times.items()}
     return results
 
 
-def backends_tried(folder: Path, exact: Classifier, image: Image.Image, iterations: int, threads: int | None) -> dict:
+def backends_tried(folder: Path, exact: Classifier, image: Image.Image, iterations: int) -> dict:
     """Forward-only batch-1 latency of the other backends tried, on one preprocessed real X-ray."""
     from transformers import AutoModelForImageClassification
 
@@ -126,10 +109,11 @@ def backends_tried(folder: Path, exact: Classifier, image: Image.Image, iteratio
         fast_path.export_onnx(model, exact.spec, fp32_path)
         fast_path.quantize_int8(fp32_path, Path(work) / "int8_tensor.onnx", per_channel=False)
         fast_path.quantize_int8(fp32_path, Path(work) / "int8_channel.onnx", per_channel=True)
-        default = threads or usable_cores()
+        default = usable_cores()
         for name, file, count in (("onnxruntime fp32", "fp32.onnx", default),
                                   ("onnxruntime int8 per-tensor", "int8_tensor.onnx", default),
-                                  (f"onnxruntime int8 per-channel, {default} threads (the fast path)", "int8_channel.onnx", default),
+                                  (f"onnxruntime int8 per-channel, {default} threads (the fast path)",
+                                   "int8_channel.onnx", default),
                                   ("onnxruntime int8 per-channel, 1 thread", "int8_channel.onnx", 1)):
             sessions[name] = fast_path.OnnxBackend(Path(work) / file, count)
     reference_name = "torch fp32 (SDPA attention)"
@@ -160,11 +144,12 @@ def accuracy(paths: dict, test_files: list[tuple[Path, int]], originals: list[tu
         with torch.inference_mode():
             for start in range(0, len(files), 8):
                 chunk = [path for path, _ in files[start:start + 8]]
-                scores[PIPELINE].append(pipeline_p_pneumonia(pipe([Image.open(p) for p in chunk], batch_size=8, top_k=2)))
+                outputs = pipe([Image.open(p) for p in chunk], batch_size=8, top_k=2)
+                scores[PIPELINE].append([{row["label"]: row["score"] for row in rows}["PNEUMONIA"] for rows in outputs])
                 grays = [load_xray(p, draft_size=fast.spec.size) for p in chunk]
                 scores[TORCH].append(paths[TORCH].pneumonia_probability(grays))
                 scores[FAST].append(fast.pneumonia_probability(grays))
-        scores = {name: np.concatenate(s) for name, s in scores.items()}
+        scores = {name: np.concatenate(parts) for name, parts in scores.items()}
         base = binary_metrics(labels, scores[PIPELINE], fast.threshold)
         results[label] = {}
         for name, s in scores.items():
@@ -179,16 +164,16 @@ def accuracy(paths: dict, test_files: list[tuple[Path, int]], originals: list[tu
     return results
 
 
-def report(name: str, result: dict, tables: dict[str, list]) -> list[str]:
+def rows_and_verdicts(name: str, result: dict, tables: dict[str, list]) -> list[str]:
     """Adds the model's rows to `tables`; returns its verdicts."""
-    s, startup = result["speed"], result["startup"]
-    base1 = s["batch1_prepared"][PIPELINE]["p50_ms"]
-    base8 = s["batch8_prepared"][PIPELINE]["images_per_s"]
+    speeds, startup = result["speed"], result["startup"]
+    base1, base8 = speeds["batch1_prepared"][PIPELINE]["p50_ms"], speeds["batch8_prepared"][PIPELINE]["images_per_s"]
     for path in PATHS:
-        b1, b8 = s["batch1_prepared"][path], s["batch8_prepared"][path]
-        orig = s.get("batch1_originals", {}).get(path, {})
-        tables["speed"].append([name, path, b1["p50_ms"], b1["p95_ms"], orig.get("p50_ms", "-"), orig.get("p95_ms", "-"),
-                                b8["images_per_s"], f"{base1 / b1['p50_ms']:.2f}x", f"{b8['images_per_s'] / base8:.2f}x"])
+        one, eight = speeds["batch1_prepared"][path], speeds["batch8_prepared"][path]
+        original = speeds.get("batch1_originals", {}).get(path, {})
+        tables["speed"].append([name, path, one["p50_ms"], one["p95_ms"], original.get("p50_ms", "-"),
+                                original.get("p95_ms", "-"), eight["images_per_s"], f"{base1 / one['p50_ms']:.2f}x",
+                                f"{eight['images_per_s'] / base8:.2f}x"])
     tables["startup"].append([name, startup["pipeline_s"], startup["torch_s"], startup["fast_cold_s"],
                               startup["fast_cold_detail"].get("export_quantize_s", 0.0), startup["fast_warm_s"],
                               startup["artefact_mb"]])
@@ -198,77 +183,67 @@ def report(name: str, result: dict, tables: dict[str, list]) -> list[str]:
     verdicts = []
     for split, by_path in result.get("accuracy", {}).items():
         for path, m in by_path.items():
-            tables["accuracy"].append([name, split, path, m["n"], f"{100 * m['accuracy']:.2f}", f"{100 * m['roc_auc']:.2f}",
-                                       f"{m['accuracy_change_points']:+.2f}", f"{m['roc_auc_change_points']:+.2f}",
-                                       f"{m['max_abs_p_diff']:.4f}", m["decisions_changed"]])
-        fast_m = by_path[FAST]
-        verdicts.append(verdict(f"{name}, {split}: fast path accuracy {fast_m['accuracy_change_points']:+.2f} points, "
-                                f"ROC-AUC {fast_m['roc_auc_change_points']:+.2f} points vs the pipeline (goal: within 0.5)",
-                                max(abs(fast_m["accuracy_change_points"]), abs(fast_m["roc_auc_change_points"])) <= 0.5))
-    fast1 = s["batch1_prepared"][FAST]["p50_ms"]
+            tables["accuracy"].append([name, split, path, m["n"], f"{100 * m['accuracy']:.2f}",
+                                       f"{100 * m['roc_auc']:.2f}", f"{m['accuracy_change_points']:+.2f}",
+                                       f"{m['roc_auc_change_points']:+.2f}", f"{m['max_abs_p_diff']:.4f}",
+                                       m["decisions_changed"]])
+        accuracy_change, auc_change = by_path[FAST]["accuracy_change_points"], by_path[FAST]["roc_auc_change_points"]
+        verdicts.append(verdict(f"{name}, {split}: fast path accuracy {accuracy_change:+.2f} points, ROC-AUC "
+                                f"{auc_change:+.2f} points vs the pipeline (goal: within 0.5)",
+                                max(abs(accuracy_change), abs(auc_change)) <= 0.5))
+    fast1 = speeds["batch1_prepared"][FAST]["p50_ms"]
     if name == VIT_BASE:
-        verdicts.append(verdict(f"{name}: fast path p50 at batch 1 is {base1 / fast1:.2f}x faster than the fp32 "
-                                f"pipeline (goal >= 3x)", base1 / fast1 >= 3))
-    else:
-        orig = s.get("batch1_originals", {}).get(FAST, {}).get("p50_ms")
-        verdicts.append(verdict(f"{name}: fast path p50 per image {fast1:.1f} ms on prepared PGMs"
-                                + (f", {orig:.1f} ms on full-resolution JPEG originals" if orig else "")
-                                + " (goal < 20 ms)", fast1 < 20 and (orig or 0) < 20))
-    return verdicts
+        return verdicts + [verdict(f"{name}: fast path p50 at batch 1 is {base1 / fast1:.2f}x faster than the fp32 "
+                                   "pipeline (goal >= 3x)", base1 / fast1 >= 3)]
+    original = speeds.get("batch1_originals", {}).get(FAST, {}).get("p50_ms")
+    return verdicts + [verdict(f"{name}: fast path p50 per image {fast1:.1f} ms on prepared PGMs"
+                               + (f", {original:.1f} ms on full-resolution JPEG originals" if original else "")
+                               + " (goal < 20 ms)", fast1 < 20 and (original or 0) < 20)]
 
 
 def main(argv=None) -> int:
     parser = options(__doc__, "model", "data_dir", "originals")
     parser.add_argument("--skip-vit-base", action="store_true")
-    parser.add_argument("--skip-options", action="store_true", help="skip the other-backends comparison")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="intra-op threads for torch and ONNX Runtime alike (default: all cores)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    quick = args.quick
     test_files = labelled_files(args.data_dir / "test")
     original_files = labelled_files(args.originals / "test") if (args.originals / "test").is_dir() else []
-    timing_files = [path for path, _ in spread(test_files, 64)]
-    timing_originals = [path for path, _ in spread(original_files, 64)]
+    timing_files, timing_originals = ([path for path, _ in spread(files, 64)] for files in (test_files, original_files))
+    if args.quick:
+        test_files, original_files = spread(test_files, 64), spread(original_files, 64)
 
     data = {"models": {}, "args": vars(args)}
     tables, verdicts = {"speed": [], "startup": [], "options": [], "accuracy": []}, []
-    for name, folder, trained in models(args.model, vit_base=not args.skip_vit_base):
+    for name, folder in models(args.model, vit_base=not args.skip_vit_base):
         is_base = name == VIT_BASE
+        batch1, batch8, forward = ITERATIONS[is_base, args.quick]
         print(f"\n== {name}: {folder}", flush=True)
-        paths, startup = load_all(folder, args.threads)
+        paths, startup = load_all(folder)
         print(f"start-up: {startup}", flush=True)
         result = {"folder": str(folder), "startup": startup,
-                  "speed": speed(paths, timing_files, timing_originals, (3 if quick else 40) if is_base else (20 if quick else 200),
-                                 (1 if quick else 15) if is_base else (5 if quick else 50))}
-        if not args.skip_options and not (quick and is_base):
+                  "speed": speed(paths, timing_files, timing_originals, batch1, batch8)}
+        if not (args.quick and is_base):
             print("other backends ...", flush=True)
-            result["options"] = backends_tried(folder, paths[TORCH], load_xray(timing_files[0], draft_size=paths[FAST].spec.size),
-                                               (5 if quick else 30) if is_base else (20 if quick else 200), args.threads)
-        if not is_base and trained:
+            image = load_xray(timing_files[0], draft_size=paths[FAST].spec.size)
+            result["options"] = backends_tried(folder, paths[TORCH], image, forward)
+        if not is_base:
             print("accuracy ...", flush=True)
-            result["accuracy"] = accuracy(paths, spread(test_files, 64) if quick else test_files,
-                                          spread(original_files, 64) if quick else original_files)
+            result["accuracy"] = accuracy(paths, test_files, original_files)
         data["models"][name] = result
-        verdicts += report(name, result, tables)
+        verdicts += rows_and_verdicts(name, result, tables)
 
-    markdown = "\n\n".join(filter(None, [
+    write_results("inference", args, data, [
         section("Latency and throughput (file -> P(PNEUMONIA), preprocessing included)",
-                ["model", "path", "batch 1 p50 ms", "p95 ms", "originals p50 ms", "originals p95 ms", "batch 8 images/s",
-                 "p50 speed-up", "images/s speed-up"], tables["speed"]),
+                ["model", "path", "batch 1 p50 ms", "p95 ms", "originals p50 ms", "originals p95 ms",
+                 "batch 8 images/s", "p50 speed-up", "images/s speed-up"], tables["speed"]),
         section("Start-up (seconds; the fast path's first load exports and quantizes into the cache once)",
-                ["model", "pipeline", "torch fp32", "fast, empty cache", "of which export + quantize", "fast, warm cache",
-                 "int8 ONNX MB"], tables["startup"]),
+                ["model", "pipeline", "torch fp32", "fast, empty cache", "of which export + quantize",
+                 "fast, warm cache", "int8 ONNX MB"], tables["startup"]),
         section("Backends tried (forward only, batch 1, one real X-ray)",
                 ["model", "backend", "p50 ms", "p95 ms", "vs torch fp32", "max |logit diff|"], tables["options"]),
         section("Accuracy at the stored threshold (official test split)",
                 ["model", "images", "path", "n", "accuracy %", "ROC-AUC %", "Δ accuracy (points)", "Δ AUC (points)",
                  "max |Δp|", "decisions changed"], tables["accuracy"]),
-        goals(verdicts),
-    ]))
-    data["verdicts"] = verdicts
-    write_results("inference", quick, data, markdown, args.output)
+    ], verdicts)
     return 0
 
 

@@ -1,19 +1,7 @@
-"""What the training input pipeline costs: CPU train steps/s of the bundled model's architecture
-(configs/vit_tiny_cpu.yaml: ViT 128 px, patch 16, width 192, 6 layers, batch 32, AdamW) fed by the
-real pipeline against the same model fed from batches already in memory (--quick: 384 images,
-shorter blocks, 1 round).
-
-Feeds, all with batch 32 and `pneumonia_vit.training.data.collate`:
-- memory: the same tensors every step (the model's cost alone: the reference);
-- pipeline, 0 workers: `load_splits(data/chest_xray_prepared)["train"]` with
-  `set_transform(BatchTransform(spec, Augmentation()))` in a shuffled DataLoader, as Trainer builds
-  it with its default `dataloader_num_workers=0` (train_vit.py);
-- pipeline, 1 worker: the same loaded in a background process (overlaps decoding with the step;
-  the same augmentations, each image's drawn from its own seeded generator);
-- cached decode, 0 workers: the prepared images decoded once (uint8, at their prepared size), then the
-  same augmentation and normalisation per step in the main process: identical batches to
-  "pipeline, 0 workers" for the same seed (checked here), without the per-step decoding.
-Blocks of steps alternate between the feeds so that load changes hit them alike.
+"""What the training input pipeline costs: train steps/s of the bundled model's architecture (batch 32, AdamW) fed
+by the real pipeline (`BatchTransform` with augmentation over the prepared train split, in a shuffled DataLoader as
+Trainer builds it: 0 workers, and 1), by a decode-once cache (the same augmentations, checked), and from batches
+already in memory (the reference), in alternating blocks of steps. --quick: 384 images, shorter blocks, 1 round.
 """
 
 from __future__ import annotations
@@ -25,9 +13,10 @@ import time
 import numpy as np
 import torch
 from PIL import Image
+from transformers import ViTConfig
 
-from benchmarks.harness import BUNDLED_CONFIG, interleaved, markdown_table, options, verdict, write_results
-from pneumonia_vit.images import LABELS, load_xray
+from benchmarks.harness import BUNDLED_MODEL, interleaved, options, section, verdict, write_results
+from pneumonia_vit.images import load_xray
 from pneumonia_vit.preprocess import PixelSpec, pixel_values
 from pneumonia_vit.training.data import Augmentation, BatchTransform, collate, load_splits, with_sample_index
 
@@ -38,10 +27,8 @@ TRAINER_DEFAULT = "pipeline, 0 workers (Trainer default)"
 
 
 class CachedDecode(torch.utils.data.Dataset):
-    """The train split decoded once; augmentation and normalisation still per access.
-
-    `__getitem__` does what `BatchTransform` does for one image after decoding (epoch 0), so it draws the
-    same augmentations."""
+    """The train split decoded once; per access what `BatchTransform` does after decoding (epoch 0), so it draws
+    the same augmentations."""
 
     def __init__(self, split, spec: PixelSpec, augmentation: Augmentation, seed: int):
         self.spec, self.augmentation, self.seed = spec, augmentation, seed
@@ -68,12 +55,11 @@ def endless(make_iterator):
         yield from make_iterator()
 
 
-def trainer_step():
-    """One AdamW step of a fresh model of the bundled architecture, as a function of the batch."""
-    from transformers import ViTConfig, ViTForImageClassification
+def trainer_step(config):
+    """One AdamW step of a fresh model of this architecture, as a function of the batch."""
+    from transformers import ViTForImageClassification
 
     torch.manual_seed(0)
-    config = ViTConfig(num_labels=len(LABELS), hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, **BUNDLED_CONFIG)
     model = ViTForImageClassification(config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
 
@@ -88,7 +74,8 @@ def trainer_step():
 def main(argv=None) -> int:
     args = options(__doc__, "data_dir").parse_args(argv)
     block, rounds = (3, 1) if args.quick else (10, 4)
-    spec = PixelSpec(size=BUNDLED_CONFIG["image_size"])
+    config = ViTConfig.from_pretrained(BUNDLED_MODEL, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    spec = PixelSpec(size=config.image_size)
     train = load_splits(args.data_dir)["train"]
     if args.quick:
         train = train.shuffle(seed=0).select(range(BATCH * 12))
@@ -110,7 +97,7 @@ def main(argv=None) -> int:
         "pipeline, 1 worker": endless(lambda: iter(loader(plain, 1))),
         "cached decode, 0 workers": endless(lambda: iter(loader(cached, 0))),
     }
-    step = trainer_step()
+    step = trainer_step(config)
     fetch, fetch_cpu = {}, {}  # the pipeline's cost alone: time to produce one batch without training
     for name, feed in feeds.items():
         next(feed)
@@ -130,22 +117,20 @@ def main(argv=None) -> int:
         results[name] = {"seconds_per_step": seconds, "steps_per_s": 1 / seconds, "images_per_s": BATCH / seconds,
                          "pipeline_overhead_percent": overhead, "batch_fetch_alone_s": fetch[name],
                          "batch_fetch_alone_cpu_s": fetch_cpu[name], "blocks": [t / block for t in blocks[name]]}
-        rows.append([name, 1 / seconds, BATCH / seconds, f"{overhead:+.1f}%", 1000 * fetch[name], 1000 * fetch_cpu[name]])
+        rows.append([name, 1 / seconds, BATCH / seconds, f"{overhead:+.1f}%", 1000 * fetch[name],
+                     1000 * fetch_cpu[name]])
     best = min((name for name in per_step if name != MEMORY), key=per_step.get)
     default = results[TRAINER_DEFAULT]["pipeline_overhead_percent"]
-    markdown = (
-        f"### Training input pipeline: bundled architecture, batch {BATCH}, {len(train)} training images\n\n"
-        + markdown_table(["feed", "steps/s", "images/s", "cost vs memory", "one batch alone (ms)", "its CPU ms (main process)"], rows)
-        + f"\n\nCached decode: {len(cached)} images decoded once in {cache_seconds:.1f} s, "
-          f"{cache_mib:.0f} MiB; identical batches to the pipeline for the same seed: {identical}."
-        + f"\n\n- {verdict(f'Goal: pipeline costs < 10%: Trainer default (0 workers) {default:+.1f}%', default < 10)}; "
-          f"best feed: {best} ({results[best]['pipeline_overhead_percent']:+.1f}%)"
-    )
     data = {"images": len(train), "batch": BATCH, "block_steps": block, "rounds": rounds, "feeds": results,
             "cached_identical_to_pipeline": identical, "cache_seconds": cache_seconds, "cache_mib": cache_mib}
-    write_results("train_pipeline", args.quick, data, markdown, args.output)
+    write_results("train_pipeline", args, data, [section(
+        f"Training input pipeline: bundled architecture, batch {BATCH}, {len(train)} training images",
+        ["feed", "steps/s", "images/s", "cost vs memory", "one batch alone (ms)", "its CPU ms (main process)"], rows,
+        f"Cached decode: {len(cached)} images decoded once in {cache_seconds:.1f} s, {cache_mib:.0f} MiB; identical "
+        f"batches to the pipeline for the same seed: {identical}.\n\n"
+        f"- {verdict(f'Goal: pipeline costs < 10%: Trainer default (0 workers) {default:+.1f}%', default < 10)}; "
+        f"best feed: {best} ({results[best]['pipeline_overhead_percent']:+.1f}%)")])
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,5 +1,5 @@
 """Starting the real app (`python app.py`) on a free port: for the API and browser tests, and for the
-benchmarks that measure the running app (benchmarks/api_throughput.py, benchmarks/app_memory.py).
+benchmarks that measure the running app (benchmarks/api_throughput.py, crowd.py, memory.py --app).
 """
 
 from __future__ import annotations
