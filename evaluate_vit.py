@@ -14,12 +14,11 @@ import json
 import tempfile
 from dataclasses import dataclass, field
 
-import torch
-from transformers import AutoModelForImageClassification, HfArgumentParser, Trainer, TrainingArguments
+from transformers import AutoModelForImageClassification, HfArgumentParser
 
 from pneumonia_vit.inference.classifier import ModelInfo, load_pixel_spec
-from pneumonia_vit.training.data import SPLITS, BatchTransform, collate, load_splits
-from pneumonia_vit.training.evaluation import predict_scores, write_report
+from pneumonia_vit.training.data import SPLITS, BatchTransform, load_splits
+from pneumonia_vit.training.evaluation import predict_scores, scoring_trainer, write_report
 
 
 @dataclass
@@ -30,12 +29,9 @@ class EvaluateArguments:
     split: str = field(default="test", metadata={"help": f"One of {SPLITS}."})
     output_dir: str = field(default="outputs/evaluation", metadata={"help": "Where the metrics and plots go."})
     threshold: float | None = field(default=None, metadata={"help": "Override the model's stored decision threshold."})
-    centre_crop: float = field(
-        default=1.0,
-        metadata={"help": "Score the central part of each film (this fraction of its width and height), not the whole: "
-                  "how the model reads films framed tighter than the training ones (README: ablation, framing). "
-                  "1: the whole film."},
-    )
+    centre_crop: float = field(default=1.0, metadata={"help": (
+        "Score the central part of each film (this fraction of its width and height), not the whole: how the model "
+        "reads films framed tighter than the training ones (docs/experiments.md, framing). 1: the whole film.")})
     batch_size: int = field(default=64, metadata={"help": "Images per forward pass (per device)."})
 
 
@@ -45,16 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = AutoModelForImageClassification.from_pretrained(args.model)
     dataset.set_transform(BatchTransform(load_pixel_spec(args.model), crop=args.centre_crop))
     with tempfile.TemporaryDirectory() as scratch:
-        trainer = Trainer(
-            model=model,
-            args=TrainingArguments(output_dir=scratch, per_device_eval_batch_size=args.batch_size, report_to="none",
-                                   use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
-                                   label_names=["labels"]),  # as in train_vit.py
-            data_collator=collate,
-            # DeiT's two-head model returns no loss of its own; the loss is not reported, only the scores.
-            compute_loss_func=lambda outputs, labels, num_items_in_batch=None: torch.nn.functional.cross_entropy(
-                outputs.logits, labels),
-        )
+        trainer = scoring_trainer(model, args.batch_size, scratch)
         labels, scores = predict_scores(trainer, dataset)
     threshold = ModelInfo.from_config(model.config.to_dict()).threshold if args.threshold is None else args.threshold
     metrics = {}

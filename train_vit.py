@@ -36,7 +36,7 @@ from transformers import (
 )
 
 from pneumonia_vit.images import LABELS
-from pneumonia_vit.inference.calibration import Calibration, calibrate, patients, reliability_diagram
+from pneumonia_vit.inference.calibration import Calibration, calibrate_operating_point, reliability_diagram
 from pneumonia_vit.inference.classifier import load_pixel_spec
 from pneumonia_vit.ood.fit import add_domain_check
 from pneumonia_vit.preprocess import PixelSpec
@@ -279,11 +279,9 @@ def finish(trainer, model, spec: PixelSpec, splits, class_counts: Counter, args:
 
 
 def calibrate_head(model, point, validation, policy: ThresholdPolicy) -> Calibration | None:
-    """Calibrates P(PNEUMONIA) on the films the threshold was picked on (`calibrate`; a crop in its film's patient
-    group), or says why it cannot."""
-    groups = patients(validation.with_format(None)) * (len(point.films[0]) // len(point.whole[0]))
+    """Calibrates P(PNEUMONIA) on the films the threshold was picked on, or says why it cannot."""
     try:
-        return calibrate(model, *point.films, groups=groups, fitted_on=policy.films())
+        return calibrate_operating_point(model, point, validation, policy.films())
     except ValueError as error:  # scores that do not rank validation's classes, or separate them perfectly
         print(f"warning: P(PNEUMONIA) left uncalibrated: {error}")
         return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -179,24 +180,16 @@ def reliability_diagram(splits: dict[str, tuple], calibration: Calibration, path
     return eces
 
 
-def patients(dataset) -> list[str]:
-    """The patient of each film of a prepared split, for `calibrate`'s groups."""
+def calibrate_operating_point(model, point, validation, fitted_on: str) -> Calibration:
+    """`calibrate` on the films the threshold of `point` (training.evaluation.operating_point) was picked on from the
+    `validation` split, each centre crop in its film's patient group."""
     from datasets import Image
 
     from ..images import patient_id
 
-    return [patient_id(Path(row["path"]).name) for row in dataset.cast_column("image", Image(decode=False))["image"]]
-
-
-@torch.no_grad()
-def _score(model, dataset, spec, batch_size: int, crop: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and the fp32 P(PNEUMONIA) of a prepared split's films, whole or their middle `crop`."""
-    from ..training.data import BatchTransform
-
-    batches = (BatchTransform(spec, crop=crop)(dataset[i:i + batch_size]) for i in range(0, len(dataset), batch_size))
-    labels, scores = zip(*[(batch["labels"], model.eval()(pixel_values=batch["pixel_values"]).logits.softmax(-1)[:, 1])
-                           for batch in batches])
-    return torch.cat(labels).numpy(), torch.cat(scores).numpy()
+    films = validation.with_format(None).cast_column("image", Image(decode=False))["image"]
+    groups = [patient_id(Path(film["path"]).name) for film in films] * (len(point.films[0]) // len(point.whole[0]))
+    return calibrate(model, *point.films, groups=groups, fitted_on=fitted_on)
 
 
 def main(argv: list[str] | None = None) -> Calibration:
@@ -211,27 +204,28 @@ def main(argv: list[str] | None = None) -> Calibration:
     from transformers import AutoModelForImageClassification
 
     from ..training.card import with_calibration
-    from ..training.data import load_splits
-    from ..training.evaluation import ThresholdPolicy, write_report
+    from ..training.data import BatchTransform, load_splits
+    from ..training.evaluation import ThresholdPolicy, operating_point, predict_scores, scoring_trainer, write_report
     from .classifier import load_pixel_spec
 
     model = AutoModelForImageClassification.from_pretrained(args.model_dir)
     try:
-        films = ThresholdPolicy(threshold_centre_crop=args.centre_crop).films()
+        policy = ThresholdPolicy(threshold_centre_crop=args.centre_crop)
         _refuse_calibrated(model.config)
     except ValueError as error:
         raise SystemExit(f"{args.model_dir}: {error}") from None
     splits, spec = load_splits(args.data_dir), load_pixel_spec(str(args.model_dir))
+    for name in ("validation", "test"):
+        splits[name].set_transform(BatchTransform(spec))
     # Both splits are scored by the unfolded model; the fit reads validation only, test is first looked at below.
-    scored = {name: _score(model, splits[name], spec, args.batch_size) for name in ("validation", "test")}
-    pooled, groups, pooled_name = scored["validation"], patients(splits["validation"]), "validation"
-    if args.centre_crop != 1:  # each film whole and its middle, the crop in its film's patient group
-        crops = _score(model, splits["validation"], spec, args.batch_size, args.centre_crop)
-        pooled, groups = tuple(np.concatenate(pair) for pair in zip(pooled, crops)), groups * 2
-        pooled_name = f"validation + {args.centre_crop:.0%} crops"
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = scoring_trainer(model, args.batch_size, scratch)
+        point = operating_point(trainer, splits["validation"], spec, policy)
+        scored = {"validation": point.whole, "test": predict_scores(trainer, splits["test"])}
+    pooled_name = "validation" if args.centre_crop == 1 else f"validation + {args.centre_crop:.0%} crops"
     old_threshold = getattr(model.config, "decision_threshold", None)
-    calibration = calibrate(model, *pooled, groups=groups, fitted_on=films)
-    for name, (_, scores) in {pooled_name: pooled, "test": scored["test"]}.items():
+    calibration = calibrate_operating_point(model, point, splits["validation"], policy.films())
+    for name, (_, scores) in {pooled_name: point.films, "test": scored["test"]}.items():
         changed = old_threshold is not None and int(((calibration.apply(scores) >= model.config.decision_threshold)
                                                      != (scores >= old_threshold)).sum())
         if changed:
@@ -239,7 +233,7 @@ def main(argv: list[str] | None = None) -> Calibration:
     model.save_pretrained(args.model_dir, max_shard_size=SHARD_SIZE)
     labels, scores = scored["validation"]
     eces = {"validation": (expected_calibration_error(labels, scores), expected_calibration_error(labels, calibration.apply(scores)))}
-    eces |= reliability_diagram({pooled_name: pooled, "test": scored["test"]}, calibration, args.model_dir / "calibration.png")
+    eces |= reliability_diagram({pooled_name: point.films, "test": scored["test"]}, calibration, args.model_dir / "calibration.png")
     for name, (labels, scores) in scored.items():
         if (args.model_dir / f"{name}_metrics.json").is_file():
             write_report(labels, calibration.apply(scores), model.config.decision_threshold, args.model_dir, name)

@@ -1,13 +1,6 @@
-"""Scoring a split and judging it: the binary metrics, the decision threshold (ThresholdPolicy,
-operating_point) and the report (metrics JSON, confusion-matrix and ROC plots).
-
-The metrics are an `evaluate` module of their own (binary_metrics/ beside this file), loaded by path so
-it works offline; `import evaluate` takes seconds, so it happens on the first `binary_metrics` call,
-never at the app's start-up. PNEUMONIA (label 1) is the positive class; `scores` are P(PNEUMONIA).
-
-train_vit.py and evaluate_vit.py both score through `Trainer.predict`, which gathers the
-predictions of every process under `accelerate launch` and drops the padding that distributed
-samplers add, so each image counts exactly once.
+"""Scoring a split and judging it: the binary metrics, the decision threshold (ThresholdPolicy, operating_point)
+and the report (metrics JSON, confusion-matrix and ROC plots). PNEUMONIA (label 1) is the positive class; `scores`
+are P(PNEUMONIA). Scores come from `Trainer.predict`, which counts each image once under `accelerate launch`.
 """
 
 from __future__ import annotations
@@ -23,19 +16,39 @@ from sklearn.metrics import roc_curve
 
 from ..images import LABELS
 from ..preprocess import PixelSpec
-from .data import BatchTransform, check_crop
+from .data import BatchTransform, check_crop, collate
 
 THRESHOLD_RULES = ("youden", "min_sensitivity")
 METRIC_DIR = Path(__file__).resolve().parent / "binary_metrics"
 
 
-def predict_scores(trainer, dataset) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and P(PNEUMONIA) for every image of `dataset`, in dataset order."""
+def labels_and_scores(prediction) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and P(PNEUMONIA) from a Trainer prediction (its `label_ids` and logits)."""
     import torch
 
-    output = trainer.predict(dataset)
-    scores = torch.from_numpy(output.predictions).float().softmax(dim=-1)[:, 1].numpy()
-    return output.label_ids.astype(int), scores
+    scores = torch.from_numpy(prediction.predictions).float().softmax(dim=-1)[:, 1].numpy()
+    return prediction.label_ids.astype(int), scores
+
+
+def predict_scores(trainer, dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and P(PNEUMONIA) for every image of `dataset`, in dataset order."""
+    return labels_and_scores(trainer.predict(dataset))
+
+
+def scoring_trainer(model, batch_size: int, output_dir: str):
+    """A Trainer that only scores (`predict_scores`), in fp32, on the GPU where there is one."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    return Trainer(
+        model=model, data_collator=collate,
+        args=TrainingArguments(output_dir=output_dir, per_device_eval_batch_size=batch_size, report_to="none",
+                               use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
+                               label_names=["labels"]),  # as in train_vit.py
+        # DeiT's two-head model returns no loss of its own; the loss is not reported, only the scores.
+        compute_loss_func=lambda outputs, labels, num_items_in_batch=None: torch.nn.functional.cross_entropy(
+            outputs.logits, labels),
+    )
 
 
 def write_report(labels, scores, threshold: float, output_dir: str | Path, split: str) -> dict:
@@ -74,7 +87,8 @@ def write_report(labels, scores, threshold: float, output_dir: str | Path, split
 
 @functools.cache
 def binary_metric():
-    """The `evaluate` module, loaded once per process (kept in memory: no cache files to lock)."""
+    """The `evaluate` module beside this file, loaded by path (offline) once per process, on first use (`import
+    evaluate` takes seconds), kept in memory: no cache files to lock."""
     import evaluate
 
     return evaluate.load(str(METRIC_DIR), keep_in_memory=True)

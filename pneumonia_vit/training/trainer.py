@@ -1,8 +1,4 @@
-"""Training machinery behind train_vit.py and pretrain_mae.py: the loss, the metrics logged during
-training, a Trainer that reloads checkpoints correctly, the callback that tells the augmentation its
-epoch, a throughput/time-budget callback, checkpoint validation for `--resume_from_checkpoint`, and the
-average of a run's last checkpoints.
-"""
+"""Training machinery that train_vit.py and pretrain_mae.py share around transformers' Trainer."""
 
 from __future__ import annotations
 
@@ -26,7 +22,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from ..images import LABELS
 from ..ood.fit import fitted_per_classifier
-from .evaluation import binary_metrics
+from .evaluation import binary_metrics, labels_and_scores
 
 logger = logging.getLogger(__name__)
 
@@ -75,24 +71,18 @@ def weighted_loss(class_counts: Counter, label_smoothing: float):
 
 def compute_metrics(prediction) -> dict:
     """Validation metrics during training, at the neutral cut-off 0.5 (the real one is chosen after)."""
-    scores = torch.from_numpy(prediction.predictions).float().softmax(dim=-1)[:, 1].numpy()
-    metrics = binary_metrics(prediction.label_ids, scores, threshold=0.5)
+    metrics = binary_metrics(*labels_and_scores(prediction), threshold=0.5)
     return {key: value for key, value in metrics.items() if isinstance(value, float) and key != "threshold"}
 
 
 class StrictReloadTrainer(Trainer):
-    """Trainer that reloads checkpoints strictly, and leaves the project's model card in place.
+    """Trainer that reloads checkpoints strictly, and leaves the project's model card (card.py) in place.
 
-    transformers 5 saves a ViT under its original (`vit.encoder.layer.N.attention.attention.query`)
-    key names and maps them back to its own (`vit.layers.N.attention.q_proj`) only in
-    `from_pretrained`; Trainer's resume and `load_best_model_at_end` call `load_state_dict(strict=False)`
-    on the raw file instead, which loads the embeddings and the head and silently leaves every encoder
-    block as it was (huggingface/transformers#43701, #48805). Both go through `from_pretrained` here,
-    strictly. tests/test_train.py checks that stock Trainer still drops the weights: when that test
-    fails, upstream has fixed the bug and the two reload overrides can go.
-
-    train_vit.py writes the model card (card.py) before the final save; Trainer's push would first
-    write its generic card over it.
+    transformers 5 saves a ViT under its original key names and maps them back to its own only in
+    `from_pretrained`; Trainer's resume and `load_best_model_at_end` call `load_state_dict(strict=False)` on the
+    raw file instead, which silently leaves every encoder block as it was (huggingface/transformers#43701, #48805).
+    Both go through `from_pretrained` here. When tests/test_train.py's check that stock Trainer still drops the
+    weights fails, upstream has fixed the bug and the two reload overrides can go.
     """
 
     def create_model_card(self, *args, **kwargs):
@@ -126,19 +116,13 @@ class DistillationTrainer(StrictReloadTrainer):
 
     - Soft labels (Hinton et al. 2015): the KL divergence between the teacher's and the model's
       temperature-softened probabilities, weighted by `weight` against the label loss.
-    - Token similarity (`token_weight`): for two classes the probabilities carry one number per image, so the
-      model may also match where the teacher sees similar things. Per image, the cosine similarities between
-      all pairs of the model's patch tokens (those the last block's [CLS] reads) should equal those between the
-      teacher's feature-map cells at the same positions (Tung & Mori 2019, "Similarity-preserving knowledge
-      distillation"). It has no parameters, so nothing is added to the saved model.
+    - Token similarity (`token_weight`, `token_similarity_loss`): for two classes the probabilities carry one
+      number per image, so the model may also match where the teacher sees similar things.
     - A model with a distillation token (DeiT, Touvron et al. 2021) takes both terms through that token's
       head and the labels through its [CLS] head; otherwise all go through the one head.
 
-    A small CNN learns from local texture what a small ViT trained from scratch on 5,000 images does not
-    find by itself; the served model stays the ViT (README: ablation).
-
-    A teacher from train_vit.py carries a calibration folded into its head (logit difference a·z + c); the
-    recipe distils the logits the teacher learned, so z = (z' - c) / a is taken back from them."""
+    A teacher from train_vit.py has a calibration folded into its head (logit difference a·z + c); the logits
+    it learned, z = (z' - c) / a, are what is distilled."""
 
     def __init__(self, *args, teacher: torch.nn.Module, weight: float, temperature: float, token_weight: float = 0.0,
                  **kwargs):
@@ -182,7 +166,7 @@ class DistillationTrainer(StrictReloadTrainer):
 def token_similarity_loss(tokens: torch.Tensor, teacher_maps: tuple[torch.Tensor, ...], special_tokens: int = 1) -> torch.Tensor:
     """Per image: mean squared difference between the pairwise cosine similarities of a ViT's patch tokens
     (batch, special_tokens + side², dim; [CLS] first, then DeiT's distillation token where it has one) and of
-    the teacher's feature-map cells (batch, channels, h, w).
+    the teacher's feature-map cells at the same positions (Tung & Mori 2019); it adds no parameters to the model.
 
     The teacher's map is its deepest one still at least `side` cells wide, average-pooled to side x side.
     Features are centred over positions first, so that the similarities compare positions with each other,
@@ -205,10 +189,8 @@ def token_similarity_loss(tokens: torch.Tensor, teacher_maps: tuple[torch.Tensor
 class AugmentationEpoch(TrainerCallback):
     """Tells the training transform which epoch starts, so that it seeds each image's augmentation with it.
 
-    Trainer calls this before it creates the epoch's data loader iterator, whose worker processes copy
-    the transform; a resumed run starts in the checkpoint's epoch. Persistent workers would keep the
-    first epoch's copy, so they are refused.
-    """
+    Trainer calls this before the epoch's data loader workers copy the transform; persistent workers would keep
+    the first epoch's copy, so they are refused."""
 
     def __init__(self, transform):
         self.transform = transform
@@ -276,13 +258,8 @@ class CheckpointError(RuntimeError):
 
 
 def checkpoint_problem(folder: Path, weights_and_optimizer: bool = True) -> str | None:
-    """What makes `folder` unusable for a resume, or None when its files are complete.
-
-    Checks that the files Trainer reads exist, that trainer_state.json parses, that the safetensors
-    header loads and covers the whole file, and that optimizer.pt and scheduler.pt are intact zip
-    archives (torch.save's format; CRCs included). A file cut short by a kill during the save, or
-    emptied by a full disk, fails one of these.
-    """
+    """What makes `folder` unusable for a resume (such as a file cut short by a kill during the save, or emptied
+    by a full disk), or None when its files are complete."""
     from safetensors import safe_open
 
     if not folder.is_dir():
@@ -331,10 +308,8 @@ RUN_FILE_PATTERNS = (
 
 
 def clear_previous_run(output_dir: Path) -> list[str]:
-    """Removes an earlier run's checkpoint-N folders and RUN_FILE_PATTERNS files from `output_dir`
-    (anything else is left alone); returns their names. Kept, they would mix two runs: `last` could
-    resume the old run's newest checkpoint, and a push at each save would upload the old card and
-    test report beside the new weights."""
+    """Removes an earlier run's checkpoint-N folders and RUN_FILE_PATTERNS files from `output_dir` (nothing else);
+    returns their names. Kept, they would mix two runs: a push would upload the old card beside the new weights."""
     removed = []
     for path in sorted(output_dir.iterdir()):
         if path.is_dir() and CHECKPOINT_FOLDER.match(path.name):
@@ -350,11 +325,8 @@ def clear_previous_run(output_dir: Path) -> list[str]:
 def resume_checkpoint(training_args: TrainingArguments, overwrite_output_dir: bool = False) -> str | None:
     """Explicit resume: `--resume_from_checkpoint last|PATH`; leftover checkpoints without it are an error.
 
-    `last` takes the newest checkpoint-N folder whose files are complete, printing each newer one it
-    skips and why (a kill while saving leaves a partial folder); if none is complete it stops with
-    an error that names them. An explicit PATH must be complete. Never silently starts from scratch.
-    Starting again with `overwrite_output_dir` first clears the earlier run (`clear_previous_run`).
-    """
+    `last` takes the newest complete checkpoint-N folder, saying why it skips each newer one. Never silently
+    starts from scratch; starting again with `overwrite_output_dir` first clears the earlier run."""
     output_dir = Path(training_args.output_dir)
     requested = training_args.resume_from_checkpoint
     # DeepSpeed and FSDP keep weights and optimizer in their own layout: only trainer_state.json is checked.
@@ -417,13 +389,9 @@ def check_averaging_possible(count: int, training_args: TrainingArguments) -> No
 
 
 def average_last_checkpoints(model, output_dir: Path, count: int) -> list[str]:
-    """Replaces `model`'s weights by the mean of the last `count` checkpoints' weights (SWA, Izmailov et al. 2018);
-    returns their folder names.
-
-    Weights at the ends of the last epochs of a decaying schedule lie around one minimum; their average
-    sits nearer its centre, where the loss is flatter, which tends to carry better to shifted data.
-    Each checkpoint is read through `from_pretrained` (see StrictReloadTrainer), never as the raw file.
-    """
+    """Replaces `model`'s weights by the mean of the last `count` checkpoints' weights (SWA, Izmailov et al. 2018:
+    nearer the centre of the minimum that a decaying schedule circles, where the loss is flatter); returns their
+    folder names. Each is read through `from_pretrained` (see StrictReloadTrainer), never as the raw file."""
     folders = checkpoints_by_step(output_dir)[-count:]
     if len(folders) < count:
         raise CheckpointError(f"--average_last_checkpoints {count}: only {len(folders)} checkpoint(s) in {output_dir}")
