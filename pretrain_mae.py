@@ -11,11 +11,6 @@ for `train_vit.py --model_name_or_path <output_dir>` to fine-tune.
 
 A YAML or JSON file given first sets defaults; any --flag after it overrides them (every
 `TrainingArguments` flag works: `--resume_from_checkpoint last`, `--push_to_hub --hub_model_id you/mae`, ...).
-
-Stages: collect the readable images of --image_dirs (bad files are skipped and listed) -> build
-`ViTMAEForPreTraining` from a config (`config_overrides` sets sizes, mask ratio, decoder) or a
-checkpoint -> train with Trainer -> save the encoder as a ViT image classifier (a new 2-class head),
-every encoder weight checked -> write its card -> push to the Hub.
 """
 
 from __future__ import annotations
@@ -59,23 +54,18 @@ SHARED_CONFIG = ("image_size", "patch_size", "num_channels", "hidden_size", "num
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str | None = field(
-        default=None, metadata={"help": "A ViTMAEForPreTraining checkpoint to continue from (Hub id or folder); unset: from scratch."}
-    )
+    model_name_or_path: str | None = field(default=None, metadata={"help": (
+        "A ViTMAEForPreTraining checkpoint to continue from (Hub id or folder); unset: from scratch.")})
     config_name: str | None = field(default=None, metadata={"help": "A ViTMAE config (Hub id or folder) to start from."})
-    config_overrides: str | None = field(
-        default=None,
-        metadata={"help": "Comma-separated settings over the config, e.g. image_size=128,hidden_size=192,num_hidden_layers=6,"
-                  "num_attention_heads=3,intermediate_size=768,mask_ratio=0.9,decoder_hidden_size=256,norm_pix_loss=false"},
-    )
+    config_overrides: str | None = field(default=None, metadata={"help": (
+        "Comma-separated settings over the config, e.g. image_size=128,hidden_size=192,num_hidden_layers=6,"
+        "num_attention_heads=3,intermediate_size=768,mask_ratio=0.9,decoder_hidden_size=256,norm_pix_loss=false")})
 
 
 @dataclass
 class DataArguments:
-    image_dirs: list[str] = field(
-        default_factory=list,
-        metadata={"help": "Folders of unlabeled X-rays, searched recursively (any file the app reads: JPEG, PNG, 16-bit, DICOM)."},
-    )
+    image_dirs: list[str] = field(default_factory=list, metadata={"help": (
+        "Folders of unlabeled X-rays, searched recursively (any file the app reads: JPEG, PNG, 16-bit, DICOM).")})
 
 
 class MaskedBatches:

@@ -1,9 +1,5 @@
-"""The prepared dataset as `datasets` sees it, and the transforms that feed the model.
-
-Splits come from `load_dataset("imagefolder", data_dir=...)` on the folder data_prep writes
-(train / validation / test, each with NORMAL and PNEUMONIA sub-folders) or from a Hub dataset
-with the same labels.
-"""
+"""The prepared dataset (data_prep's folder as an imagefolder, or a Hub dataset with the same labels) as
+`datasets` sees it, and the transforms that feed the model."""
 
 from __future__ import annotations
 
@@ -16,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from ..images import IMAGE_SUFFIXES, LABELS, load_xray
+from ..images import IMAGE_SUFFIXES, LABELS, InvalidImageError, load_xray
 from ..preprocess import PixelSpec, pixel_values, resize_gray
 
 SPLITS = ("train", "validation", "test")
@@ -59,18 +55,10 @@ def _examples(root: Path, names: list[str], limit: int = 5) -> str:
 
 
 def check_prepared_folder(root: Path) -> None:
-    """Names what changed in a prepared folder since data_prep wrote it, before training reads it.
-
-    Errors: an image listed in prepared_index.csv is gone or empty; a file that imagefolder would
-    read as metadata (metadata.csv/jsonl/parquet) appeared; an image that imagefolder would load
-    appeared but does not decode. Warnings: other images appeared (they are used, though data_prep
-    did not write them: check they do not come from another split); non-image files appeared (they
-    are ignored). Hidden files (.DS_Store, ._x.png) are ignored, as imagefolder ignores them.
-    """
+    """Names what changed in a prepared folder since data_prep wrote it, before training reads it: an error for
+    what would break or silently change training, a warning for what imagefolder uses or ignores."""
     import csv
     import warnings
-
-    from ..images import InvalidImageError
 
     index_path = root / "prepared_index.csv"
     if not index_path.exists():
@@ -106,13 +94,9 @@ def check_prepared_folder(root: Path) -> None:
         warnings.warn(f"ignoring {len(non_images)} non-image file(s) not written by data_prep: {_examples(root, non_images)}")
     if extra_images:
         for name in extra_images:
-            try:
-                load_xray(present[name])
-            except (InvalidImageError, OSError, ValueError) as error:
-                raise ValueError(
-                    f"{root / name} is in the prepared folder but not in {index_path.name}, and training would fail "
-                    f"on it ({str(error).rstrip('.')}). Remove it, or run data_prep/prepare.py again."
-                ) from error
+            if (why := _unreadable(present[name])) is not None:
+                raise ValueError(f"{root / name} is in the prepared folder but not in {index_path.name}, and training "
+                                 f"would fail on it ({why}). Remove it, or run data_prep/prepare.py again.")
         warnings.warn(
             f"{len(extra_images)} image(s) not written by data_prep (not in {index_path.name}) will be used: "
             f"{_examples(root, extra_images)}. Make sure none comes from another split."
@@ -127,8 +111,6 @@ def unlabeled_images(folders: list[str]) -> tuple[list[str], list[str]]:
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from ..images import InvalidImageError
-
     files = []
     for folder in map(Path, folders):
         if not folder.is_dir():
@@ -138,39 +120,35 @@ def unlabeled_images(folders: list[str]) -> tuple[list[str], list[str]]:
             if (prepared_root / "prepared_index.csv").is_file() and not resolved.is_relative_to(prepared_root / "train"):
                 raise ValueError(f"{folder} holds a prepared dataset's validation or test split; give its train/ folder only")
         files += sorted(path for path in folder.rglob("*") if path.is_file() and not path.name.startswith("."))
-
-    def problem(path: Path) -> str | None:
-        try:
-            load_xray(path)
-        except (InvalidImageError, OSError, ValueError) as error:
-            return f"{path} ({str(error).rstrip('.')})"
-        return None
-
     with ThreadPoolExecutor() as pool:  # Pillow releases the GIL while decoding
-        problems = list(pool.map(problem, files))
+        problems = list(pool.map(_unreadable, files))
     readable = [str(path) for path, why in zip(files, problems) if why is None]
     if not readable:
         raise ValueError(f"no readable image in {', '.join(folders)}" + (f": {len(files)} file(s), none an image" if files else " (empty)"))
-    return readable, [why for why in problems if why is not None]
+    return readable, [f"{path} ({why})" for path, why in zip(files, problems) if why is not None]
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why the project's image reader refuses `path`, or None."""
+    try:
+        load_xray(path)
+    except (InvalidImageError, OSError, ValueError) as error:
+        return str(error).rstrip(".")
+    return None
 
 
 @dataclass(frozen=True)
 class Augmentation:
-    """Random changes that a chest radiograph can plausibly show, drawn per image from its own generator.
+    """Random changes that a chest radiograph can plausibly show, drawn per image from its own generator; the
+    augmentation flags of train_vit.py and pretrain_mae.py.
 
     No flips: a mirrored chest puts the heart on the right (dextrocardia), a different anatomy.
     Random resized crops with aspect-ratio jitter: the Kermany PNEUMONIA originals are wider than the
     NORMAL ones, and squashing every image to a square turns that into a geometric class cue that the
-    validation patients follow and the test patients do not; crops of varying width and height make
-    the cue carry no information. They also vary the field of view and the patient's size.
-    Zoom out (off unless asked for): the film placed on a black canvas, varying the dark margin around the
-    body, which NORMAL training films carry more of; against the framing cue, crops down to a smaller
-    area did better (README: ablation).
+    test patients do not follow; crops of varying width and height make the cue carry no information.
+    Zoom out (off unless asked for): a dark margin around the body, which NORMAL training films carry more of.
     Small rotations: children are positioned less precisely than adults.
-    Gamma, brightness, contrast, blur, noise and JPEG quality: exposure, detector, processing and
-    compression vary between machines and hospitals (the test patients were collected separately).
-
-    train_vit.py and pretrain_mae.py parse it as their augmentation flags (`--crop_scale 0.35`, ...).
+    Gamma, brightness, contrast, blur, noise and JPEG quality: machines and hospitals differ.
     """
 
     crop_scale: float = field(default=0.6, metadata={"help": "Smallest random crop, as a fraction of the image area."})
@@ -241,11 +219,9 @@ SAMPLE_INDEX = "sample_index"  # the training split's column that seeds each ima
 class BatchTransform:
     """`datasets.set_transform` callable: decoded images -> pixel_values, labels.
 
-    With an augmentation, image i of epoch e is augmented by a generator seeded with (seed, e, i)
-    (i from the split's SAMPLE_INDEX column; e set by `training.AugmentationEpoch`). What an image
-    gets depends on nothing else: not the number of processes or dataloader workers, not the batch
-    it lands in, not whether the run was interrupted and resumed.
-    Without an augmentation, `crop` < 1 scores the middle of each film (`centre_crop`).
+    With an augmentation, image i of epoch e is augmented by a generator seeded with (seed, e, i) (i from the
+    split's SAMPLE_INDEX column; e set by `trainer.AugmentationEpoch`), and by nothing else: not the number of
+    processes or workers, not the batch, not a resume. Without one, `crop` < 1 scores the middle of each film.
     """
 
     def __init__(self, spec: PixelSpec, augmentation: Augmentation | None = None, seed: int = 0, crop: float = 1.0):
