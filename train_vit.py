@@ -1,18 +1,9 @@
-"""Fine-tune (or train from scratch) a ViT that tells NORMAL from PNEUMONIA chest X-rays.
+"""Fine-tune (or train from scratch) a model that tells NORMAL from PNEUMONIA chest X-rays (the recipes: README.md,
+Training; configs/accelerate/ for several GPUs).
 
-    # ViT-base from ImageNet-21k weights on one GPU (downloads the weights from the Hub)
-    python train_vit.py configs/vit_base_gpu.yaml --data_dir data/chest_xray_prepared
+    python train_vit.py configs/vit_tiny_cpu.yaml --data_dir data/chest_xray_prepared --resume_from_checkpoint last
 
-    # the same on 4 GPUs (global batch 32 x 4; see configs/accelerate/ for one GPU and several machines)
-    accelerate launch --config_file configs/accelerate/multi_gpu.yaml --num_processes 4 train_vit.py configs/vit_base_gpu.yaml
-
-    # the bundled default model: a small CNN teacher, then the ViT distilled from it, on 2 CPU cores, no download
-    python train_vit.py configs/resnet_teacher_cpu.yaml
-    python train_vit.py configs/vit_tiny_cpu.yaml
-
-A YAML or JSON file given first sets defaults; any --flag after it overrides them. Every
-`TrainingArguments` flag works (`--push_to_hub --hub_model_id you/pneumonia-vit`,
-`--resume_from_checkpoint last`, `--per_device_train_batch_size`, ...).
+A YAML or JSON file given first sets defaults; any --flag after it overrides them (every `TrainingArguments` flag).
 """
 
 from __future__ import annotations
@@ -98,9 +89,8 @@ class FitArguments:
     class_weighted_loss: bool = field(default=True, metadata={"help": "Weight the loss by inverse class frequency (train has 2.9x more PNEUMONIA)."})
     early_stopping_patience: int = field(default=5, metadata={"help": "Stop after this many evaluations without a better validation score (0: never)."})
     average_last_checkpoints: int = field(default=0, metadata={"help": (
-        "After training, replace the model by the average of the weights of the last N checkpoints (SWA; with "
-        "save_strategy epoch, the last N epochs), before the threshold is chosen. Needs save_total_limit >= N + 1 with "
-        "load_best_model_at_end. 0 = off: the best checkpoint is kept.")})
+        "After training, replace the model by the average of the last N checkpoints' weights (SWA), before the "
+        "threshold is chosen. Needs save_total_limit >= N + 1 with load_best_model_at_end. 0 = off: the best stays.")})
 
 
 class Arguments(NamedTuple):
@@ -137,9 +127,8 @@ def build_model(model_args: ModelArguments):
     if model_args.model_name_or_path is None:
         model = AutoModelForImageClassification.from_config(config)
         if config.model_type == "deit":
-            # transformers 5.24 starts DeiT's position embeddings and both tokens at zero (a second branch of its
-            # _init_weights undoes the first), so [CLS] and the distillation token begin identical; they start as
-            # in DeiT's own code and in ViT: truncated normal, std initializer_range.
+            # transformers 5.24 starts DeiT's position embeddings and both tokens at zero, so [CLS] and the distillation
+            # token would begin identical; they start as in DeiT's own code and in ViT: truncated normal.
             embeddings = model.deit.embeddings
             for start in (embeddings.position_embeddings, embeddings.cls_token, embeddings.distillation_token):
                 torch.nn.init.trunc_normal_(start, std=config.initializer_range)
@@ -272,8 +261,7 @@ def finish(trainer, model, spec: PixelSpec, splits, class_counts: Counter, args:
             calibration_eces=eces, out_of_domain=domain_check,
         ))
         print(json.dumps({split: {k: v for k, v in m.items() if k != "confusion_matrix"} for split, m in results.items()}, indent=1))
-    # With --push_to_hub, save_model also uploads the folder (weights, config with the threshold,
-    # processor, card) through Trainer.push_to_hub, from the main process only.
+    # With --push_to_hub, save_model also uploads the folder (Trainer.push_to_hub, from the main process only).
     trainer.save_model()
     return results
 

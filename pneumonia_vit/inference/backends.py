@@ -22,7 +22,6 @@ class Backend(Protocol):
 @dataclass
 class ForwardResult:
     logits: np.ndarray  # (N, classes)
-    probabilities: np.ndarray  # (N, classes), softmax of the logits
     features: np.ndarray  # (N, hidden): what the classification head sees (final [CLS] after LayerNorm)
     attentions: tuple[torch.Tensor, ...] | None  # per layer (N, heads, tokens, tokens)
 
@@ -63,7 +62,6 @@ def forward(model: torch.nn.Module, pixel_values: torch.Tensor, output_attention
         )
     return ForwardResult(
         logits=output.logits.float().cpu().numpy(),
-        probabilities=output.logits.float().softmax(dim=-1).cpu().numpy(),
         features=captured[0].float().flatten(1).cpu().numpy(),  # a CNN's head reads (N, C, 1, 1)
         attentions=attentions,
     )

@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> Calibration:
     model.save_pretrained(args.model_dir, max_shard_size=SHARD_SIZE)
     labels, scores = scored["validation"]
     eces = {"validation": (expected_calibration_error(labels, scores), expected_calibration_error(labels, calibration.apply(scores)))}
-    eces |= reliability_diagram({pooled_name: point.films, "test": scored["test"]}, calibration, args.model_dir / "calibration.png")
+    eces |= reliability_diagram({pooled_name: point.films, "test": scored["test"]}, calibration,
+                                args.model_dir / "calibration.png")
     for name, (labels, scores) in scored.items():
         if (args.model_dir / f"{name}_metrics.json").is_file():
             write_report(labels, calibration.apply(scores), model.config.decision_threshold, args.model_dir, name)

@@ -155,12 +155,9 @@ class OnnxBackend:
 
 def load_fast_model(model_dir: str | os.PathLike, spec: PixelSpec, load_torch_model: Callable[[], object],
                     threads: int | None = None, cache: str | os.PathLike | None = None) -> OnnxBackend:
-    """The int8 ONNX model for the weights in `model_dir`, exported on first use into `cache` (default:
-    `default_cache()`), run with `threads` intra-op threads (default: every core this process may use).
-
-    `load_torch_model` is only called on a cache miss. Raises FastPathUnavailable when onnxruntime
-    or onnx is missing or the export fails; the caller then keeps the PyTorch model.
-    """
+    """The int8 ONNX model for the weights in `model_dir`, exported from `load_torch_model()` on a cache miss into
+    `cache` (default: `default_cache()`), run with `threads` intra-op threads (default: every core this process may
+    use). Raises FastPathUnavailable when onnxruntime or onnx is missing or the export fails."""
     try:
         import onnx  # noqa: F401  (the quantizer needs it)
         import onnxruntime  # noqa: F401

@@ -15,6 +15,12 @@ DATASET_CREDIT = (
 )
 
 
+def _front_matter(tags: list[str], **more) -> str:
+    front_matter = {"license": "cc-by-4.0", "library_name": "transformers", "pipeline_tag": "image-classification",
+                    "tags": tags, **more}
+    return f"---\n{yaml.safe_dump(front_matter, sort_keys=False).strip()}\n---"
+
+
 def _row(name: str, metrics: dict) -> str:
     cells = [f"{metrics[key]:.3f}" for key in ("accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc")]
     matrix = metrics["confusion_matrix"]
@@ -71,34 +77,21 @@ def with_calibration(card: str, old_threshold: float | None, config, eces: dict[
 def model_card(results, config, spec, class_counts, split_sizes, source, data, command, training_args,
                calibration_eces: dict[str, tuple[float, float]] | None = None, out_of_domain: list[str] = ()) -> str:
     """`out_of_domain`: sentences on the out-of-domain check the folder carries (ood.fit.add_domain_check)."""
-    front_matter = {
-        "license": "cc-by-4.0",
-        "library_name": "transformers",
-        "pipeline_tag": "image-classification",
-        "tags": ["vision-transformer", "chest-x-ray", "pneumonia", "medical-imaging", "research-only"],
-        "datasets": ["paultimothymooney/chest-xray-pneumonia"],
-        "base_model": source,
-        "model-index": [{
-            "name": "pneumonia-vit",
-            "results": [{
-                "task": {"type": "image-classification"},
-                "dataset": {"name": "Kermany chest X-ray (official test split)", "type": "chest-xray-pneumonia", "split": "test"},
-                "metrics": [{"type": key, "value": round(results["test"][key], 4)}
-                            for key in ("accuracy", "roc_auc", "sensitivity", "specificity", "f1")],
-            }],
-        }],
-    }
-    if source is None:
-        del front_matter["base_model"]
+    test_split = {"name": "Kermany chest X-ray (official test split)", "type": "chest-xray-pneumonia", "split": "test"}
+    metrics = [{"type": key, "value": round(results["test"][key], 4)}
+               for key in ("accuracy", "roc_auc", "sensitivity", "specificity", "f1")]
+    header = _front_matter(["vision-transformer", "chest-x-ray", "pneumonia", "medical-imaging", "research-only"],
+                           datasets=["paultimothymooney/chest-xray-pneumonia"],
+                           **({} if source is None else {"base_model": source}),
+                           **{"model-index": [{"name": "pneumonia-vit", "results": [{
+                               "task": {"type": "image-classification"}, "dataset": test_split, "metrics": metrics}]}]})
     origin = f"fine-tuned from `{source}`" if source else "trained from scratch (random initialisation, no pretrained weights)"
     rows = "\n".join(_row(split, metrics) for split, metrics in results.items())
     domain = "".join(f"- {sentence}\n" for sentence in out_of_domain)
     if domain:
         domain = ("## Out-of-domain check\n\nThe app gives no diagnosis for an input that does not look like the "
                   f"training films (pneumonia_vit/ood/check.py). This folder carries:\n{domain}\n")
-    return f"""---
-{yaml.safe_dump(front_matter, sort_keys=False).strip()}
----
+    return f"""{header}
 
 # Pneumonia ViT: NORMAL vs PNEUMONIA on pediatric chest X-rays
 
@@ -168,12 +161,9 @@ is_pneumonia = scores["PNEUMONIA"] >= classifier.model.config.decision_threshold
 
 def encoder_card(config, images: int, folders: list[str], losses: list[float], command: str, training_args) -> str:
     """The card of a pretrain_mae.py output: what it is for, what it saw, and how it was made."""
-    front_matter = {"license": "cc-by-4.0", "library_name": "transformers", "pipeline_tag": "image-classification",
-                    "tags": ["vision-transformer", "vit-mae", "chest-x-ray", "self-supervised", "research-only"]}
+    header = _front_matter(["vision-transformer", "vit-mae", "chest-x-ray", "self-supervised", "research-only"])
     loss = f"{losses[-1]:.4f}" if losses else "n/a"
-    return f"""---
-{yaml.safe_dump(front_matter, sort_keys=False).strip()}
----
+    return f"""{header}
 
 # ViT encoder pretrained as a masked autoencoder on chest X-rays
 

@@ -104,11 +104,8 @@ def check_prepared_folder(root: Path) -> None:
 
 
 def unlabeled_images(folders: list[str]) -> tuple[list[str], list[str]]:
-    """Every file below `folders` that the project's image reader reads, and "file (why)" for every other one.
-
-    For self-supervised pretraining: a prepared folder's validation and test splits are refused, since
-    pretraining on them would leak the images that choose and score the classifier.
-    """
+    """Every file below `folders` that the project's image reader reads, and "file (why)" for every other one; a
+    prepared folder's validation and test splits are refused (they choose and score the classifier)."""
     from concurrent.futures import ThreadPoolExecutor
 
     files = []

@@ -106,13 +106,9 @@ def check_rule(rule: str) -> None:
 
 
 def choose_threshold(labels, scores, rule: str = "youden", min_sensitivity: float = 0.95) -> float:
-    """Picks the P(PNEUMONIA) cut-off on a validation split.
-
-    youden: maximise sensitivity + specificity - 1.
-    min_sensitivity: the highest specificity among cut-offs that keep sensitivity >= min_sensitivity.
-    The cut-off is placed halfway between the chosen score and the next lower one, so it does not
-    sit exactly on a validation image.
-    """
+    """Picks the P(PNEUMONIA) cut-off on a validation split: youden maximises sensitivity + specificity - 1,
+    min_sensitivity takes the highest specificity that keeps sensitivity >= min_sensitivity. The cut-off sits
+    halfway between the chosen score and the next lower one, not on a validation image."""
     check_rule(rule)
     labels = np.asarray(labels, dtype=int)
     scores = np.asarray(scores, dtype=float)

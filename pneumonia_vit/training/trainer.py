@@ -60,9 +60,8 @@ def weighted_loss(class_counts: Counter, label_smoothing: float):
     def loss(outputs, labels, num_items_in_batch=None):
         # A DeiT with a distillation token learns the labels through its [CLS] head (DistillationTrainer).
         logits = outputs.logits if getattr(outputs, "cls_logits", None) is None else outputs.cls_logits
-        per_image = F.cross_entropy(
-            logits.float(), labels, weight=weight.to(logits.device), label_smoothing=label_smoothing, reduction="none"
-        )
+        per_image = F.cross_entropy(logits.float(), labels, weight=weight.to(logits.device),
+                                    label_smoothing=label_smoothing, reduction="none")
         # Trainer passes the image count of the whole accumulated batch so that accumulation is exact.
         return per_image.mean() if num_items_in_batch is None else per_image.sum() / num_items_in_batch
 
@@ -331,6 +330,7 @@ def resume_checkpoint(training_args: TrainingArguments, overwrite_output_dir: bo
     requested = training_args.resume_from_checkpoint
     # DeepSpeed and FSDP keep weights and optimizer in their own layout: only trainer_state.json is checked.
     full_check = not (training_args.deepspeed or training_args.fsdp)
+    say = logger.info if training_args.process_index == 0 else lambda *args: None  # once, not once per process
     if requested == "last":
         found = checkpoints_by_step(output_dir)[::-1]
         if not found:
@@ -339,28 +339,22 @@ def resume_checkpoint(training_args: TrainingArguments, overwrite_output_dir: bo
         for folder in found:
             problem = checkpoint_problem(folder, full_check)
             if problem is None:
-                if training_args.process_index == 0:
-                    logger.info("resuming from %s%s", folder, ", the newest complete checkpoint" if broken else "")
+                say("resuming from %s%s", folder, ", the newest complete checkpoint" if broken else "")
                 return str(folder)
             broken.append(f"{folder} ({problem})")
-            if training_args.process_index == 0:
-                logger.info("skipping checkpoint %s: %s; trying the one before it", folder, problem)
-        raise CheckpointError(
-            f"--resume_from_checkpoint last: no usable checkpoint in {output_dir}: " + "; ".join(broken)
-            + ". To start again, pass --overwrite_output_dir instead of --resume_from_checkpoint (it removes them)."
-        )
+            say("skipping checkpoint %s: %s; trying the one before it", folder, problem)
+        raise CheckpointError(f"--resume_from_checkpoint last: no usable checkpoint in {output_dir}: "
+                              f"{'; '.join(broken)}. To start again, pass --overwrite_output_dir instead of "
+                              "--resume_from_checkpoint (it removes them).")
     if requested:
         problem = checkpoint_problem(Path(requested), full_check)
         if problem is not None:
             raise CheckpointError(f"--resume_from_checkpoint {requested}: cannot resume from {requested}: {problem}")
-        if training_args.process_index == 0:
-            logger.info("resuming from %s", requested)
+        say("resuming from %s", requested)
         return requested
     if output_dir.is_dir() and get_last_checkpoint(str(output_dir)) and not overwrite_output_dir:
-        raise FileExistsError(
-            f"{output_dir} holds checkpoints: pass --resume_from_checkpoint last to continue, "
-            "or --overwrite_output_dir to start again"
-        )
+        raise FileExistsError(f"{output_dir} holds checkpoints: pass --resume_from_checkpoint last to continue, "
+                              "or --overwrite_output_dir to start again")
     if overwrite_output_dir and output_dir.is_dir() and training_args.process_index == 0:
         removed = clear_previous_run(output_dir)
         if removed:
