@@ -61,7 +61,7 @@ def one_run(folder: Path, run: int, args, clients: int, spike: int) -> dict:
         spike_result = data["spike"] = measured_phase(pid, app.url, spike, 1, analyze_every=0)
         after = Tally()
         run_clients(app.url, 1, 1, after, analyze_every=0)
-        spike_result["next_request_answered"] = len(after.latencies) == 1
+        spike_result["next_request_answered"] = len(after.answers) == 1
         spike_result["next_request_errors"] = after.errors
         data["rss_at_end_mib"] = rss()
         data["peak_mib"] = round(status_mib("VmHWM", pid), 1)

@@ -11,7 +11,9 @@ import statistics
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -131,38 +133,26 @@ def error_kind(text: str) -> str:
     return "dropped" if any(name in text for name in DROPPED) else "other"
 
 
+@dataclass
 class Tally:
-    """Answers and errors of calls from many client threads."""
+    """What calls from many client threads got (list.append is atomic: no lock): answers as (endpoint, seconds),
+    errors as (kind, message, seconds; None for a client that failed before its timed calls)."""
 
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.latencies: list[float] = []
-        self.by_endpoint: dict[str, list[float]] = {}
-        self.errors: dict[str, list[str]] = {}
-        self.error_latencies: list[float] = []
-
-    def answered(self, seconds: float, endpoint: str) -> None:
-        with self.lock:
-            self.latencies.append(seconds)
-            self.by_endpoint.setdefault(endpoint, []).append(seconds)
-
-    def failed(self, error: BaseException, seconds: float | None) -> None:
-        """seconds: None for a client that failed before its timed calls (Client() reads the app's config)."""
-        text = f"{type(error).__name__}: {error}"
-        with self.lock:
-            self.errors.setdefault("client setup" if seconds is None else error_kind(text), []).append(text[:300])
-            if seconds is not None:
-                self.error_latencies.append(seconds)
+    answers: list[tuple[str, float]] = field(default_factory=list)
+    errors: list[tuple[str, str, float | None]] = field(default_factory=list)
 
     def summary(self, wall: float) -> dict:
-        counts = {kind: len(messages) for kind, messages in self.errors.items()}
+        latencies = [seconds for _, seconds in self.answers]
+        kinds = Counter(kind for kind, _, _ in self.errors)
+        error_seconds = [seconds for _, _, seconds in self.errors if seconds is not None]
         return {
-            "answered": len(self.latencies), "errors": counts, "error_count": sum(counts.values()),
-            "error_examples": {kind: sorted(set(messages))[:3] for kind, messages in self.errors.items()},
-            "wall_s": wall, "images_per_s": len(self.latencies) / wall if wall > 0 else float("nan"),
-            **(percentiles(self.latencies) if self.latencies else {"p50_ms": float("nan"), "p95_ms": float("nan")}),
-            "by_endpoint": {endpoint: percentiles(times) for endpoint, times in sorted(self.by_endpoint.items())},
-            "slowest_refusal_ms": 1000 * max(self.error_latencies) if self.error_latencies else None,
+            "answered": len(latencies), "errors": dict(kinds), "error_count": len(self.errors),
+            "error_examples": {kind: sorted({text for k, text, _ in self.errors if k == kind})[:3] for kind in kinds},
+            "wall_s": wall, "images_per_s": len(latencies) / wall if wall > 0 else float("nan"),
+            **(percentiles(latencies) if latencies else {"p50_ms": float("nan"), "p95_ms": float("nan")}),
+            "by_endpoint": {endpoint: percentiles([seconds for e, seconds in self.answers if e == endpoint])
+                            for endpoint in sorted({endpoint for endpoint, _ in self.answers})},
+            "slowest_refusal_ms": 1000 * max(error_seconds) if error_seconds else None,
         }
 
 
@@ -185,7 +175,7 @@ def run_clients(url: str, clients: int, requests: int, tally: Tally, analyze_eve
             for i in range(warmup):
                 call(app, index + i)
         except Exception as error:  # noqa: BLE001
-            tally.failed(error, None)
+            tally.errors.append(("client setup", f"{type(error).__name__}: {error}"[:300], None))
             return
         finally:
             ready.release()
@@ -196,9 +186,10 @@ def run_clients(url: str, clients: int, requests: int, tally: Tally, analyze_eve
             try:
                 call(app, index + i, endpoint)
             except Exception as error:  # noqa: BLE001
-                tally.failed(error, time.perf_counter() - sent)
+                text = f"{type(error).__name__}: {error}"
+                tally.errors.append((error_kind(text), text[:300], time.perf_counter() - sent))
                 continue
-            tally.answered(time.perf_counter() - sent, endpoint)
+            tally.answers.append((endpoint, time.perf_counter() - sent))
 
     threads = [threading.Thread(target=thread, args=(index,), daemon=True) for index in range(clients)]
     for started in threads:
@@ -239,17 +230,11 @@ MACHINE_AT_START = {"load_average": list(os.getloadavg()), "cpu_busy_share": _cp
 def environment() -> dict:
     import torch
 
-    def version(package):
-        try:
-            return metadata.version(package)
-        except metadata.PackageNotFoundError:
-            return None
-
     cpu_model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                       if line.startswith("model name")), platform.processor())
     return {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
             "cpu_model": cpu_model, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            **{package: version(package) for package in ("transformers", "numpy", "pillow", "onnxruntime")},
+            **{package: metadata.version(package) for package in ("transformers", "numpy", "pillow", "onnxruntime")},
             "load_average_at_start": MACHINE_AT_START["load_average"],
             "cpu_busy_share_at_start": MACHINE_AT_START["cpu_busy_share"]}
 
