@@ -1,8 +1,7 @@
 """API throughput: the real app (`python app.py`) called by concurrent gradio_client clients (harness.run_clients).
 
-Three apps, each its own process: "unbatched, torch fp32" (the baseline of every ratio), "unbatched, fast" (to tell
-the two changes apart) and "batched, fast" (the defaults). For 1, 4 and 8 clients every app is measured in turn, the
-others paused (an idle gradio server wakes up every millisecond), and the sweep repeated --rounds times, pooled.
+Two apps, each its own process: "torch fp32" (PNEUMONIA_VIT_FAST=0, the baseline of every ratio) and "fast" (the
+defaults: the int8 fast path). For 1, 4 and 8 clients every app is measured in turn, the other paused (an idle gradio server wakes up every millisecond), and the sweep repeated --rounds times, pooled.
 gradio_client polls for a result every 50 ms: one client's round trip is about 60 ms whatever the app does.
 Also /predict_batch against as many one-file /predict calls on the default app, one client, the answers compared.
 """
@@ -37,14 +36,11 @@ from tests.app_server import RunningApp, running_app
 
 CLIENTS = (1, 4, 8)
 BATCH_FILES = 32  # /predict_batch's limit (serving/webapp.py MAX_BATCH_FILES)
-BASELINE, BATCHED = "unbatched, torch fp32", "batched, fast"
-APPS = {BASELINE: {"PNEUMONIA_VIT_FAST": "0", "PNEUMONIA_VIT_BATCH": "0"},
-        "unbatched, fast": {"PNEUMONIA_VIT_FAST": "1", "PNEUMONIA_VIT_BATCH": "0"},
-        BATCHED: {"PNEUMONIA_VIT_FAST": "1", "PNEUMONIA_VIT_BATCH": "8"}}
+BASELINE, FAST = "torch fp32", "fast"
+APPS = {BASELINE: {"PNEUMONIA_VIT_FAST": "0"}, FAST: {"PNEUMONIA_VIT_FAST": "1"}}
 PROBABILITY_TOLERANCE = 0.02  # tests/test_fast_path.py
-WARMUP = 2  # calls per client before the timing: connection, upload path, first batch
+WARMUP = 2  # calls per client before the timing: connection, upload path
 LOG_DIR = SCRATCH / "api-logs"  # the apps' logs of the last run
-BATCH_LOG = re.compile(r"predict \S* p=\S+ \S+ in \d+ ms(?: \(batch of (\d+)\))?")
 LAUNCHED = "To create a public link"  # gradio prints it once launch() has finished requesting its own URL
 
 
@@ -139,7 +135,7 @@ def main(argv=None) -> int:
     requests, rounds = args.requests or (5 if args.quick else 100), args.rounds or (1 if args.quick else 2)
     folder = args.model
     LOG_DIR.mkdir(parents=True, exist_ok=True)
-    cells = {(name, clients): {"tally": Tally(), "walls": [], "by_round": [], "batch_sizes": []}
+    cells = {(name, clients): {"tally": Tally(), "walls": [], "by_round": []}
              for name in APPS for clients in CLIENTS}
     with ExitStack() as stack:
         apps = [stack.enter_context(running(name, folder)) for name in APPS]  # one after the other
@@ -155,45 +151,40 @@ def main(argv=None) -> int:
         for round_index in range(rounds):
             for clients in CLIENTS:
                 for app in apps:
-                    cell, log_offset = cells[app.name, clients], len(app.server.log_text())
+                    cell = cells[app.name, clients]
                     answered = len(cell["tally"].answers)
                     app.pause(False)
                     cell["walls"].append(run_clients(app.server.url, clients, requests, cell["tally"], warmup=WARMUP))
                     app.pause(True)
                     cell["by_round"].append((len(cell["tally"].answers) - answered) / cell["walls"][-1])
-                    sizes = BATCH_LOG.findall(app.server.log_text()[log_offset:])[WARMUP * clients:]
-                    cell["batch_sizes"] += [int(size or 1) for size in sizes]
                     print(f"round {round_index + 1}/{rounds}, {app.name}, {clients} client(s): "
                           f"{cell['by_round'][-1]:.1f} images/s", flush=True)
         apps[-1].pause(False)
-        print(f"{BATCHED}: /predict_batch vs one-file /predict calls ...", flush=True)
+        print(f"{FAST}: /predict_batch vs one-file /predict calls ...", flush=True)
         batch = measure_batch_endpoint(apps[-1], rounds * (1 if args.quick else 5))
 
     results = {}
     for (name, clients), cell in cells.items():
-        sizes = cell["batch_sizes"]
         results.setdefault(name, {})[clients] = {
             "clients": clients, "rounds": rounds, **cell["tally"].summary(sum(cell["walls"])),
-            "images_per_s_by_round": cell["by_round"], "mean_batch_size": sum(sizes) / len(sizes) if sizes else None,
-            "max_batch_size": max(sizes, default=None)}
+            "images_per_s_by_round": cell["by_round"]}
     data = {"args": vars(args), "model": str(folder), "requests_per_client": requests,
             "rounds": rounds, "predict_batch": batch,
             "apps": {app.name: {"env": APPS[app.name], "backend": backends[app.name], "startup_s": app.server.startup_s,
                                 "example_scores": scores[app.name], "results": list(results[app.name].values())}
                      for app in apps}}
 
-    base, batched = results[BASELINE], results[BATCHED]
+    base, fast = results[BASELINE], results[FAST]
     rows = [[name, clients, result["answered"], result["error_count"], result["images_per_s"],
              f"{result['images_per_s'] / base[clients]['images_per_s']:.2f}x",
              " / ".join(f"{value:.0f}" for value in result["images_per_s_by_round"]), result["p50_ms"],
-             result["p95_ms"], f"{result['p95_ms'] / base[clients]['p95_ms']:.2f}x",
-             f"{result['mean_batch_size']:.2f}" if result["mean_batch_size"] else "-"]
+             result["p95_ms"], f"{result['p95_ms'] / base[clients]['p95_ms']:.2f}x"]
             for name, by_clients in results.items() for clients, result in by_clients.items()]
-    throughput = batched[8]["images_per_s"] / base[8]["images_per_s"]
-    latency = batched[1]["p95_ms"] / base[1]["p95_ms"]
-    verdicts = [verdict(f"8 clients: {BATCHED} {batched[8]['images_per_s']:.1f} images/s vs "
+    throughput = fast[8]["images_per_s"] / base[8]["images_per_s"]
+    latency = fast[1]["p95_ms"] / base[1]["p95_ms"]
+    verdicts = [verdict(f"8 clients: {FAST} {fast[8]['images_per_s']:.1f} images/s vs "
                         f"{base[8]['images_per_s']:.1f} = {throughput:.2f}x (goal >= 2x)", throughput >= 2),
-                verdict(f"1 client: {BATCHED} p95 {batched[1]['p95_ms']:.0f} ms vs {base[1]['p95_ms']:.0f} ms "
+                verdict(f"1 client: {FAST} p95 {fast[1]['p95_ms']:.0f} ms vs {base[1]['p95_ms']:.0f} ms "
                         f"= {latency:.2f}x (goal <= 1.20x)", latency <= 1.2)]
     errors = sum(result["error_count"] for by_clients in results.values() for result in by_clients.values())
     verdicts.append(verdict(f"failed requests: {errors}", errors == 0))
@@ -215,12 +206,12 @@ def main(argv=None) -> int:
         section(f"/predict through gradio_client ({rounds} round(s) x {requests} requests per client, "
                 f"examples/*.jpeg, model `{folder.name}`)",
                 ["app", "clients", "answered", "errors", "images/s", "vs baseline", "images/s by round", "p50 ms",
-                 "p95 ms", "p95 vs baseline", "mean batch"], rows),
+                 "p95 ms", "p95 vs baseline"], rows),
         section("Start-up (seconds to the first answer of /gradio_api/info)",
                 ["app", "environment", "/predict backend", "start-up s"],
                 [[app.name, " ".join(f"{k}={v}" for k, v in APPS[app.name].items()), backends[app.name],
                   app.server.startup_s] for app in apps]),
-        section(f"/predict_batch vs one-file /predict calls ({BATCHED}, one client, {len(batch['files'])} files a "
+        section(f"/predict_batch vs one-file /predict calls ({FAST}, one client, {len(batch['files'])} files a "
                 f"set, {batch['refused']} of them refused)", ["way", "images/s", "calls", "p50 s a set", "p95 s a set"],
                 [[way, batch["images_per_s"][way], times["n"], times["p50_ms"] / 1000, times["p95_ms"] / 1000]
                  for way, times in batch["seconds_per_call"].items()]),

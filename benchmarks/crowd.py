@@ -19,7 +19,7 @@ from tests.app_server import running_app
 
 ANALYZE_EVERY = 5
 LOG_DIR = SCRATCH / "crowd-logs"
-DEFAULTS = {"PNEUMONIA_VIT_FAST": "1", "PNEUMONIA_VIT_BATCH": "8"}
+DEFAULTS = {"PNEUMONIA_VIT_FAST": "1"}
 
 
 def cpu_seconds(pid: int) -> float:

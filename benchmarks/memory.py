@@ -7,7 +7,7 @@ the bundled model only).
 Paths: the plain fp32 `transformers.pipeline`; ours in fp32 (`Classifier.load(folder, fast=False)`); ours fast with
 an empty cache (the one-off ONNX export and quantization, which holds the PyTorch model too) and with it filled, as
 every later start. The cache is a temporary folder, not ~/.cache/pneumonia-vit. Apps: PNEUMONIA_VIT_FAST=0
-PNEUMONIA_VIT_BATCH=0 (one fp32 model serves everything) and the defaults (int8 for /predict, fp32 for the heatmap),
+(one fp32 model serves everything) and the defaults (int8 for /predict, fp32 for the heatmap),
 their cache filled before the start.
 """
 
@@ -36,7 +36,7 @@ from benchmarks.harness import (
 
 PIPELINE, TORCH = "pipeline fp32", "ours, torch fp32"
 PATHS = (PIPELINE, TORCH, "ours, fast, first start", "ours, fast")
-APPS = {"baseline (fp32 PyTorch, unbatched)": {"PNEUMONIA_VIT_FAST": "0", "PNEUMONIA_VIT_BATCH": "0"},
+APPS = {"baseline (fp32 PyTorch)": {"PNEUMONIA_VIT_FAST": "0"},
         "fast (default)": {}}
 PREDICTIONS = 20
 
