@@ -11,7 +11,6 @@ threshold (or --threshold), through the same code train_vit.py uses after traini
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import dataclass, field
 
 from transformers import AutoModelForImageClassification, HfArgumentParser
@@ -40,8 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     dataset = load_splits(args.data_dir, args.dataset_name)[args.split]
     model = AutoModelForImageClassification.from_pretrained(args.model)
     dataset.set_transform(BatchTransform(load_pixel_spec(args.model), crop=args.centre_crop))
-    with tempfile.TemporaryDirectory() as scratch:
-        trainer = scoring_trainer(model, args.batch_size, scratch)
+    with scoring_trainer(model, args.batch_size) as trainer:
         labels, scores = predict_scores(trainer, dataset)
     threshold = ModelInfo.from_config(model.config.to_dict()).threshold if args.threshold is None else args.threshold
     metrics = {}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -218,8 +217,7 @@ def main(argv: list[str] | None = None) -> Calibration:
     for name in ("validation", "test"):
         splits[name].set_transform(BatchTransform(spec))
     # Both splits are scored by the unfolded model; the fit reads validation only, test is first looked at below.
-    with tempfile.TemporaryDirectory() as scratch:
-        trainer = scoring_trainer(model, args.batch_size, scratch)
+    with scoring_trainer(model, args.batch_size) as trainer:
         point = operating_point(trainer, splits["validation"], spec, policy)
         scored = {"validation": point.whole, "test": predict_scores(trainer, splits["test"])}
     pooled_name = "validation" if args.centre_crop == 1 else f"validation + {args.centre_crop:.0%} crops"

@@ -49,17 +49,14 @@ def fingerprint(model_dir: str | os.PathLike) -> str:
     import onnxruntime
 
     digest = hashlib.sha256(f"{RECIPE}|onnxruntime {onnxruntime.__version__}".encode())
-    found = False
     paths = sorted({path for pattern in FINGERPRINT_PATTERNS for path in Path(model_dir).glob(pattern) if path.is_file()})
+    if not any(path.name.startswith(("model", "pytorch_model")) for path in paths):
+        raise FastPathUnavailable(f"{model_dir}: no model weights (model*.safetensors or pytorch_model*.bin) to fingerprint")
     for path in paths:
-        name = path.name
-        found = found or name.startswith(("model", "pytorch_model"))
-        digest.update(f"|{name}|".encode())
+        digest.update(f"|{path.name}|".encode())
         with path.open("rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 22), b""):
                 digest.update(chunk)
-    if not found:
-        raise FastPathUnavailable(f"{model_dir}: no model weights (model*.safetensors or pytorch_model*.bin) to fingerprint")
     return digest.hexdigest()[:24]
 
 

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import functools
 import json
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -35,20 +38,22 @@ def predict_scores(trainer, dataset) -> tuple[np.ndarray, np.ndarray]:
     return labels_and_scores(trainer.predict(dataset))
 
 
-def scoring_trainer(model, batch_size: int, output_dir: str):
+@contextmanager
+def scoring_trainer(model, batch_size: int) -> Iterator:
     """A Trainer that only scores (`predict_scores`), in fp32, on the GPU where there is one."""
     import torch
     from transformers import Trainer, TrainingArguments
 
-    return Trainer(
-        model=model, data_collator=collate,
-        args=TrainingArguments(output_dir=output_dir, per_device_eval_batch_size=batch_size, report_to="none",
-                               use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
-                               label_names=["labels"]),  # as in train_vit.py
-        # DeiT's two-head model returns no loss of its own; the loss is not reported, only the scores.
-        compute_loss_func=lambda outputs, labels, num_items_in_batch=None: torch.nn.functional.cross_entropy(
-            outputs.logits, labels),
-    )
+    with tempfile.TemporaryDirectory() as scratch:
+        yield Trainer(
+            model=model, data_collator=collate,
+            args=TrainingArguments(output_dir=scratch, per_device_eval_batch_size=batch_size, report_to="none",
+                                   use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
+                                   label_names=["labels"]),  # as in train_vit.py
+            # DeiT's two-head model returns no loss of its own; the loss is not reported, only the scores.
+            compute_loss_func=lambda outputs, labels, num_items_in_batch=None: torch.nn.functional.cross_entropy(
+                outputs.logits, labels),
+        )
 
 
 def write_report(labels, scores, threshold: float, output_dir: str | Path, split: str) -> dict:
