@@ -6,12 +6,11 @@
     # on this project's machines, from the resized copy of the whole dataset
     python data_prep/prepare.py --source ../shared/data/chest_xray_224 --output data/chest_xray_prepared
 
-It finds the dataset root below --source, checks every file against the official manifest
-(kermany_manifest.tsv; a partial dataset is prepared with a warning), reads every image as 8-bit grey (only
-PNEUMONIA originals are stored as RGB: a colour mode would be a class cue) resized to --size, carves a
-validation split out of train + the official val split by patient and by identical file, and writes
-train/ validation/ test/ class folders of PGM images (lossless and nothing to inflate at every epoch:
-benchmarks/README.md), prepared_index.csv and prepare_report.json. The output appears only when complete;
+It finds the dataset root below --source, checks every file against the official manifest (kermany_manifest.tsv;
+a partial dataset is prepared with a warning), reads every image as 8-bit grey (only PNEUMONIA originals are stored
+as RGB: a colour mode would be a class cue) resized to --size, carves a validation split out of train + the official
+val split by patient and by identical file, and writes train/ validation/ test/ class folders of PGM images (lossless,
+nothing to inflate at every epoch), prepared_index.csv and prepare_report.json. The output appears only when complete;
 the source folder is only read.
 """
 

@@ -1,5 +1,4 @@
-"""How many cores this process may really use: the number behind every default thread and
-worker count (ONNX Runtime's intra-op threads, data_prep's decoding threads)."""
+"""How many cores this process may really use: the number behind every default thread and worker count."""
 
 from __future__ import annotations
 

@@ -47,7 +47,6 @@ _LARGE_DECODE_SLOTS = threading.BoundedSemaphore(MAX_LARGE_DECODES)
 # The raster formats Pillow may open: anything else is refused before decoding (Pillow hands EPS to
 # Ghostscript, which an upload endpoint must never run). MPO is Pillow's name for many cameras' JPEGs; PPM reads PGM.
 PIL_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "TIFF", "WEBP", "PPM")
-# Pillow modes of more than 8 bits a channel: stretched to 0..255 over their own range.
 HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
 
 _PATIENT_PATTERNS = (
@@ -226,15 +225,13 @@ def _check_decoder(dataset, name: str) -> None:
     syntax = getattr(dataset, "file_meta", {}).get("TransferSyntaxUID")
     if syntax is None or not syntax.is_compressed:
         return
-    try:
-        decodable = get_decoder(syntax).is_available
-    except NotImplementedError:
-        decodable = False
-    if not decodable:
-        raise InvalidImageError(
-            f"{name}: the DICOM pixel data is compressed as {syntax.name}, which this app cannot decode. "
-            f"Export it uncompressed (Explicit VR Little Endian), as JPEG or JPEG 2000 DICOM, or as PNG."
-        )
+    with suppress(NotImplementedError):  # pydicom knows no decoder at all for this syntax
+        if get_decoder(syntax).is_available:
+            return
+    raise InvalidImageError(
+        f"{name}: the DICOM pixel data is compressed as {syntax.name}, which this app cannot decode. "
+        f"Export it uncompressed (Explicit VR Little Endian), as JPEG or JPEG 2000 DICOM, or as PNG."
+    )
 
 
 def _dicom_to_gray(data: bytes, name: str) -> XrayReading:

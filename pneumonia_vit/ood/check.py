@@ -34,7 +34,6 @@ CHECK_FORMAT = "pneumonia_vit.domain_check/2"  # /1 was a multilayer perceptron 
 MAX_CHROMA = 6.0  # grey levels; JPEG noise on a grey RGB file stays below 1
 MIN_STD = 10.0  # grey levels, on 0..255
 MAX_TRANSPARENCY = 0.01  # fraction of pixels with alpha < 255 above which a file is refused
-DEFAULT_QUANTILE = 0.999
 CHECK_SIDE = 64
 CHECK_INPUTS = f"grey{CHECK_SIDE}x{CHECK_SIDE}-standardised"  # saved with the model, checked on load
 
@@ -64,6 +63,15 @@ def _read_safetensors(path: str | Path, expected_format: str, fitted_by: str) ->
         if metadata.get("format") != expected_format:
             raise ValueError(f"{path}: not a {expected_format} file (format {metadata.get('format')!r}): {_refit(fitted_by)}")
         return {name: handle.get_tensor(name) for name in handle.keys()}, metadata
+
+
+def _write_safetensors(folder: str | Path, name: str, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> Path:
+    from safetensors.numpy import save_file
+
+    path = Path(folder) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata)
+    return path
 
 
 def _model_file(model_id: str | Path, name: str) -> str | None:
@@ -111,10 +119,6 @@ class DomainStats:
                 and kind_model.fingerprint == self.kind_model_fingerprint)
 
     def save(self, folder: str | Path) -> Path:
-        from safetensors.numpy import save_file
-
-        path = Path(folder) / STATS_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {
             "format": STATS_FORMAT, "threshold": repr(self.threshold), "quantile": repr(self.quantile),
             "train_count": str(self.train_count), "validation_count": str(self.validation_count),
@@ -124,20 +128,17 @@ class DomainStats:
             tensors["child_weight"] = self.child_weight.astype(np.float64)
             metadata.update(child_bias=repr(self.child_bias), kind_cutoff=repr(self.kind_cutoff),
                             kind_model_fingerprint=self.kind_model_fingerprint)
-        save_file(tensors, str(path), metadata)
-        return path
+        return _write_safetensors(folder, STATS_FILE, tensors, metadata)
 
     @classmethod
     def read(cls, path: str | Path) -> DomainStats:
         tensors, metadata = _read_safetensors(path, STATS_FORMAT, fitted_by="feature_stats")
-        return cls(
-            mean=tensors["mean"], precision=tensors["precision"],
-            threshold=float(metadata["threshold"]), quantile=float(metadata["quantile"]),
-            train_count=int(metadata["train_count"]), validation_count=int(metadata["validation_count"]),
-            child_weight=tensors.get("child_weight"), child_bias=float(metadata.get("child_bias", 0.0)),
-            kind_cutoff=float(metadata["kind_cutoff"]) if "kind_cutoff" in metadata else None,
-            kind_model_fingerprint=metadata.get("kind_model_fingerprint", ""),
-        )
+        return cls(mean=tensors["mean"], precision=tensors["precision"], threshold=float(metadata["threshold"]),
+                   quantile=float(metadata["quantile"]), train_count=int(metadata["train_count"]),
+                   validation_count=int(metadata["validation_count"]), child_weight=tensors.get("child_weight"),
+                   child_bias=float(metadata.get("child_bias", 0.0)),
+                   kind_cutoff=float(metadata["kind_cutoff"]) if "kind_cutoff" in metadata else None,
+                   kind_model_fingerprint=metadata.get("kind_model_fingerprint", ""))
 
     @classmethod
     def load(cls, model_id: str | Path) -> DomainStats | None:
@@ -204,15 +205,10 @@ class KindModel:
         return digest.hexdigest()[:16]
 
     def save(self, folder: str | Path) -> Path:
-        from safetensors.numpy import save_file
-
-        path = Path(folder) / CHECK_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {**self.metadata, "format": CHECK_FORMAT, "threshold": repr(self.threshold),
                     "kinds": ",".join(KINDS), "inputs": CHECK_INPUTS}
-        save_file({name: np.ascontiguousarray(array, dtype=np.float32) for name, array in self.tensors.items()},
-                  str(path), metadata)
-        return path
+        tensors = {name: np.ascontiguousarray(array, dtype=np.float32) for name, array in self.tensors.items()}
+        return _write_safetensors(folder, CHECK_FILE, tensors, metadata)
 
     @classmethod
     def read(cls, path: str | Path) -> KindModel:
@@ -283,23 +279,19 @@ def kind_score(p_pediatric: np.ndarray, child_score: np.ndarray) -> np.ndarray:
     return np.log(p) - np.log1p(-p) + child_score
 
 
-def grey_std(image: Image.Image) -> float:
-    pixels = np.asarray(image)
-    step = max(1, max(pixels.shape) // 256)
-    return float(pixels[::step, ::step].std())
-
-
 def check_domain(reading: XrayReading, features: np.ndarray | None, stats: DomainStats | None,
                  kind_model: KindModel | None = None, min_side: int | None = None) -> DomainCheck:
     """Applies the rules: resolution where `min_side` is given, kind where `kind_model` is, features
     where `stats` and `features` are."""
-    check = DomainCheck(chroma=reading.chroma, grey_std=grey_std(reading.image))
-    looks_like = []
+    pixels = np.asarray(reading.image)
+    step = max(1, max(pixels.shape) // 256)  # the spread is sampled on ~256 px a side, as chroma is
+    check = DomainCheck(chroma=reading.chroma, grey_std=float(pixels[::step, ::step].std()))
 
-    def flag(rule: str, reason: str, kind: str) -> None:
+    def flag(rule: str, reason: str, looks_like: str) -> None:
+        if not check.fired:  # the first rule that fires says what the input looks like
+            check.looks_like = looks_like
         check.fired.append(rule)
         check.reasons.append(reason)
-        looks_like.append(kind)
 
     width, height = reading.stored_size or reading.image.size
     if min_side is not None and min(width, height) < min_side:
@@ -331,6 +323,4 @@ def check_domain(reading: XrayReading, features: np.ndarray | None, stats: Domai
         if check.distance > stats.threshold:
             flag("features", f"the model's features are far from its training X-rays (distance {check.distance:.1f}, "
                              f"above the {stats.quantile:.1%} validation quantile {stats.threshold:.1f})", UNFAMILIAR)
-    if looks_like:
-        check.looks_like = looks_like[0]
     return check

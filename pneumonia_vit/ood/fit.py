@@ -1,10 +1,7 @@
-"""Fitting the out-of-domain rules that need data (ood/check.py runs them): the kind model (rule 3) on
-ood/corpus.py's four kinds, independent of the classifier, so a retrained classifier keeps it; and what
-belongs to one trained classifier, the feature statistics (rule 4; train_vit.py fits them at the end of
-training) and the child score that rule 3 adds to the kind model's (it needs the kind model in MODEL_DIR):
-
-    python -m pneumonia_vit.ood.fit MODEL_DIR --data_dir data/chest_xray_prepared \\
-        --adult_dir ../shared/data/adult_cxr_224 --kind_model --feature_stats
+"""Fits the out-of-domain rules that need data (ood/check.py runs them) and saves them in a model folder:
+the kind model (rule 3), on ood/corpus.py's four kinds, independent of the classifier, so a retrained classifier
+keeps it; and what belongs to one trained classifier, its feature statistics (rule 4; train_vit.py fits them at the
+end of training) and the child score that rule 3 adds to the kind model's (it needs the kind model in the folder).
 """
 
 from __future__ import annotations
@@ -21,7 +18,7 @@ import numpy as np
 
 from ..images import load_xray
 from ..preprocess import PixelSpec, pixel_values
-from .check import CHECK_FILE, CHECK_SIDE, DEFAULT_QUANTILE, KINDS, STATS_FILE, DomainStats, KindModel, kind_score
+from .check import CHECK_FILE, CHECK_SIDE, KINDS, STATS_FILE, DomainStats, KindModel, kind_score
 from .corpus import (
     ADULT_FOLDS,
     PEDIATRIC,
@@ -37,7 +34,8 @@ from .corpus import (
 
 log = logging.getLogger(__name__)
 
-KIND_QUANTILE = 0.01  # share of the pediatric validation split the cut-off flags
+KIND_QUANTILE = 0.01  # share of the pediatric validation split the kind model's cut-off flags
+FEATURE_QUANTILE = 0.999  # rule 4's cut-off: this quantile of the validation split's distances
 WIDTH = 8  # kind_network's first convolution's channels
 EPOCHS = 12
 BATCH = 128
@@ -124,15 +122,14 @@ def fit_kind_model(data_dir: str | Path, adult_dir: str | Path, output_dir: str 
     counts = np.bincount(kinds, minlength=len(KINDS))
     model = KindModel(tensors=kind_tensors(train_kind_network(inputs, kinds, seed=seed)), threshold=0.0)
     validation = thumbnails(load_xray(path) for path in image_files(Path(data_dir, "validation")))
-    quantile = KIND_QUANTILE
-    model.threshold = float(np.quantile(model.probabilities(validation)[:, PEDIATRIC], quantile))
+    model.threshold = float(np.quantile(model.probabilities(validation)[:, PEDIATRIC], KIND_QUANTILE))
     model.metadata = {
-        "quantile": repr(quantile), "seed": str(seed), "width": str(WIDTH), "epochs": str(EPOCHS),
+        "quantile": repr(KIND_QUANTILE), "seed": str(seed), "width": str(WIDTH), "epochs": str(EPOCHS),
         "training_inputs": ",".join(f"{kind}={count}" for kind, count in zip(KINDS, counts)),
         "validation_count": str(len(validation)), "adult_folds": ",".join(f"{n}={p}" for n, p in ADULT_FOLDS),
     }
     log.info("kind model: cut-off P(pediatric) < %.4f = %.1f%% quantile of %d validation images",
-             model.threshold, 100 * quantile, len(validation))
+             model.threshold, 100 * KIND_QUANTILE, len(validation))
     if output_dir is not None:
         log.info("kind model saved to %s", model.save(output_dir))
     return model
@@ -160,23 +157,21 @@ def embed(model, spec: PixelSpec, images: Iterable, batch_size: int = 64) -> np.
     return np.concatenate(chunks).astype(np.float64)
 
 
-def fit_domain_stats(model, spec: PixelSpec, train, validation, output_dir: str | Path | None = None,
-                     quantile: float = DEFAULT_QUANTILE, batch_size: int = 64) -> DomainStats:
+def fit_domain_stats(model, spec: PixelSpec, train, validation, output_dir: str | Path | None = None) -> DomainStats:
     """Fits rule 4 on the training split, its cut-off on the validation split (either one a `datasets` split or an
     iterable of images, as `embed` reads them) and, with `output_dir`, saves it there. The covariance is
     Ledoit-Wolf shrunk, so it stays invertible with fewer images than dimensions."""
     from sklearn.covariance import LedoitWolf
 
-    train_features = embed(model, spec, train, batch_size)
-    validation_features = embed(model, spec, validation, batch_size)
+    train_features, validation_features = embed(model, spec, train), embed(model, spec, validation)
     estimate = LedoitWolf().fit(train_features)
-    stats = DomainStats(estimate.location_, estimate.precision_, threshold=float("inf"), quantile=quantile,
+    stats = DomainStats(estimate.location_, estimate.precision_, threshold=float("inf"), quantile=FEATURE_QUANTILE,
                         train_count=len(train_features), validation_count=len(validation_features))
-    stats.threshold = float(np.quantile(stats.distance(validation_features), quantile))
+    stats.threshold = float(np.quantile(stats.distance(validation_features), FEATURE_QUANTILE))
     if output_dir is not None:
         path = stats.save(output_dir)
         log.info("domain stats: %d training embeddings, cut-off %.2f = %.1f%% quantile of %d validation distances -> %s",
-                 stats.train_count, stats.threshold, 100 * quantile, stats.validation_count, path)
+                 stats.train_count, stats.threshold, 100 * FEATURE_QUANTILE, stats.validation_count, path)
     return stats
 
 
@@ -205,18 +200,17 @@ def add_domain_check(model, spec: PixelSpec, train, validation, output_dir: str 
 
 
 def fit_child_score(model, spec: PixelSpec, stats: DomainStats, kind_model: KindModel, data_dir: str | Path,
-                    adult_dir: str | Path, copies: int = CHILD_SCORE_COPIES, seed: int = CHILD_SCORE_SEED,
-                    batch_size: int = 64) -> DomainStats:
+                    adult_dir: str | Path) -> DomainStats:
     """Fits rule 3's second opinion into `stats`: a logistic regression on the classifier's features of
     source-augmented films, pediatric training films against fit-fold adult and altered films, as the kind
     model sees them; its weight beside the kind model; the combined score's cut-off at the kind model's quantile."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    pediatric, adults, altered = films(data_dir, adult_dir, np.random.default_rng(seed), copies, adult_share=0.6,
-                                       altered_copies=copies)
-    children = embed(model, spec, readable(pediatric), batch_size)
-    others = np.concatenate([embed(model, spec, readable(images), batch_size) for images in (adults, altered)])
+    pediatric, adults, altered = films(data_dir, adult_dir, np.random.default_rng(CHILD_SCORE_SEED), CHILD_SCORE_COPIES,
+                                       adult_share=0.6, altered_copies=CHILD_SCORE_COPIES)
+    children = embed(model, spec, readable(pediatric))
+    others = np.concatenate([embed(model, spec, readable(images)) for images in (adults, altered)])
     features = np.concatenate([children, others])
     is_child = np.r_[np.ones(len(children)), np.zeros(len(others))]
     scaler = StandardScaler().fit(features)
@@ -228,7 +222,7 @@ def fit_child_score(model, spec: PixelSpec, stats: DomainStats, kind_model: Kind
     # (validation children, select-fold adults): the regression's scale follows the draw of augmentations.
     def scores(paths: list[Path]) -> np.ndarray:
         p_pediatric = kind_model.probabilities(thumbnails(load_xray(path) for path in paths))[:, PEDIATRIC]
-        return np.c_[kind_score(p_pediatric, 0.0), stats.child_score(embed(model, spec, paths, batch_size))]
+        return np.c_[kind_score(p_pediatric, 0.0), stats.child_score(embed(model, spec, paths))]
 
     validation, select = image_files(Path(data_dir, "validation")), adult_files(adult_dir, "select")
     if not select:
@@ -249,11 +243,7 @@ def fit_child_score(model, spec: PixelSpec, stats: DomainStats, kind_model: Kind
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pneumonia_vit.ood.fit",
-        description="Fit the out-of-domain check's kind model (with --adult_dir) and/or the model's feature "
-                    "statistics (--feature_stats), and save them in the model folder.",
-    )
+    parser = argparse.ArgumentParser(prog="python -m pneumonia_vit.ood.fit", description=__doc__)
     parser.add_argument("model_dir", help="the model folder to save into")
     parser.add_argument("--data_dir", required=True, help="prepared data (train/ and validation/ folders)")
     parser.add_argument("--adult_dir", help="adult_cxr_224/ (images/ and provenance.csv): for --kind_model, and for "
@@ -266,7 +256,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="augmented copies of each pediatric training film in the kind model's fit")
     parser.add_argument("--synthetic_count", type=int, default=SYNTHETIC_COUNT,
                         help="drawn non-X-ray images in the kind model's fit")
-    parser.add_argument("--batch_size", type=int, default=64, help="images per forward for --feature_stats")
     args = parser.parse_args(argv)
     if not args.kind_model and not args.feature_stats:
         parser.error("give --kind_model, --feature_stats, or both")
@@ -286,15 +275,13 @@ def main(argv: list[str] | None = None) -> int:
 
         classifier = Classifier.load(args.model_dir, fast=False)  # the features the app computes: fp32 PyTorch
         splits = load_splits(args.data_dir)
-        stats = fit_domain_stats(classifier.model, classifier.spec, splits["train"], splits["validation"],
-                                 batch_size=args.batch_size)
+        stats = fit_domain_stats(classifier.model, classifier.spec, splits["train"], splits["validation"])
         if args.adult_dir:
             kind_model = KindModel.load(args.model_dir)
             if kind_model is None:
                 parser.error(f"the child score is added to the kind model's, and {args.model_dir} has none: "
                              "fit it first (--kind_model) or copy domain_check.safetensors there")
-            fit_child_score(classifier.model, classifier.spec, stats, kind_model, args.data_dir, args.adult_dir,
-                            batch_size=args.batch_size)
+            fit_child_score(classifier.model, classifier.spec, stats, kind_model, args.data_dir, args.adult_dir)
         else:
             log.info("no --adult_dir: rule 3 uses the kind model alone")
         log.info("domain stats saved to %s", stats.save(args.model_dir))
