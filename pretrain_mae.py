@@ -122,7 +122,6 @@ def main(argv: list[str] | None = None) -> Path:
     checkpoint = resume_checkpoint(training_args, run_args.overwrite_output_dir)
     set_seed(training_args.seed)
 
-    # Data: every readable image of the folders; the others are named, not fatal.
     if not data_args.image_dirs:
         raise ValueError("give --image_dirs: one or more folders of X-rays")
     from datasets import Dataset
@@ -134,7 +133,6 @@ def main(argv: list[str] | None = None) -> Path:
     if training_args.process_index == 0:
         logger.info("pretraining on %d images from %s", len(files), ", ".join(data_args.image_dirs))
 
-    # Model and the transform that feeds it.
     model = build_model(model_args)
     spec = PixelSpec(size=model.config.image_size)
     transform = MaskedBatches(BatchTransform(spec, augmentation, seed=training_args.seed),

@@ -56,10 +56,8 @@ def forward(model: torch.nn.Module, pixel_values: torch.Tensor, output_attention
         output = model(pixel_values=pixel_values.to(device), output_attentions=output_attentions)
     attentions = output.attentions if output_attentions else None
     if output_attentions and not attentions:
-        raise RuntimeError(
-            "the model returned no attention weights: load it with attn_implementation='eager' "
-            "(or call model.set_attn_implementation('eager'))"
-        )
+        raise RuntimeError("the model returned no attention weights: load it with attn_implementation='eager' "
+                           "(or call model.set_attn_implementation('eager'))")
     return ForwardResult(
         logits=output.logits.float().cpu().numpy(),
         features=captured[0].float().flatten(1).cpu().numpy(),  # a CNN's head reads (N, C, 1, 1)

@@ -72,10 +72,8 @@ def check_prepared_folder(root: Path) -> None:
     }
     missing = sorted(expected - set(present))
     if missing:
-        raise FileNotFoundError(
-            f"{len(missing)} prepared image(s) listed in {index_path} are gone: {_examples(root, missing)}. "
-            "Run data_prep/prepare.py again (with --overwrite)."
-        )
+        raise FileNotFoundError(f"{len(missing)} prepared image(s) listed in {index_path} are gone: "
+                                f"{_examples(root, missing)}. Run data_prep/prepare.py again (with --overwrite).")
     empty = sorted(name for name in expected if present[name].stat().st_size == 0)
     if empty:
         raise ValueError(f"{len(empty)} prepared image(s) are empty files: {_examples(root, empty)}. Run data_prep/prepare.py again.")
@@ -83,10 +81,8 @@ def check_prepared_folder(root: Path) -> None:
     unexpected = sorted(name for name in set(present) - expected if "/" in name)
     metadata = [name for name in unexpected if name.rsplit("/", 1)[-1].lower() in ("metadata.csv", "metadata.jsonl", "metadata.parquet")]
     if metadata:
-        raise ValueError(
-            f"{_examples(root, metadata)}: imagefolder would read this as labels/metadata for the images beside it; "
-            "move it out of the prepared folder"
-        )
+        raise ValueError(f"{_examples(root, metadata)}: imagefolder would read this as labels/metadata for the images "
+                         "beside it; move it out of the prepared folder")
     loadable = _imagefolder_suffixes()
     extra_images = [name for name in unexpected if name.lower().endswith(loadable)]
     non_images = [name for name in unexpected if name not in extra_images]
