@@ -132,7 +132,7 @@ def _box_reduce(pixels: np.ndarray, factor: int) -> np.ndarray:
     return total / (factor * factor)
 
 
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
     """Hands the pages of freed large buffers back to the system: glibc would keep part of them in the
     arena of the thread that freed them, resident after the request."""
     if sys.platform.startswith("linux"):
@@ -150,7 +150,7 @@ def _decode_slot(pixels: int) -> Iterator[None]:
         with _LARGE_DECODE_SLOTS:
             yield
     finally:
-        _release_freed_memory()
+        release_freed_memory()
 
 
 def _frame_bytes(header, name: str) -> int:

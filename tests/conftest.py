@@ -93,3 +93,19 @@ def served_model_dir(request) -> Path:
     if (BUNDLED_MODEL / "config.json").is_file():
         return BUNDLED_MODEL
     return request.getfixturevalue("tiny_model_dir")
+
+
+@pytest.fixture(scope="module")
+def classifier(served_model_dir):
+    """What /predict and predict.py serve by default: the fast path (int8 ONNX Runtime)."""
+    from pneumonia_vit.inference.classifier import Classifier
+
+    return Classifier.load(str(served_model_dir), fast=True)
+
+
+@pytest.fixture(scope="module")
+def exact(served_model_dir):
+    """What everything serves with PNEUMONIA_VIT_FAST=0: the fp32 PyTorch model."""
+    from pneumonia_vit.inference.classifier import Classifier
+
+    return Classifier.load(str(served_model_dir), fast=False)

@@ -59,18 +59,6 @@ def client(app_url):
 
 
 @pytest.fixture(scope="module")
-def classifier(served_model_dir) -> Classifier:
-    """What /predict and predict.py serve by default: the fast path (int8 ONNX Runtime)."""
-    return Classifier.load(str(served_model_dir), fast=True)
-
-
-@pytest.fixture(scope="module")
-def exact(served_model_dir) -> Classifier:
-    """What everything serves with PNEUMONIA_VIT_FAST=0: the fp32 PyTorch model."""
-    return Classifier.load(str(served_model_dir), fast=False)
-
-
-@pytest.fixture(scope="module")
 def odd(tmp_path_factory):
     return make_odd_files(tmp_path_factory.mktemp("odd"), EXAMPLES[0])
 

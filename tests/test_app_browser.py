@@ -65,12 +65,6 @@ def page(app_url):
         browser.close()
 
 
-@pytest.fixture(scope="module")
-def classifier(served_model_dir) -> Classifier:
-    """What the page scores with, as the API does: the fast path (the fp32 model only draws the heatmap)."""
-    return Classifier.load(str(served_model_dir), fast=True)
-
-
 def expected(classifier: Classifier, path: Path) -> tuple[str, str]:
     """The decision and P(pneumonia) text the page must show for `path`."""
     p = float(classifier.pneumonia_probability([load_xray(path)])[0])

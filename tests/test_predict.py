@@ -73,16 +73,6 @@ def odd(tmp_path_factory):
     return make_odd_files(tmp_path_factory.mktemp("odd"), EXAMPLES[0])
 
 
-@pytest.fixture(scope="module")
-def classifier(served_model_dir) -> Classifier:
-    return Classifier.load(str(served_model_dir), fast=True)
-
-
-@pytest.fixture(scope="module")
-def exact(served_model_dir) -> Classifier:
-    return Classifier.load(str(served_model_dir), fast=False)
-
-
 def expected(classifier: Classifier, path: Path) -> tuple[float, str]:
     p = float(classifier.pneumonia_probability([load_xray(path)])[0])
     return p, "PNEUMONIA" if p >= classifier.threshold else "NORMAL"

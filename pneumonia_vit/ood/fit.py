@@ -34,6 +34,7 @@ from .corpus import (
 
 log = logging.getLogger(__name__)
 
+FITTED_PER_CLASSIFIER = (STATS_FILE,)  # what add_domain_check fits to one classifier: a new run replaces them
 KIND_QUANTILE = 0.01  # share of the pediatric validation split the kind model's cut-off flags
 FEATURE_QUANTILE = 0.999  # rule 4's cut-off: this quantile of the validation split's distances
 WIDTH = 8  # kind_network's first convolution's channels
@@ -173,11 +174,6 @@ def fit_domain_stats(model, spec: PixelSpec, train, validation, output_dir: str 
         log.info("domain stats: %d training embeddings, cut-off %.2f = %.1f%% quantile of %d validation distances -> %s",
                  stats.train_count, stats.threshold, 100 * FEATURE_QUANTILE, stats.validation_count, path)
     return stats
-
-
-def fitted_per_classifier() -> tuple[str, ...]:
-    """The files `add_domain_check` fits to one classifier: a new training run in the same folder replaces them."""
-    return (STATS_FILE,)
 
 
 def add_domain_check(model, spec: PixelSpec, train, validation, output_dir: str | Path, kind_model_from: str | Path) -> list[str]:

@@ -9,6 +9,7 @@ whichever endpoint, batch or client it came through. No gradio here (predict.py 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..images import LABELS, InvalidImageError, XrayReading, read_xray
+from ..images import LABELS, InvalidImageError, XrayReading, read_xray, release_freed_memory
 from ..inference.backends import forward
 from ..inference.classifier import Classifier
 from ..ood.check import CHECK_FILE, STATS_FILE, DomainCheck, DomainStats, KindModel, check_domain
@@ -29,6 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO / "models" / "pneumonia-vit-tiny"
 PREVIEW_SIDE = 512  # the preview and heatmap the page shows, long side in pixels
 FILE_WORKERS = 2  # files read and scored at once by analyze_files: the 2 vCPUs of a basic Space
+TRIM_EVERY_S = 5.0  # freed memory handed back at most this often: glibc's arenas creep under crowds
 ADVICE = "upload a frontal chest X-ray of a child aged 1-5, whole, upright and in grey"
 FORMS = ("predict", "assess", "batch", "csv")
 
@@ -119,6 +121,7 @@ class Service:
         self.domain_stats = domain_stats
         self.kind_model = kind_model
         self.check_notes = list(check_notes)
+        self._trimmed = time.monotonic()
         if kind_model is None:
             self.check_notes.append(f"image-kind check off: no {CHECK_FILE} (adult, altered and non-X-ray inputs "
                                     "are caught only by the other checks)")
@@ -161,6 +164,9 @@ class Service:
     def _score(self, reading: XrayReading) -> Analysis:
         probabilities, features = self.classifier.probabilities_and_features([reading.image])
         p = float(probabilities[0, 1])
+        if time.monotonic() - self._trimmed > TRIM_EVERY_S:
+            self._trimmed = time.monotonic()
+            release_freed_memory()
         return Analysis(probabilities={LABELS[0]: 1.0 - p, LABELS[1]: p}, threshold=self.threshold,
                         domain=check_domain(reading, features, self.domain_stats, self.kind_model,
                                             min_side=self.classifier.spec.size))

@@ -39,7 +39,7 @@ TRANSPORT_CAP_MB = 2 * MAX_UPLOAD_MB
 CACHE_NAME_KEY = secrets.token_bytes(32)  # cached_image's folder names
 # gradio keeps a copy of the page's configuration per session, a memory that grows with every visitor; this
 # app keeps nothing per session, and a session whose copy was dropped gets a new one at its next request.
-SESSION_CAPACITY = 256
+SESSION_CAPACITY = 64
 # Requests being read and scored at once, all endpoints together: a cpu-basic Space has 2 vCPUs. A waiting
 # request holds only its upload's path (the file is on disk), so a crowd costs the memory of CONCURRENCY requests.
 CONCURRENCY = 2

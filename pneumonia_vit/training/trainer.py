@@ -21,7 +21,7 @@ from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArg
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ..images import LABELS
-from ..ood.fit import fitted_per_classifier
+from ..ood.fit import FITTED_PER_CLASSIFIER
 from .evaluation import binary_metrics, labels_and_scores
 
 logger = logging.getLogger(__name__)
@@ -301,7 +301,7 @@ def checkpoint_problem(folder: Path, weights_and_optimizer: bool = True) -> str 
 # What a training run writes at the top of its output folder (weights, configs, card, reports).
 RUN_FILE_PATTERNS = (
     "README.md", "config.json", "preprocessor_config.json", "training_args.bin", "model*.safetensors",
-    "model.safetensors.index.json", "run_stats.json", *fitted_per_classifier(), "*_metrics.json",
+    "model.safetensors.index.json", "run_stats.json", *FITTED_PER_CLASSIFIER, "*_metrics.json",
     "*_confusion_matrix.png", "*_roc.png",
 )
 
