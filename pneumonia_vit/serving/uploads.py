@@ -52,9 +52,9 @@ class UploadLimits:
     # gradio's cap on one file (launch's max_file_size). An upload request carries one file (gradio_client
     # sends each file of a list on its own; the page takes one).
     max_file_bytes: int
-    # Room for the queue (settings.DEFAULT_MAX_WAITING requests) and the requests being scored twice over,
-    # each with its own file; 2 GiB is 4% of a free Space's 50 GB disk.
-    max_files: int = 256
+    # Room for a spike of several hundred clients at once, each with its own file (uploads come before the queue
+    # can say "busy"; benchmarks/crowd.py sends 300); 2 GiB is 4% of a free Space's 50 GB disk.
+    max_files: int = 1024
     max_bytes: int = 2 * 2**30
     # Far above the longest wait in a full queue; an upload no request has used by then is abandoned.
     unused_ttl_s: float = 600.0
