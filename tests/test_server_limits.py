@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
-from pneumonia_vit.serving.uploads import UploadLimits
+from pneumonia_vit.serving.uploads import UploadLedger, UploadLimits
 from tests.app_server import REPO, running_app
 
 EXAMPLE = REPO / "examples" / "pneumonia_1.jpeg"
@@ -133,3 +134,24 @@ def test_the_upload_folder_stays_under_its_bound_under_quick_uploads(served_mode
         assert "upload space is full" in refused[0].text and refused[0].headers["retry-after"] == "60"
         assert len(files_in(cache) - before) == FOLDER_FILES
         assert "Traceback" not in app.log_text()
+
+
+def test_unused_uploads_and_dropped_partial_files_are_deleted_by_a_sweep_at_most_every_few_seconds(tmp_path):
+    """The sweep scans the whole upload folder (gradio's previews and examples too): once per `sweep_every_s`,
+    not once per upload."""
+    ledger = UploadLedger(tmp_path, UploadLimits(max_file_bytes=100, unused_ttl_s=0.2, sweep_every_s=0.6))
+    unused = tmp_path / "a1b2" / "film.png"
+    unused.parent.mkdir()
+    unused.write_bytes(b"film")
+    assert ledger.admit(4) is None
+    ledger.received(4, [str(unused)])
+    partial = tmp_path / "tmp_dropped"  # gradio's temporary file of an upload dropped a minute ago
+    partial.write_bytes(b"half a film")
+    os.utime(partial, (time.time() - 60, time.time() - 60))
+    time.sleep(0.3)
+    assert ledger.admit(4) is None and ledger.reserved == [1, 4]
+    assert unused.exists() and partial.exists()  # past its time to live, but the folder was scanned 0.3 s ago
+    time.sleep(0.4)
+    assert ledger.admit(4) is None
+    assert not unused.exists() and not unused.parent.exists() and not partial.exists()
+    assert not ledger.holds(unused)

@@ -263,14 +263,9 @@ class DomainCheck:
 
     def verdict(self) -> dict:
         """The machine-readable form the API returns (webapp.py documents it)."""
-        return {
-            "in_domain": self.in_domain,
-            "looks_like": self.looks_like,
-            "reasons": list(self.reasons),
-            "rules_fired": list(self.fired),
-            "checks": self.checks_run(),
-            "p_pediatric_chest_xray": None if self.kind_probabilities is None else round(self.kind_probabilities[PEDIATRIC], 6),
-        }
+        kind_p = None if self.kind_probabilities is None else round(self.kind_probabilities[PEDIATRIC], 6)
+        return {"in_domain": self.in_domain, "looks_like": self.looks_like, "reasons": list(self.reasons),
+                "rules_fired": list(self.fired), "checks": self.checks_run(), "p_pediatric_chest_xray": kind_p}
 
 
 def kind_score(p_pediatric: np.ndarray, child_score: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ Here (`UploadLimits`):
   beyond that the route answers 503, saying to retry in a minute;
 - an upload is deleted as soon as the last request naming it is done, answered or refused
   (`UploadLedger.release`); one that no request uses is deleted `unused_ttl_s` after it arrived, at
-  the next upload, as is a partial file that a dropped upload left behind.
+  an upload at most `sweep_every_s` later, as is a partial file that a dropped upload left behind.
 The examples and the images the page shows (previews, heatmaps) are not uploads: gradio's
 `delete_cache` ages those. The same middleware (`RequestGuard`) bounds every other request body, so that
 no client string of unbounded size reaches gradio's replies or the log; `unknown_endpoint` answers a
@@ -58,6 +58,8 @@ class UploadLimits:
     max_bytes: int = 2 * 2**30
     # Far above the longest wait in a full queue; an upload no request has used by then is abandoned.
     unused_ttl_s: float = 600.0
+    # The folder holds gradio's previews and examples too (thousands): a scan per upload cost more than the upload.
+    sweep_every_s: float = 10.0
 
     @property
     def max_request_bytes(self) -> int:
@@ -85,6 +87,7 @@ class UploadLedger:
         self.forget = forget  # called with each deleted path: gradio's own lists of files to age
         self.uploads: dict[str, _Upload] = {}
         self.reserved = [0, 0]  # files and bytes of uploads being received
+        self.swept = float("-inf")
         self.lock = threading.Lock()
 
     def holds(self, path: str | Path) -> bool:
@@ -92,7 +95,9 @@ class UploadLedger:
 
     def admit(self, declared_bytes: int) -> str | None:
         """Reserve room for an upload of `declared_bytes`; the refusal's text if there is none."""
-        self.sweep()
+        if time.monotonic() - self.swept > self.limits.sweep_every_s:
+            self.swept = time.monotonic()
+            self.sweep()
         with self.lock:
             files = len(self.uploads) + self.reserved[0]
             held = sum(upload.size for upload in self.uploads.values()) + self.reserved[1]
@@ -265,7 +270,6 @@ class RequestGuard:
         finally:
             if upload:
                 self.ledger.received(declared_bytes, paths)
-
 
     def _too_large(self, size: int, upload: bool) -> str:
         if upload:
