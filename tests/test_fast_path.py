@@ -204,3 +204,26 @@ def test_damaged_cache_entry_is_exported_again(tiny_model_dir, caplog, fast_cach
         again = Classifier.load(str(tiny_model_dir), cache=fast_cache)
     assert again.backend.name == "onnxruntime-int8" and "exporting it again" in caplog.text
     assert Path(again.backend.path).stat().st_size > 1000
+
+
+def test_a_cnn_hands_the_domain_check_the_same_features_on_the_fast_path_as_in_pytorch(tmp_path, real_xrays, fast_cache):
+    """The out-of-domain statistics are fitted on the PyTorch path's features, (N, C); a CNN's head reads (N, C, 1, 1),
+    and the fast path must give the check that same (N, C)."""
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    from pneumonia_vit.images import LABELS
+    from pneumonia_vit.inference.classifier import Classifier
+    from pneumonia_vit.preprocess import PixelSpec
+
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(Path(__file__).resolve().parent.parent / "configs" / "resnet_teacher",
+                                        num_labels=2, id2label=dict(enumerate(LABELS)),
+                                        label2id={label: i for i, label in enumerate(LABELS)})
+    AutoModelForImageClassification.from_config(config).save_pretrained(tmp_path)
+    PixelSpec(size=64).processor().save_pretrained(tmp_path)
+    fast, exact = Classifier.load(str(tmp_path), cache=fast_cache), Classifier.load(str(tmp_path), fast=False)
+    assert fast.backend.name == "onnxruntime-int8"
+    (_, fast_features), (_, exact_features) = (classifier.probabilities_and_features(real_xrays[:2])
+                                               for classifier in (fast, exact))
+    assert fast_features.shape == exact_features.shape == (2, config.hidden_sizes[-1])
+    assert np.abs(fast_features - exact_features).max() < 0.1 * np.abs(exact_features).max()

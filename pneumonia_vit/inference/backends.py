@@ -38,10 +38,11 @@ def classification_head(model: torch.nn.Module) -> torch.nn.Module | None:
 
 @contextmanager
 def head_input(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Collects the input of the model's classification head at each forward inside the block: a hook, so that
-    whatever the head receives, however an architecture pools its tokens, is what the out-of-domain check reads."""
+    """Collects the input of the model's classification head at each forward inside the block, as (N, features)
+    (a CNN's head reads (N, C, 1, 1)): a hook, so that whatever the head receives, however an architecture pools
+    its tokens, is what the out-of-domain check reads, on every backend."""
     captured: list[torch.Tensor] = []
-    handle = classification_head(model).register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    handle = classification_head(model).register_forward_pre_hook(lambda module, args: captured.append(args[0].flatten(1)))
     try:
         yield captured
     finally:
@@ -60,7 +61,7 @@ def forward(model: torch.nn.Module, pixel_values: torch.Tensor, output_attention
                            "(or call model.set_attn_implementation('eager'))")
     return ForwardResult(
         logits=output.logits.float().cpu().numpy(),
-        features=captured[0].float().flatten(1).cpu().numpy(),  # a CNN's head reads (N, C, 1, 1)
+        features=captured[0].float().cpu().numpy(),
         attentions=attentions,
     )
 

@@ -30,7 +30,7 @@ from .backends import classification_head, head_input
 logger = logging.getLogger(__name__)
 
 # Bump when the export or the quantization changes: old cache entries are then ignored.
-RECIPE = "onnx-opset17-int8-dynamic-matmul-per-channel-v1"
+RECIPE = "onnx-opset17-int8-dynamic-matmul-per-channel-v2"
 # The weights (single file or shards with their index), the config and the processor config.
 FINGERPRINT_PATTERNS = ("config.json", "preprocessor_config.json", "model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin")
 
