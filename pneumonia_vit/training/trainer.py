@@ -302,7 +302,7 @@ def checkpoint_problem(folder: Path, weights_and_optimizer: bool = True) -> str 
 RUN_FILE_PATTERNS = (
     "README.md", "config.json", "preprocessor_config.json", "training_args.bin", "model*.safetensors",
     "model.safetensors.index.json", "run_stats.json", *FITTED_PER_CLASSIFIER, "*_metrics.json",
-    "*_confusion_matrix.png", "*_roc.png",
+    "*_confusion_matrix.png", "*_roc.png", "calibration.png",
 )
 
 
