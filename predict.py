@@ -38,7 +38,7 @@ def list_files(folder: Path, recursive: bool, skip: Path | None = None) -> list[
 
 
 def predict_folder(service: Service, folder: Path, output: Path, recursive: bool = False, batch_size: int = 32) -> dict:
-    """Writes the CSV; returns counts. Files are decoded `batch_size` at a time (what is held in memory)."""
+    """Writes the CSV, `batch_size` rows at a time (the results held in memory); returns counts."""
     files = list_files(folder, recursive, skip=output)
     counts = {"files": len(files), "predicted": 0, "errors": 0, "out_of_domain": 0}
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=None, help="CSV to write (default: FOLDER/predictions.csv)")
     parser.add_argument("--model", default=None, help="Hub id or local folder (default: $MODEL_ID, else the bundled model)")
     parser.add_argument("--recursive", action="store_true", help="include files in sub-folders")
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--batch_size", type=int, default=32, help="rows written at a time (each file is read alone)")
     args = parser.parse_args(argv)
     if not args.folder.is_dir():
         parser.error(f"{args.folder}: no such folder")

@@ -32,10 +32,10 @@ from benchmarks.harness import (
     verdict,
     write_results,
 )
+from pneumonia_vit.serving.webapp import MAX_BATCH_FILES as BATCH_FILES  # the files of one call
 from tests.app_server import RunningApp, running_app
 
 CLIENTS = (1, 4, 8)
-BATCH_FILES = 32  # /predict_batch's limit (serving/webapp.py MAX_BATCH_FILES)
 BASELINE, FAST = "torch fp32", "fast"
 APPS = {BASELINE: {"PNEUMONIA_VIT_FAST": "0"}, FAST: {"PNEUMONIA_VIT_FAST": "1"}}
 PROBABILITY_TOLERANCE = 0.02  # tests/test_fast_path.py
@@ -134,7 +134,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     requests, rounds = args.requests or (5 if args.quick else 100), args.rounds or (1 if args.quick else 2)
     folder = args.model
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
     cells = {(name, clients): {"tally": Tally(), "walls": [], "by_round": []}
              for name in APPS for clients in CLIENTS}
     with ExitStack() as stack:

@@ -79,7 +79,6 @@ def main(argv=None) -> int:
     clients = args.clients or (20 if args.quick else 100)
     spike = args.spike or (60 if args.quick else 300)
     folder = args.model
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
     runs = [one_run(folder, run, args, clients, spike) for run in range(1, args.runs + 1)]
     data: dict = {"args": vars(args), "model": str(folder), "runs": runs}
 

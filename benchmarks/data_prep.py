@@ -7,7 +7,6 @@ naive loop and with the same conversion decoding at full size, and the cost of t
 from __future__ import annotations
 
 import io
-import resource
 import sys
 import time
 import zlib
@@ -18,7 +17,7 @@ from PIL import Image
 
 from benchmarks.harness import markdown_table, options, section, spread, verdict, write_results
 from data_prep.prepare import PREPARED_FORMAT, _convert, convert_all
-from pneumonia_vit.cpus import usable_cores
+from pneumonia_vit.cpus import cpu_seconds, usable_cores
 from pneumonia_vit.images import load_xray
 from pneumonia_vit.preprocess import resize_gray
 
@@ -56,12 +55,6 @@ def cached_formats(images: list[np.ndarray]) -> dict:
         results[name] = {"encode_ms": 1000 * encode_s / len(images), "decode_ms": 1000 * decode_s / len(images),
                          "kib": float(np.mean([len(data) for data in encoded])) / 1024}
     return results
-
-
-def cpu_seconds() -> float:
-    """CPU seconds of this process, its threads and its (reaped) workers."""
-    return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
-               for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
 
 
 def agreement(ours: list[np.ndarray], reference: list[np.ndarray]) -> dict:

@@ -76,25 +76,23 @@ def write_non_xray_corpus(folder: str | Path, films: list[Path], seed: int = COR
     return [folder / name for name in images]
 
 
-def measure(service: Service, paths: list[Path], batch_size: int = 32) -> dict:
+def measure(service: Service, paths: list[Path]) -> dict:
     """How often each rule fires on `paths`; `passed` lists the files no rule flagged."""
     counts, looks_like, passed = Counter(), Counter(), []
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start : start + batch_size]
-        for path, analysis in zip(chunk, service.analyze_files(chunk)):
-            if isinstance(analysis, InvalidImageError):
-                counts["unreadable"] += 1
-                continue
-            check = analysis.domain
-            counts["images"] += 1
-            counts["flagged"] += not check.in_domain
-            counts.update(check.fired)
-            counts["features_only"] += check.fired == ["features"]
-            if check.kind_probabilities is not None:  # what rule 3 would say without the child score
-                counts["kind_model_alone"] += check.kind_probabilities[PEDIATRIC] < service.kind_model.threshold
-            looks_like[check.looks_like] += 1
-            if check.in_domain:
-                passed.append(path.name)
+    for path, analysis in zip(paths, service.analyze_files(paths)):
+        if isinstance(analysis, InvalidImageError):
+            counts["unreadable"] += 1
+            continue
+        check = analysis.domain
+        counts["images"] += 1
+        counts["flagged"] += not check.in_domain
+        counts.update(check.fired)
+        counts["features_only"] += check.fired == ["features"]
+        if check.kind_probabilities is not None:  # what rule 3 would say without the child score
+            counts["kind_model_alone"] += check.kind_probabilities[PEDIATRIC] < service.kind_model.threshold
+        looks_like[check.looks_like] += 1
+        if check.in_domain:
+            passed.append(path.name)
     result = {key: counts[key] for key in ("images", "flagged", *RULES, "features_only", "kind_model_alone",
                                            "unreadable")}
     result["flagged_fraction"] = round(counts["flagged"] / counts["images"], 4) if counts["images"] else None

@@ -1,4 +1,5 @@
-"""How many cores this process may really use: the number behind every default thread and worker count."""
+"""How many cores this process may really use (the number behind every default thread and worker count), and the
+CPU time it has spent."""
 
 from __future__ import annotations
 
@@ -17,6 +18,14 @@ def usable_cores() -> int:
         cores = os.cpu_count() or 1
     quota = _cgroup_cpu_quota()
     return max(1, min(cores, quota) if quota else cores)
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process, its threads and its finished children (dataloader and data_prep workers)."""
+    import resource  # Unix only: the serving code imports this module on any system
+
+    return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+               for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
 
 
 def _cgroup_cpu_quota() -> int | None:

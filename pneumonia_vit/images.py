@@ -109,11 +109,12 @@ def _check_size(width: int, height: int, name: str) -> None:
         )
 
 
-def _mean_chroma(rgb: np.ndarray) -> float:
-    """Mean max-minus-min over the colour channels of an (..., 3) uint8 array, on at most ~256 px a side."""
-    step = max(1, max(rgb.shape[:2]) // 256)
+def _chroma_sum(rgb: np.ndarray, step: int) -> tuple[int, int]:
+    """The sum of max(R, G, B) - min(R, G, B) over an (..., 3) uint8 array's pixels sampled every `step`, and their count."""
     sample = rgb[::step, ::step, :3].astype(np.int16)
-    return float((sample.max(axis=-1) - sample.min(axis=-1)).mean())
+    red, green, blue = sample[..., 0], sample[..., 1], sample[..., 2]  # faster than reducing an axis of 3
+    spread = np.maximum(np.maximum(red, green), blue) - np.minimum(np.minimum(red, green), blue)
+    return int(spread.sum()), spread.size
 
 
 def _reduction(width: int, height: int) -> int:
@@ -255,7 +256,8 @@ def _dicom_to_gray(data: bytes, name: str) -> XrayReading:
             pixels = _box_reduce(pixels, factor)
         chroma = 0.0
         if pixels.ndim == 3:
-            chroma = _mean_chroma(_to_uint8(pixels[..., :3]))
+            chroma_sum, samples = _chroma_sum(_to_uint8(pixels[..., :3]), max(1, max(pixels.shape[:2]) // 256))
+            chroma = chroma_sum / samples
             pixels = pixels.mean(axis=-1)
         if pixels.ndim != 2:
             raise InvalidImageError(f"{name}: the DICOM pixel data has an unexpected shape {pixels.shape}.")
@@ -273,7 +275,6 @@ def _dicom_to_gray(data: bytes, name: str) -> XrayReading:
 def _decoded(image: Image.Image, name: str, draft_size: int | None) -> Image.Image:
     """The first frame of `image` decoded (a multi-page file's other pages are never read), box-reduced
     to WORKING_SIDE where larger: a new image then, the full-size one left to the caller to close."""
-    _check_size(*image.size, name)
     factor = _reduction(*image.size)
     if image.format == "JPEG":
         # libjpeg decodes at 1/2, 1/4 or 1/8 scale while staying at least the size asked for.
@@ -331,10 +332,8 @@ def _to_gray(image: Image.Image) -> XrayReading:
             strip = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
             strip.alpha_composite(rgba)
         rgb = strip if strip.mode == "RGB" else strip.convert("RGB")
-        sample = np.asarray(rgb)[::step, ::step].astype(np.int16)
-        red, green, blue = sample[..., 0], sample[..., 1], sample[..., 2]  # faster than reducing an axis of 3
-        chroma_sum += int((np.maximum(np.maximum(red, green), blue) - np.minimum(np.minimum(red, green), blue)).sum())
-        samples += sample.shape[0] * sample.shape[1]
+        strip_sum, strip_samples = _chroma_sum(np.asarray(rgb), step)
+        chroma_sum, samples = chroma_sum + strip_sum, samples + strip_samples
         gray.paste(rgb.convert("L"), (0, top))
     return XrayReading(gray, chroma_sum / samples, transparency=transparent / samples if has_alpha else 0.0)
 
@@ -349,6 +348,7 @@ def read_xray(source: str | os.PathLike | bytes | Image.Image, draft_size: int |
     """`load_xray` with what the file was before it became grey. With `draft_size`, libjpeg decodes a colour JPEG
     straight to grey, so its chroma reads 0: leave `draft_size` out where the colour matters."""
     if isinstance(source, Image.Image):
+        _check_size(*source.size, "image")
         return _to_gray(_decoded(source, "image", draft_size))
     if isinstance(source, bytes):
         name, data = "upload", source
@@ -378,6 +378,7 @@ def read_xray(source: str | os.PathLike | bytes | Image.Image, draft_size: int |
             f"{name}: not a readable image. Upload a PNG, JPEG or DICOM (.dcm) chest X-ray."
         ) from error
     stored_size, stored_mode = image.size, image.mode  # before draft decoding changes them
+    _check_size(*stored_size, name)  # before waiting for a decode slot: a refusal waits for nothing
     with _decode_slot(image.width * image.height):
         decoded = _decoded(image, name, draft_size)
         if decoded is not image:

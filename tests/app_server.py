@@ -47,6 +47,7 @@ def running_app(model_dir: str | Path, log_path: Path, timeout: float = 120.0,
     }
     url = f"http://127.0.0.1:{port}/"
     started = time.perf_counter()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log:
         process = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:

@@ -38,7 +38,11 @@ class Calibration:
 
     def apply(self, p_pneumonia) -> np.ndarray:
         """What the folded model answers for a film the unfolded one gave `p_pneumonia`."""
-        return expit(self.slope * _logit(p_pneumonia) + self.intercept)
+        return mapped(p_pneumonia, self.slope, self.intercept)
+
+
+def mapped(p_pneumonia, slope: float, intercept: float) -> np.ndarray:
+    return expit(slope * _logit(p_pneumonia) + intercept)
 
 
 def _logit(p) -> np.ndarray:
@@ -98,7 +102,7 @@ def choose_method(labels, p_pneumonia, groups=None) -> dict[str, dict[str, float
             out_of_fold = np.empty_like(p)
             for train, held_out in folds:
                 slope, intercept = fit(labels[train], p[train], method)
-                out_of_fold[held_out] = expit(slope * _logit(p[held_out]) + intercept)
+                out_of_fold[held_out] = mapped(p[held_out], slope, intercept)
             rows.append([expected_calibration_error(labels, out_of_fold, weights=w) for w in weightings])
     return {method: {"ece_own_prior": round(float(np.mean(np.array(rows)[:, 0])), 4),
                      "ece_prior_averaged": round(float(np.mean(np.array(rows)[:, 1:])), 4)} for method, rows in eces.items()}
@@ -141,7 +145,7 @@ def calibrate(model, labels, p_pneumonia, groups=None, method: str | None = None
     method = method or min(table, key=lambda name: table[name]["ece_prior_averaged"])  # ties: the first listed
     slope, intercept = fit(labels, p_pneumonia, method)
     prior = float(np.mean(labels)) if method == "platt" else METHODS[method][1]
-    after = expected_calibration_error(labels, expit(slope * _logit(p_pneumonia) + intercept))
+    after = expected_calibration_error(labels, mapped(p_pneumonia, slope, intercept))
     calibration = Calibration(method, slope, intercept, prior, expected_calibration_error(labels, p_pneumonia), after,
                               table, fitted_on)
     fold(model, slope, intercept)

@@ -217,8 +217,9 @@ def fit_child_score(model, spec: PixelSpec, stats: DomainStats, kind_model: Kind
     # The weight of the child score beside the kind model's logit, from films neither was fitted on
     # (validation children, select-fold adults): the regression's scale follows the draw of augmentations.
     def scores(paths: list[Path]) -> np.ndarray:
-        p_pediatric = kind_model.probabilities(thumbnails(load_xray(path) for path in paths))[:, PEDIATRIC]
-        return np.c_[kind_score(p_pediatric, 0.0), stats.child_score(embed(model, spec, paths))]
+        images = [load_xray(path) for path in paths]  # decoded once for both models
+        p_pediatric = kind_model.probabilities(thumbnails(images))[:, PEDIATRIC]
+        return np.c_[kind_score(p_pediatric, 0.0), stats.child_score(embed(model, spec, images))]
 
     validation, select = image_files(Path(data_dir, "validation")), adult_files(adult_dir, "select")
     if not select:

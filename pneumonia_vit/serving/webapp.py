@@ -171,16 +171,20 @@ def measured_error_rates(model_id: str) -> dict[str, str]:
     }
 
 
+def known_label(path: str | Path) -> str | None:
+    return KNOWN_LABELS.get(Path(path).stem.split("_")[0])
+
+
 def example_label(path: Path) -> str:
     """`normal_1.jpeg` -> "normal 1 · known: NORMAL"."""
-    known = KNOWN_LABELS.get(path.stem.split("_")[0])
+    known = known_label(path)
     name = path.stem.replace("_", " ")
     return f"{name} · known: {known}" if known else name
 
 
 def _wrong_example_note(name: str, examples: list[str], analysis: Analysis, error_rates: dict[str, str]) -> str:
     """Where `name` is one of the examples and its known label is not the model's decision, says so."""
-    known = KNOWN_LABELS.get(Path(name).stem.split("_")[0])
+    known = known_label(name)
     if name not in {Path(path).name for path in examples} or analysis.decision in (None, known):
         return ""
     rate = f": {error_rates[known]}" if known in error_rates else ""

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import torch
 from sklearn.metrics import roc_curve
 
 from ..images import LABELS
@@ -27,8 +28,6 @@ METRIC_DIR = Path(__file__).resolve().parent / "binary_metrics"
 
 def labels_and_scores(prediction) -> tuple[np.ndarray, np.ndarray]:
     """Labels and P(PNEUMONIA) from a Trainer prediction (its `label_ids` and logits)."""
-    import torch
-
     scores = torch.from_numpy(prediction.predictions).float().softmax(dim=-1)[:, 1].numpy()
     return prediction.label_ids.astype(int), scores
 
@@ -41,7 +40,6 @@ def predict_scores(trainer, dataset) -> tuple[np.ndarray, np.ndarray]:
 @contextmanager
 def scoring_trainer(model, batch_size: int) -> Iterator:
     """A Trainer that only scores (`predict_scores`), in fp32, on the GPU where there is one."""
-    import torch
     from transformers import Trainer, TrainingArguments
 
     with tempfile.TemporaryDirectory() as scratch:

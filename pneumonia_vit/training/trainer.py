@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import re
-import resource
 import shutil
 import time
 import zipfile
@@ -20,6 +19,7 @@ import yaml
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from ..cpus import cpu_seconds
 from ..images import LABELS
 from ..ood.fit import FITTED_PER_CLASSIFIER
 from .evaluation import binary_metrics, labels_and_scores
@@ -203,12 +203,6 @@ class AugmentationEpoch(TrainerCallback):
         self.transform.epoch = math.floor(state.epoch + 1e-9)
 
 
-def _cpu_seconds() -> float:
-    """CPU time of this process and of its finished children (dataloader workers), all cores."""
-    return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
-               for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-
-
 class Stopwatch(TrainerCallback):
     """Training images per second with evaluation time left out, peak GPU memory, and an optional time budget."""
 
@@ -218,7 +212,7 @@ class Stopwatch(TrainerCallback):
         self.out_of_time = False
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.start, self.start_epoch, self.start_cpu = time.perf_counter(), state.epoch or 0.0, _cpu_seconds()
+        self.start, self.start_epoch, self.start_cpu = time.perf_counter(), state.epoch or 0.0, cpu_seconds()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 
@@ -233,7 +227,7 @@ class Stopwatch(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.train_seconds = time.perf_counter() - self.start - self.eval_seconds
-        self.cpu_seconds = _cpu_seconds() - self.start_cpu  # evaluation included: what the run cost the machine
+        self.cpu_seconds = cpu_seconds() - self.start_cpu  # evaluation included: what the run cost the machine
         self.epochs = (state.epoch or 0.0) - self.start_epoch
 
     def stats(self, train_size: int) -> dict:
